@@ -1,0 +1,30 @@
+# hpclm: every target runs the idempotent set-up first, so a fresh clone needs nothing else.
+PYTHON ?= python3
+NP ?= 2
+MPIRUN ?= mpirun $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)
+export PYTHON
+
+.PHONY: setup build demo test bench info clean
+
+setup:
+	bash scripts/setup.sh
+
+# Recompile hpclm._C in place after editing csrc/ (incremental CMake build).
+build:
+	$(PYTHON) setup.py -q build_ext --inplace
+
+demo: setup
+	$(PYTHON) -m hpclm info
+	$(MPIRUN) -np $(NP) $(PYTHON) -m hpclm.dist
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+bench: setup
+	$(PYTHON) benchmarks/reduce.py --json runs/bench/reduce.json
+
+info:
+	$(PYTHON) -m hpclm info
+
+clean:
+	rm -rf build dist *.egg-info hpclm/_C*.so

@@ -1,0 +1,138 @@
+// The only pybind11 file: thin wrappers that turn Python values into the raw pointers,
+// sizes and dtypes the C++ kernels take. No torch headers: Python passes data_ptr().
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <sstream>
+
+#include "build_config.h"
+#include "comm/reduce.h"
+#include "common/cpu_features.h"
+#include "common/dtype.h"
+
+#ifdef HPCLM_WITH_MPI
+#include <mpi.h>
+#endif
+#ifdef HPCLM_WITH_CUDA
+#include "cuda/device.h"
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+using namespace hpclm;
+
+namespace {
+
+py::list split_list(const std::string& csv) {
+  py::list out;
+  std::stringstream ss(csv);
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (!item.empty()) out.append(item);
+  return out;
+}
+
+std::string mpi_library_version() {
+#ifdef HPCLM_WITH_MPI
+  char buf[MPI_MAX_LIBRARY_VERSION_STRING];
+  int len = 0;
+  MPI_Get_library_version(buf, &len);  // allowed before MPI_Init
+  std::string s(buf, len);
+  while (!s.empty() && (s.back() == '\n' || s.back() == '\0' || s.back() == ' ')) s.pop_back();
+  return s;
+#else
+  return "";
+#endif
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["compiler"] = HPCLM_CXX_COMPILER;
+  d["cxx_flags"] = HPCLM_CXX_FLAGS;
+  d["build_type"] = HPCLM_BUILD_TYPE;
+  d["cpu_paths_compiled"] = split_list(HPCLM_ISA_LIST);
+  py::list supported;
+  for (Isa isa : compiled_isas())
+    if (cpu_supports(isa)) supported.append(isa_name(isa));
+  d["cpu_paths_supported"] = supported;
+  d["cpu_path"] = isa_name(selected_isa());
+  d["cpu_path_reason"] = isa_selection_reason();
+#ifdef _OPENMP
+  d["openmp"] = true;
+  d["openmp_version"] = _OPENMP;
+  d["openmp_max_threads"] = omp_get_max_threads();
+#else
+  d["openmp"] = false;
+  d["openmp_version"] = py::none();
+  d["openmp_max_threads"] = 1;
+#endif
+#ifdef HPCLM_WITH_MPI
+  d["with_mpi"] = true;
+  d["mpi_standard"] = HPCLM_MPI_C_VERSION;
+#else
+  d["with_mpi"] = false;
+  d["mpi_standard"] = py::none();
+#endif
+  d["mpi_library_version"] = mpi_library_version();
+  d["cuda_requested"] = HPCLM_CUDA_REQUESTED;
+#ifdef HPCLM_WITH_CUDA
+  d["with_cuda"] = true;
+  d["cuda_archs"] = split_list(HPCLM_CUDA_ARCH_LIST);
+  d["cuda_compiler_version"] = HPCLM_CUDA_COMPILER_VERSION;
+  d["cuda_runtime_version"] = cuda_runtime_version();
+#else
+  d["with_cuda"] = false;
+  d["cuda_archs"] = py::list();
+  d["cuda_compiler_version"] = py::none();
+  d["cuda_runtime_version"] = py::none();
+#endif
+  return d;
+}
+
+py::dict cuda_device_report() {
+  py::dict d;
+  py::list devices;
+#ifdef HPCLM_WITH_CUDA
+  std::string error;
+  for (const CudaDevice& dev : cuda_devices(&error)) {
+    py::dict e;
+    e["index"] = dev.index;
+    e["name"] = dev.name;
+    e["capability"] = std::to_string(dev.major) + "." + std::to_string(dev.minor);
+    e["total_memory"] = dev.total_memory;
+    e["multiprocessors"] = dev.multiprocessors;
+    devices.append(e);
+  }
+  d["error"] = error.empty() ? py::object(py::none()) : py::object(py::str(error));
+#else
+  d["error"] = "built without CUDA";
+#endif
+  d["devices"] = devices;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "hpclm native kernels (CPU paths dispatched at run time, optional MPI and CUDA parts)";
+  m.def("build_info", &build_info, "How this extension was built and which CPU path it uses here.");
+  m.def("cuda_devices", &cuda_device_report, "CUDA devices the runtime sees: {'devices': [...], 'error': str|None}.");
+  m.def("cpu_path", [] { return std::string(isa_name(selected_isa())); }, "The CPU code path in use.");
+  m.def("set_cpu_path", &set_isa, py::arg("name"),
+        "Use CPU path 'auto', 'scalar', 'avx2' or 'avx512'; ValueError if not compiled or not supported.");
+  m.def("mpi_library_version", &mpi_library_version);
+  m.def(
+      "reduce_into",
+      [](uintptr_t dst, uintptr_t src, size_t count, const std::string& dtype, const std::string& op, int threads) {
+        DType t = parse_dtype(dtype);
+        ReduceOp o = parse_reduce_op(op);
+        py::gil_scoped_release release;
+        reduce_into(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), count, t, o, threads);
+      },
+      py::arg("dst"), py::arg("src"), py::arg("count"), py::arg("dtype"), py::arg("op") = "sum",
+      py::arg("threads") = 1,
+      "dst[i] = dst[i] op src[i] over `count` contiguous elements at the given addresses.");
+}

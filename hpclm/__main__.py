@@ -1,0 +1,5 @@
+import sys
+
+from hpclm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,9 @@
+"""Errors a user can act on: the CLI prints them as one line and exits with code 2."""
+
+
+class HpclmError(Exception):
+    """A problem with input, configuration or environment, stated so the user knows what to do."""
+
+
+class DistError(HpclmError):
+    """The distributed set-up cannot work as launched (e.g. several ranks but no usable Horovod)."""
