@@ -11,6 +11,7 @@ neither MPI nor Horovod. Every rank must enter every collective.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -271,4 +272,8 @@ def _selfcheck() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_selfcheck())
+    try:
+        raise SystemExit(_selfcheck())
+    except DistError as e:
+        print(f"hpclm.dist: error: {e}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,57 @@
+"""Shared test helpers. Subprocesses import hpclm from this checkout (PYTHONPATH=repo root),
+so the suite tests the tree it lives in, wherever hpclm is installed."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def child_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    for var in [v for v in env if v.startswith(("OMPI_COMM_WORLD", "PMIX_", "PMI_", "SLURM_", "HOROVOD_"))]:
+        del env[var]  # a test starts its own launcher; never inherit one
+    env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
+    env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    env["OMPI_MCA_rmaps_base_oversubscribe"] = "1"  # tests may start more ranks than this machine has cores
+    env.update(extra or {})
+    return env
+
+
+def run_python(args: list[str], *, env: dict | None = None, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
+    """`python ARGS` in a child process with this checkout's hpclm; output captured as text."""
+    return subprocess.run([sys.executable, *args], env=child_env(env), cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def mpirun(np: int, args: list[str], *, env: dict | None = None, timeout: float = 180,
+           cwd=None) -> subprocess.CompletedProcess:
+    """`mpirun -np NP python ARGS` (oversubscribed, allowed as root); output captured as text."""
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not found: Open MPI is not installed (scripts/setup.sh installs it)")
+    cmd = ["mpirun", "-np", str(np), "--oversubscribe", "--bind-to", "none"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    cmd += [sys.executable, *args]
+    return subprocess.run(cmd, env=child_env(env), cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def horovod_available() -> bool:
+    try:
+        import horovod.torch as hvd
+        return bool(hvd.mpi_built())
+    except Exception:
+        return False
+
+
+requires_horovod = pytest.mark.skipif(not horovod_available(),
+                                      reason="Horovod with MPI is not installed (scripts/setup.sh builds it)")

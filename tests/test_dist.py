@@ -1,0 +1,105 @@
+"""hpclm.dist: launcher detection, single-process use, and real multi-rank collectives under mpirun."""
+import json
+import textwrap
+
+import pytest
+import torch
+
+import hpclm.dist as dist
+from conftest import REPO, mpirun, requires_horovod, run_python
+
+COLLECTIVES = textwrap.dedent("""
+    import json, torch
+    import hpclm.dist as dist
+    dist.init()
+    r, n = dist.rank(), dist.size()
+    x = torch.arange(5, dtype=torch.float32) + 10 * r
+    out = {
+        "backend": dist.backend(), "rank": r, "size": n, "local_rank": dist.local_rank(),
+        "local_size": dist.local_size(), "distributed": dist.is_distributed(),
+        "threads": torch.get_num_threads(),
+        "sum": dist.allreduce(x, "sum").tolist(), "avg": dist.allreduce(x, "avg").tolist(),
+        "min": dist.allreduce(x, "min").tolist(), "max": dist.allreduce(x, "max").tolist(),
+        "isum": dist.allreduce(torch.tensor([r + 1], dtype=torch.int64), "sum").tolist(),
+        "x_after": x.tolist(),
+        "bcast": dist.broadcast(torch.full((3,), float(r)), root=n - 1).tolist(),
+        "obj": dist.broadcast_object({"root": r, "tag": "hello" * r}, root=n - 1),
+        "gathered": dist.allgather_object(r * r),
+    }
+    dist.barrier()
+    print("RESULT " + json.dumps(out), flush=True)
+""")
+
+
+def _results(proc, n):
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert sorted(r["rank"] for r in rows) == list(range(n)), proc.stdout
+    return rows
+
+
+def _check_collectives(rows, n):
+    base = torch.arange(5, dtype=torch.float32)
+    ranks_x = [base + 10 * r for r in range(n)]
+    for row in rows:
+        r = row["rank"]
+        assert row["size"] == n and row["distributed"] == (n > 1)
+        assert row["sum"] == sum(ranks_x).tolist()
+        assert row["avg"] == pytest.approx((sum(ranks_x) / n).tolist())
+        assert row["min"] == ranks_x[0].tolist()
+        assert row["max"] == ranks_x[-1].tolist()
+        assert row["isum"] == [n * (n + 1) // 2]
+        assert row["x_after"] == ranks_x[r].tolist(), "allreduce must not modify its input"
+        assert row["bcast"] == [float(n - 1)] * 3
+        assert row["obj"] == {"root": n - 1, "tag": "hello" * (n - 1)}
+        assert row["gathered"] == [q * q for q in range(n)]
+
+
+def test_single_process_needs_no_launcher():
+    proc = run_python(["-c", COLLECTIVES])
+    rows = _results(proc, 1)
+    assert rows[0]["backend"] == "single"
+    _check_collectives(rows, 1)
+
+
+@requires_horovod
+@pytest.mark.parametrize("n", [2, 3])
+def test_collectives_under_mpirun(n):
+    rows = _results(mpirun(n, ["-c", COLLECTIVES]), n)
+    assert {r["backend"] for r in rows} == {"horovod"}
+    assert {r["local_size"] for r in rows} == {n}
+    assert sorted(r["local_rank"] for r in rows) == list(range(n))
+    _check_collectives(rows, n)
+
+
+def test_several_ranks_without_horovod_is_one_line_error(tmp_path):
+    fake = tmp_path / "horovod"  # shadows the real package: Horovod "not installed"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('No module named horovod (hidden by test)')\n")
+    proc = mpirun(2, ["-m", "hpclm.dist"], env={"PYTHONPATH": f"{REPO}:{tmp_path}"})
+    assert proc.returncode != 0
+    err = [line for line in proc.stderr.splitlines() if "Horovod is not usable" in line]
+    assert err, proc.stderr
+    assert "scripts/setup.sh" in err[0] and "rank" in err[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("env, expect", [
+    ({}, ("none", 0, 1, 0)),
+    ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, ("mpirun", 3, 4, 1)),
+    ({"PMIX_RANK": "2", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "0", "SLURM_PROCID": "2"}, ("pmix", 2, 8, 0)),
+    ({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "6", "SLURM_LOCALID": "1"}, ("srun", 5, 6, 1)),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, ("none", 0, 1, 0)),  # a batch script's own shell
+    ({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "1"}, ("horovodrun", 1, 2, 1)),
+])
+def test_launch_env(env, expect):
+    launch = dist.launch_env(env)
+    assert (launch.launcher, launch.rank, launch.size, launch.local_rank) == expect
+
+
+def test_bad_op_and_root_are_value_errors():
+    with pytest.raises(ValueError, match="unknown allreduce op 'mean'"):
+        dist.allreduce(torch.ones(1), "mean")
+    with pytest.raises(ValueError, match="root rank 1 is outside 0..0"):
+        dist.broadcast(torch.ones(1), root=1)
