@@ -31,7 +31,7 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         args = [
             "-DCMAKE_BUILD_TYPE=Release",
-            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DPython_EXECUTABLE={os.path.realpath(sys.executable)}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DHPCLM_CUDA={os.environ.get('HPCLM_CUDA', 'auto')}",
         ]

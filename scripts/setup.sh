@@ -50,8 +50,8 @@ has_py 'import pybind11' || py_pkgs+=("pybind11>=2.11")
 has_py 'import setuptools, sys; assert int(setuptools.__version__.split(".")[0]) >= 77' || py_pkgs+=("setuptools>=77")
 has_py 'import wheel' || py_pkgs+=(wheel)
 has_py 'from mpi4py import MPI' || py_pkgs+=(mpi4py)
-if ! command -v cmake >/dev/null || ! cmake --version | awk 'NR==1{split($3,v,"."); exit !(v[1]>3 || (v[1]==3 && v[2]>=18))}'; then
-  py_pkgs+=("cmake>=3.18")
+if ! command -v cmake >/dev/null || ! cmake --version | awk 'NR==1{split($3,v,"."); exit !(v[1]>3 || (v[1]==3 && v[2]>=21))}'; then
+  py_pkgs+=("cmake>=3.21")
 fi
 if ((${#py_pkgs[@]})); then
   say "installing ${py_pkgs[*]}"

@@ -1,0 +1,73 @@
+"""`hpclm info`: every field present, broken pieces reported with a reason (exit 0), rank/size under mpirun."""
+import json
+
+from conftest import REPO, horovod_available, mpirun, run_python
+
+SECTIONS = {"hpclm", "python", "host", "packages", "torch", "mpi", "horovod", "native", "threads", "launch"}
+
+
+def _info_json(env=None, cwd=None):
+    proc = run_python(["-m", "hpclm", "info", "--json"], env=env, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_info_json_has_every_field():
+    r = _info_json()
+    assert set(r) == SECTIONS
+    assert set(r["packages"]) == {"torch", "numpy", "mpi4py", "horovod"}
+    assert r["packages"]["torch"]["ok"] and r["packages"]["numpy"]["ok"]
+    assert r["hpclm"]["path"] == str(REPO / "hpclm")
+    assert {"threads", "cuda_available", "cuda_device_count"} <= set(r["torch"])
+    assert {"cores", "affinity", "omp_num_threads"} <= set(r["threads"])
+    n = r["native"]
+    assert n["ok"] and n["cpu_path"] == n["build"]["cpu_path"]
+    assert {"built", "archs", "devices", "error"} <= set(n["cuda"])
+    assert r["mpi"]["ok"] and r["mpi"]["library_version"].startswith("Open MPI")
+    assert r["launch"] == {"launched_by": "none", "rank": 0, "size": 1, "local_rank": 0, "local_size": 1}
+    h = r["horovod"]
+    assert h["ok"] == horovod_available()
+    if h["ok"]:
+        assert h["frameworks"]["pytorch"] and h["controllers"]["mpi"] and h["tensor_operations"]["mpi"]
+
+
+def test_info_text_report():
+    proc = run_python(["-m", "hpclm", "info"])
+    assert proc.returncode == 0, proc.stderr
+    for heading in ("Packages:", "MPI:", "Horovod:", "Native kernels (hpclm._C):", "CPU path in use:", "Runtime:"):
+        assert heading in proc.stdout
+    assert "single process (no MPI launcher)" in proc.stdout
+
+
+def test_missing_pieces_are_reported_not_raised(tmp_path):
+    """Horovod and mpi4py hidden, the extension broken: each shown with its reason, exit 0."""
+    for name in ("horovod", "mpi4py"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} hidden by the test')\n")
+    shadow = tmp_path / "shadow"  # a copy of the package whose _C cannot load
+    (shadow / "hpclm").mkdir(parents=True)
+    for src in (REPO / "hpclm").glob("*.py"):
+        (shadow / "hpclm" / src.name).write_text(src.read_text())
+    (shadow / "hpclm" / "_C.py").write_text("raise ImportError('libmpi.so.40: cannot open shared object file')\n")
+    r = _info_json(env={"PYTHONPATH": f"{shadow}:{tmp_path}"}, cwd=tmp_path)
+    assert r["packages"]["horovod"] == {"ok": False, "error": "ImportError: horovod hidden by the test"}
+    assert r["horovod"]["ok"] is False and "horovod hidden by the test" in r["horovod"]["error"]
+    assert r["native"]["ok"] is False and "libmpi.so.40" in r["native"]["error"]
+    assert r["mpi"]["ok"] is False and "mpi4py hidden by the test" in r["mpi"]["error"]
+    assert r["hpclm"]["path"] == str(shadow / "hpclm")
+    text = run_python(["-m", "hpclm", "info"], env={"PYTHONPATH": f"{shadow}:{tmp_path}"}, cwd=tmp_path)
+    assert text.returncode == 0 and "Traceback" not in text.stdout + text.stderr
+    assert "[ ] horovod  missing: ImportError: horovod hidden by the test" in text.stdout
+
+
+def test_info_under_mpirun_reports_rank_and_size():
+    proc = mpirun(2, ["-m", "hpclm", "info", "--json", "--all-ranks"])
+    assert proc.returncode == 0, proc.stderr
+    decoder, text, reports = json.JSONDecoder(), proc.stdout, []
+    while text.strip():
+        obj, end = decoder.raw_decode(text.lstrip())
+        reports.append(obj)
+        text = text.lstrip()[end:]
+    assert sorted((r["launch"]["rank"], r["launch"]["size"]) for r in reports) == [(0, 2), (1, 2)]
+    assert {r["launch"]["launched_by"] for r in reports} == {"mpirun"}
