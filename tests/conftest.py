@@ -34,14 +34,14 @@ def run_python(args: list[str], *, env: dict | None = None, timeout: float = 120
 
 
 def mpirun(np: int, args: list[str], *, env: dict | None = None, timeout: float = 180,
-           cwd=None) -> subprocess.CompletedProcess:
+           cwd=None, mpirun_args: list[str] = ()) -> subprocess.CompletedProcess:
     """`mpirun -np NP python ARGS` (oversubscribed, allowed as root); output captured as text."""
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun not found: Open MPI is not installed (scripts/setup.sh installs it)")
     cmd = ["mpirun", "-np", str(np), "--oversubscribe", "--bind-to", "none"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
-    cmd += [sys.executable, *args]
+    cmd += [*mpirun_args, sys.executable, *args]
     return subprocess.run(cmd, env=child_env(env), cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
 
 

@@ -9,7 +9,7 @@ import hpclm.dist as dist
 from conftest import REPO, mpirun, requires_horovod, run_python
 
 COLLECTIVES = textwrap.dedent("""
-    import json, torch
+    import json, sys, torch
     import hpclm.dist as dist
     dist.init()
     r, n = dist.rank(), dist.size()
@@ -27,13 +27,14 @@ COLLECTIVES = textwrap.dedent("""
         "gathered": dist.allgather_object(r * r),
     }
     dist.barrier()
-    print("RESULT " + json.dumps(out), flush=True)
+    with open(f"{sys.argv[1]}/rank{r}.json", "w") as f:  # one file per rank: mpirun interleaves stdout
+        json.dump(out, f)
 """)
 
 
-def _results(proc, n):
+def _results(proc, out_dir, n):
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    rows = [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*.json"))]
     assert sorted(r["rank"] for r in rows) == list(range(n)), proc.stdout
     return rows
 
@@ -55,17 +56,17 @@ def _check_collectives(rows, n):
         assert row["gathered"] == [q * q for q in range(n)]
 
 
-def test_single_process_needs_no_launcher():
-    proc = run_python(["-c", COLLECTIVES])
-    rows = _results(proc, 1)
+def test_single_process_needs_no_launcher(tmp_path):
+    proc = run_python(["-c", COLLECTIVES, str(tmp_path)])
+    rows = _results(proc, tmp_path, 1)
     assert rows[0]["backend"] == "single"
     _check_collectives(rows, 1)
 
 
 @requires_horovod
 @pytest.mark.parametrize("n", [2, 3])
-def test_collectives_under_mpirun(n):
-    rows = _results(mpirun(n, ["-c", COLLECTIVES]), n)
+def test_collectives_under_mpirun(n, tmp_path):
+    rows = _results(mpirun(n, ["-c", COLLECTIVES, str(tmp_path)]), tmp_path, n)
     assert {r["backend"] for r in rows} == {"horovod"}
     assert {r["local_size"] for r in rows} == {n}
     assert sorted(r["local_rank"] for r in rows) == list(range(n))

@@ -61,13 +61,10 @@ def test_missing_pieces_are_reported_not_raised(tmp_path):
     assert "[ ] horovod  missing: ImportError: horovod hidden by the test" in text.stdout
 
 
-def test_info_under_mpirun_reports_rank_and_size():
-    proc = mpirun(2, ["-m", "hpclm", "info", "--json", "--all-ranks"])
+def test_info_under_mpirun_reports_rank_and_size(tmp_path):
+    # --output-filename: one file per rank, as mpirun may interleave the ranks' stdout
+    proc = mpirun(2, ["-m", "hpclm", "info", "--json", "--all-ranks"], mpirun_args=["--output-filename", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr
-    decoder, text, reports = json.JSONDecoder(), proc.stdout, []
-    while text.strip():
-        obj, end = decoder.raw_decode(text.lstrip())
-        reports.append(obj)
-        text = text.lstrip()[end:]
+    reports = [json.loads(p.read_text()) for p in sorted(tmp_path.rglob("stdout"))]
     assert sorted((r["launch"]["rank"], r["launch"]["size"]) for r in reports) == [(0, 2), (1, 2)]
     assert {r["launch"]["launched_by"] for r in reports} == {"mpirun"}
