@@ -19,10 +19,13 @@ has_py() { "$PY" -c "$1" >/dev/null 2>&1; }
 command -v "$PY" >/dev/null || die "no '$PY' on PATH; install Python >= 3.10 or set PYTHON=/path/to/python"
 has_py 'import sys; assert sys.version_info >= (3, 10)' || die "$PY is older than 3.10; set PYTHON to a newer interpreter"
 
-# 1. System packages: Open MPI (runtime + headers) and a C++ compiler.
+# 1. System packages: Open MPI (runtime + headers), a C++ compiler, and, where no Slurm is
+#    installed at all (a workstation or CI, not a cluster's login node), a local Slurm + munge
+#    for the tests that start a real single-node cluster.
 apt_pkgs=()
 command -v mpirun >/dev/null && command -v mpicc >/dev/null || apt_pkgs+=(openmpi-bin libopenmpi-dev)
 command -v g++ >/dev/null || apt_pkgs+=(g++)
+command -v sbatch >/dev/null || apt_pkgs+=(slurmctld slurmd slurm-client munge)
 if ((${#apt_pkgs[@]})); then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     say "installing ${apt_pkgs[*]} with apt-get"
@@ -32,7 +35,7 @@ if ((${#apt_pkgs[@]})); then
     die "missing ${apt_pkgs[*]}: install them (Debian/Ubuntu: 'sudo apt-get install ${apt_pkgs[*]}'; clusters: 'module load openmpi gcc'), then rerun"
   fi
 else
-  say "Open MPI: $(mpirun --version 2>/dev/null | head -n1)"
+  say "Open MPI: $(mpirun --version 2>/dev/null | head -n1); Slurm client: $(command -v sbatch)"
 fi
 
 # 2. PyTorch: never replace an existing install (it may be a user's CUDA build).

@@ -1,0 +1,152 @@
+"""A real single-node Slurm cluster (munge + slurmctld + slurmd) on localhost, for tests.
+
+Everything lives under one temporary directory, on free ports; clients find it through
+SLURM_CONF; stop() cancels jobs and kills the daemons by PID. Facts behind each setting:
+../shared/notes/slurm-local.md.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "scancel")
+
+
+def missing_tools() -> list[str]:
+    return [t for t in DAEMONS if shutil.which(t) is None and not Path("/usr/sbin", t).exists()]
+
+
+def _tool(name):
+    return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_topology():
+    out = subprocess.run([_tool("slurmd"), "-C"], capture_output=True, text=True, check=True).stdout
+    first = out.splitlines()[0]
+    fields = dict(item.split("=", 1) for item in first.split())
+    fields.pop("NodeName")
+    fields["RealMemory"] = str(int(int(fields["RealMemory"]) * 0.9))
+    return " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+class LocalSlurm:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.conf = self.root / "etc" / "slurm.conf"
+        self.pids: dict[str, int] = {}
+
+    @property
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env["SLURM_CONF"] = str(self.conf)
+        return env
+
+    def run(self, *args, check=True, timeout=30) -> subprocess.CompletedProcess:
+        return subprocess.run([_tool(args[0]), *args[1:]], env=self.env, capture_output=True, text=True,
+                              check=check, timeout=timeout)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout=30.0):
+        d = self.root
+        for sub in ("munge", "state", "spool", "log", "etc"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        for path in (d, d / "munge"):  # munged refuses a socket path that is not o+x all the way
+            path.chmod(0o755)
+        key, sock = d / "munge" / "munge.key", d / "munge" / "munge.socket"
+        subprocess.run([_tool("mungekey"), "--create", f"--keyfile={key}"], check=True, capture_output=True)
+        key.chmod(0o600)
+        subprocess.run([_tool("munged"), f"--key-file={key}", f"--socket={sock}",
+                        f"--pid-file={d}/munge/munged.pid", f"--log-file={d}/log/munged.log",
+                        f"--seed-file={d}/munge/munge.seed"], check=True, capture_output=True)
+        self._remember_pid("munged", d / "munge" / "munged.pid")
+        self.conf.write_text(self._config(sock))
+        self.run("slurmctld", "-f", str(self.conf))
+        self._remember_pid("slurmctld", d / "slurmctld.pid")
+        self.run("slurmd", "-f", str(self.conf), "-N", "localhost")
+        self._remember_pid("slurmd", d / "slurmd.pid")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.run("sinfo", "-h", "-n", "localhost", "-o", "%T", check=False).stdout.strip()
+            if state == "idle":
+                return self
+            time.sleep(0.2)
+        raise RuntimeError(f"local Slurm did not become idle within {timeout} s (state {state!r}); "
+                           f"logs in {d / 'log'}")
+
+    def _config(self, sock):
+        d = self.root
+        return "\n".join([
+            "ClusterName=hpclmtest", "SlurmctldHost=localhost", "SlurmUser=root",
+            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={sock},cred_expire=5",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none", "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core", "MpiDefault=pmix", "ReturnToService=2", "KillWait=5",
+            "EnforcePartLimits=ALL", "SchedulerParameters=batch_sched_delay=0,bf_interval=1,sched_interval=2",
+            f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool",
+            f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd.pid",
+            f"SlurmctldLogFile={d}/log/slurmctld.log", f"SlurmdLogFile={d}/log/slurmd.log",
+            f"NodeName=localhost NodeAddr=127.0.0.1 {_node_topology()} State=UNKNOWN",
+            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES",
+            "",
+        ])
+
+    def _remember_pid(self, name, pid_file, timeout=10.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:  # daemons delete their pid file on exit: copy it at once
+            try:
+                self.pids[name] = int(pid_file.read_text().strip())
+                return
+            except (OSError, ValueError):
+                time.sleep(0.05)
+        raise RuntimeError(f"{name} did not start (no {pid_file}); logs in {self.root / 'log'}")
+
+    def stop(self, timeout=30.0):
+        if "slurmctld" in self.pids:
+            self.run("scancel", "--user", os.environ.get("USER", "root"), check=False)
+            deadline = time.time() + timeout
+            while time.time() < deadline and self.run("squeue", "-h", "-t", "R,CG", check=False).stdout.strip():
+                time.sleep(0.5)
+        for name in ("slurmd", "slurmctld", "munged"):
+            pid = self.pids.pop(name, None)
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    # -- jobs --------------------------------------------------------------------------------
+    def sbatch(self, *args, cwd=None, env=None) -> int:
+        full_env = self.env | (env or {})
+        proc = subprocess.run([_tool("sbatch"), "--parsable", *args], env=full_env, cwd=cwd, capture_output=True,
+                              text=True, timeout=30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"sbatch failed: {proc.stderr.strip()}")
+        return int(proc.stdout.strip().split(";")[0])
+
+    def job(self, job_id) -> dict:
+        out = self.run("scontrol", "show", "job", "-o", str(job_id), check=False).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", out))
+
+    def wait(self, job_id, timeout=300.0, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
+                                                "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE")) -> dict:
+        """Poll scontrol until the job reaches one of `until` (sbatch --wait can return ~30 s late)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            info = self.job(job_id)
+            if info.get("JobState") in until:
+                return info
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout} s")
