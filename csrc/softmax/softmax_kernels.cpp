@@ -1,0 +1,531 @@
+// Softmax CPU kernels, compiled once per ISA (CMake sets HPCLM_ISA and its -m flags).
+// One source serves every path: GCC/Clang vector extensions sized to the ISA's registers
+// (64 bytes AVX-512, 32 AVX2, 16 portable), a Cephes-style vectorized exp, and F16C
+// intrinsics for float16 where the ISA has them.
+//
+// Forward, per row (keys [0, n) visible; n < sk only for causal rows), in base 2:
+//   pass 1 reads x once: per lane an online max and the sum of exp2 rescaled when the max grows
+//          (once per block of vectors), the exps kept in a float scratch row (cache resident);
+//   pass 2 writes y once: scratch * exp2(block max - row max) / sum, zeros after the prefix.
+// Backward, per row: s = sum(dy * y) over the prefix, dx = scale * y * (dy - s), zeros after it.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <unistd.h>
+
+#include "softmax/softmax.h"
+
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#ifndef HPCLM_ISA
+#error "compile this file through CMake's per-ISA object libraries"
+#endif
+
+namespace hpclm {
+namespace HPCLM_ISA {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX2__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+constexpr int kLanesF = kVecBytes / 4;
+
+typedef float vf __attribute__((vector_size(kVecBytes)));
+typedef int32_t vi32 __attribute__((vector_size(kVecBytes)));
+typedef uint32_t vu32 __attribute__((vector_size(kVecBytes)));
+typedef double vd __attribute__((vector_size(kVecBytes)));
+typedef int64_t vi64 __attribute__((vector_size(kVecBytes)));
+typedef uint16_t vu16 __attribute__((vector_size(kVecBytes / 2)));
+typedef uint8_t vu8 __attribute__((vector_size(kLanesF)));
+
+template <typename To, typename From>
+inline To bitcast(const From& f) {
+  static_assert(sizeof(To) == sizeof(From), "bitcast between types of one size");
+  To t;
+  std::memcpy(&t, &f, sizeof t);
+  return t;
+}
+
+// Storage tags for the two 16-bit types (both are raw uint16_t in memory).
+struct F16 {
+  uint16_t bits;
+};
+struct BF16 {
+  uint16_t bits;
+};
+
+// NaN-preserving min/max: a NaN operand `a` comes through.
+template <typename V>
+inline V vmax(V a, V b) {
+  return a < b ? b : a;
+}
+template <typename V>
+inline V vmin(V a, V b) {
+  return a > b ? b : a;
+}
+
+// Lane arithmetic per compute type: float for f32/f16/bf16, double for f64. The kernels work
+// in base 2 (logits pre-multiplied by log2 e), so the exponential is exp2.
+template <typename E>
+struct Simd;
+
+// 2^f on [-0.5, 0.5]: degree-6 polynomial fitted for relative error (< 1e-7 evaluated in float).
+#define HPCLM_EXP2_POLY(p, f, fma)                                                                          \
+  p = fma(p, f, 1.3398875016719103e-3f);                                                                  \
+  p = fma(p, f, 9.61843691766262e-3f);                                                                    \
+  p = fma(p, f, 5.5503323674201965e-2f);                                                                  \
+  p = fma(p, f, 2.4022647738456726e-1f);                                                                  \
+  p = fma(p, f, 6.931471824645996e-1f);                                                                   \
+  p = fma(p, f, 1.0f)
+constexpr float kExp2C6 = 1.5353361959569156e-4f;
+
+template <>
+struct Simd<float> {
+  using V = vf;
+  using Mask = vi32;
+  static constexpr int N = kLanesF;
+  static V splat(float v) { return V{} + v; }
+
+  // 2^d: d = n + f with n = round(d), 2^f by polynomial, times 2^n. ~1 ulp; 0 for d <= -127
+  // (and -inf); NaN stays NaN.
+#if defined(__AVX512F__)
+  static V exp2(V d) {
+    __m512 x = _mm512_max_ps(_mm512_set1_ps(-150.0f), bitcast<__m512>(d));  // a NaN d comes through
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(kExp2C6);
+#define HPCLM_FMA512(a, b, c) _mm512_fmadd_ps(a, b, _mm512_set1_ps(c))
+    HPCLM_EXP2_POLY(p, f, HPCLM_FMA512);
+#undef HPCLM_FMA512
+    return bitcast<V>(_mm512_scalef_ps(p, n));  // p * 2^n, underflow to 0
+  }
+#else
+  static V exp2(V d) {
+    V x = vmin(vmax(d, splat(-127.0f)), splat(127.0f));
+    V n = (x + 0x1.8p23f) - 0x1.8p23f;  // round to nearest
+    V f = x - n;
+    V p = splat(kExp2C6);
+#define HPCLM_FMA_VEC(a, b, c) ((a) * (b) + (c))
+    HPCLM_EXP2_POLY(p, f, HPCLM_FMA_VEC);
+#undef HPCLM_FMA_VEC
+    vi32 bits = (__builtin_convertvector(n, vi32) + 127) << 23;  // n = -127 gives +0
+    return p * bitcast<V>(bits);
+  }
+#endif
+
+  static float hmax(V v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_max_ps(bitcast<__m512>(v));
+#elif defined(__AVX__)
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(bitcast<__m256>(v)), _mm256_extractf128_ps(bitcast<__m256>(v), 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+#else
+    float r = v[0];
+    for (int i = 1; i < N; ++i) r = v[i] > r ? v[i] : r;
+    return r;
+#endif
+  }
+  static float hsum(V v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps(bitcast<__m512>(v));
+#elif defined(__AVX__)
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(bitcast<__m256>(v)), _mm256_extractf128_ps(bitcast<__m256>(v), 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+#else
+    float r = v[0];
+    for (int i = 1; i < N; ++i) r += v[i];
+    return r;
+#endif
+  }
+
+  static Mask masked(const uint8_t* m) {
+    vu8 b;
+    std::memcpy(&b, m, sizeof b);
+    return __builtin_convertvector(b, vi32) != 0;
+  }
+};
+#undef HPCLM_EXP2_POLY
+
+// float64 exists for gradcheck: correct and simple, lane by lane.
+template <>
+struct Simd<double> {
+  using V = vd;
+  using Mask = vi64;
+  static constexpr int N = kVecBytes / 8;
+  static V splat(double v) { return V{} + v; }
+  static V exp2(V x) {
+    for (int i = 0; i < N; ++i) x[i] = std::exp2(x[i]);
+    return x;
+  }
+  static double hmax(V v) {
+    double r = v[0];
+    for (int i = 1; i < N; ++i) r = v[i] > r ? v[i] : r;
+    return r;
+  }
+  static double hsum(V v) {
+    double r = v[0];
+    for (int i = 1; i < N; ++i) r += v[i];
+    return r;
+  }
+  static Mask masked(const uint8_t* m) {
+    Mask r;
+    for (int i = 0; i < N; ++i) r[i] = m[i] ? -1 : 0;
+    return r;
+  }
+};
+
+// Writes one packed vector; `stream` (the caller checked alignment to sizeof(P)) bypasses the
+// cache with a non-temporal store, for outputs too large to stay in the last-level cache.
+template <typename P>
+inline void put(void* p, const P& v, bool stream) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(P) == 64)
+    if (stream) return _mm512_stream_si512(static_cast<__m512i*>(p), bitcast<__m512i>(v));
+#endif
+#if defined(__AVX__)
+  if constexpr (sizeof(P) == 32)
+    if (stream) return _mm256_stream_si256(static_cast<__m256i*>(p), bitcast<__m256i>(v));
+  if constexpr (sizeof(P) == 16)
+    if (stream) return _mm_stream_si128(static_cast<__m128i*>(p), bitcast<__m128i>(v));
+#endif
+  (void)stream;
+  std::memcpy(p, &v, sizeof v);
+}
+
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
+// Loads to / stores from the compute vector, per storage type; pack() gives the stored bytes.
+template <typename S>
+struct Io;
+
+template <typename T>
+struct NativeIo {
+  using E = T;
+  using V = typename Simd<T>::V;
+  static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static V pack(V v) { return v; }
+  static E load1(const T* p) { return *p; }
+  static void store1(T* p, E v) { *p = v; }
+};
+template <>
+struct Io<float> : NativeIo<float> {};
+template <>
+struct Io<double> : NativeIo<double> {};
+
+template <>
+struct Io<BF16> {
+  using E = float;
+  using V = vf;
+  static V load(const BF16* p) {
+    vu16 h;
+    std::memcpy(&h, p, sizeof h);
+    vu32 u = __builtin_convertvector(h, vu32) << 16;
+    return bitcast<V>(u);
+  }
+  static vu16 pack(V v) {  // round to nearest even, NaN stays NaN (as float_to_bf16)
+    vu32 u = bitcast<vu32>(v);
+    vu32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    vu32 r = (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded;
+    return __builtin_convertvector(r, vu16);
+  }
+  static E load1(const BF16* p) { return bf16_to_float(p->bits); }
+  static void store1(BF16* p, E v) { p->bits = float_to_bf16(v); }
+};
+
+template <>
+struct Io<F16> {
+  using E = float;
+  using V = vf;
+  static V load(const F16* p) {
+#if defined(__AVX512F__)
+    return bitcast<V>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__F16C__) && defined(__AVX__)
+    return bitcast<V>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+    V v;
+    for (int i = 0; i < kLanesF; ++i) v[i] = f16_to_float(p[i].bits);
+    return v;
+#endif
+  }
+  static vu16 pack(V v) {
+#if defined(__AVX512F__)
+    return bitcast<vu16>(_mm512_cvtps_ph(bitcast<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__) && defined(__AVX__)
+    return bitcast<vu16>(_mm256_cvtps_ph(bitcast<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    vu16 h;
+    for (int i = 0; i < kLanesF; ++i) h[i] = float_to_f16(v[i]);
+    return h;
+#endif
+  }
+  static E load1(const F16* p) { return f16_to_float(p->bits); }
+  static void store1(F16* p, E v) { p->bits = float_to_f16(v); }
+};
+
+template <typename S>
+struct Rows {
+  using IO = Io<S>;
+  using E = typename IO::E;
+  using X = Simd<E>;
+  using V = typename X::V;
+  static constexpr int N = X::N;
+  // Vectors per block: the running max is rescaled once per block (registers: 32 with AVX-512, else 16).
+  static constexpr int K = kVecBytes == 64 ? 8 : 4;
+  static constexpr int64_t B = int64_t(K) * N;  // elements per block
+  static constexpr size_t kStoreBytes = sizeof(decltype(IO::pack(V{})));
+
+  static void store(S* p, V v, bool stream) { put(p, IO::pack(v), stream); }
+
+  // Zeros over [p, p + n): plain memset, or non-temporal stores over the aligned middle.
+  static void zero_fill(S* p, int64_t n, bool stream) {
+    if (!stream || n * int64_t(sizeof(S)) < 256) {
+      std::memset(static_cast<void*>(p), 0, n * sizeof(S));
+      return;
+    }
+    char* c = reinterpret_cast<char*>(p);
+    char* end = c + n * sizeof(S);
+    char* a = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(c) + kVecBytes - 1) & ~uintptr_t(kVecBytes - 1));
+    std::memset(c, 0, a - c);
+    const vf zero = {};
+    for (; a + kVecBytes <= end; a += kVecBytes) put(a, zero, true);
+    std::memset(a, 0, end - a);
+  }
+
+  // Stream the output when it is larger than half the last-level cache (it would not stay there).
+  static bool stream_output(int64_t elements) {
+    static const int64_t threshold = [] {
+      long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+      return int64_t(l3 > 0 ? l3 : 32L << 20) / 2;
+    }();
+    if (getenv("NOSTREAM")) return false;
+    return elements * int64_t(sizeof(S)) > threshold;
+  }
+  static bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kStoreBytes == 0; }
+
+  // Scratch for one row: exps (padded to whole vectors) and one max vector per block.
+  struct Scratch {
+    std::vector<E> exps;
+    std::vector<V> block_max;
+    explicit Scratch(int64_t sk) : exps((sk / N + 1) * N), block_max(sk / B + 1) {}
+  };
+
+  // x * scale (base 2), masked lanes -inf; the partial form reads `n` < N lanes.
+  static V load_scaled(const S* x, const uint8_t* m, V scale) {
+    V v = IO::load(x) * scale;
+    return m ? (X::masked(m) ? X::splat(-std::numeric_limits<E>::infinity()) : v) : v;
+  }
+  static V load_scaled_part(const S* x, const uint8_t* m, V scale, int64_t n) {
+    V v = X::splat(-std::numeric_limits<E>::infinity());
+    for (int i = 0; i < n; ++i)
+      if (!(m && m[i])) v[i] = IO::load1(x + i) * scale[i];
+    return v;
+  }
+
+  // Pass 1 over one block of `len` elements (FULL: exactly B): fold it into the per-lane running
+  // max and sum, keep its exps (relative to the new max) and that max.
+  template <bool FULL>
+  static void online_block(const S* x, const uint8_t* m, int64_t len, V scale, bool first, V& run_max, V& run_sum,
+                           E* exps, V& block_max) {
+    const int nv = FULL ? K : static_cast<int>((len + N - 1) / N);
+    V v[K];
+    for (int k = 0; k < nv; ++k) {
+      const uint8_t* mk = m ? m + k * N : nullptr;
+      v[k] = FULL || (k + 1) * N <= len ? load_scaled(x + k * N, mk, scale)
+                                        : load_scaled_part(x + k * N, mk, scale, len - k * N);
+    }
+    V new_max = run_max;
+    if (FULL) {
+      V t[K];
+      for (int k = 0; k < K; ++k) t[k] = v[k];
+      for (int w = K / 2; w > 0; w /= 2)
+        for (int k = 0; k < w; ++k) t[k] = vmax(t[k], t[k + w]);
+      new_max = vmax(new_max, t[0]);
+    } else {
+      for (int k = 0; k < nv; ++k) new_max = vmax(new_max, v[k]);
+    }
+    V sum = first ? X::splat(0) : run_sum * X::exp2(run_max - new_max);
+    for (int k = 0; k < nv; ++k) {
+      V e = X::exp2(v[k] - new_max);
+      sum += e;
+      std::memcpy(exps + k * N, &e, sizeof e);
+    }
+    run_sum = sum;
+    run_max = new_max;
+    block_max = new_max;
+  }
+
+  static void forward_row(const S* x, S* y, const uint8_t* m, int64_t n, int64_t sk, V scale, Scratch& s,
+                          bool stream) {
+    E* exps = s.exps.data();
+    V* block_max = s.block_max.data();
+    const E lowest = std::numeric_limits<E>::lowest();
+    V run_max = X::splat(lowest), run_sum = X::splat(0);
+    int64_t i = 0, b = 0;
+    for (; i + B <= n; i += B, ++b)
+      online_block<true>(x + i, m ? m + i : nullptr, B, scale, b == 0, run_max, run_sum, exps + i, block_max[b]);
+    if (i < n)
+      online_block<false>(x + i, m ? m + i : nullptr, n - i, scale, b == 0, run_max, run_sum, exps + i,
+                          block_max[b++]);
+    const int64_t last = b - 1;
+    const E row_max = X::hmax(run_max);
+    if (!(row_max > lowest)) {  // every visible key masked (or none visible): zeros
+      zero_fill(y, sk, stream);
+      return;
+    }
+    stream = stream && aligned(y);
+    const V vrow_max = X::splat(row_max);
+    const V last_factor = X::exp2(run_max - vrow_max);
+    const E inv = E(1) / X::hsum(run_sum * last_factor);
+    // Pass 2: y = exps * 2^(block max - row max) / sum, written once.
+    for (i = 0, b = 0; i < n; i += B, ++b) {
+      const V f = (b == last ? last_factor : X::exp2(block_max[b] - vrow_max)) * inv;
+      const int64_t end = std::min(n, i + B);
+      int64_t j = i;
+      for (; j + N <= end; j += N) {
+        V e;
+        std::memcpy(&e, exps + j, sizeof e);
+        store(y + j, e * f, stream);
+      }
+      for (int64_t l = 0; j + l < end; ++l) IO::store1(y + j + l, exps[j + l] * f[l]);
+    }
+    if (n < sk) zero_fill(y + n, sk - n, stream);
+  }
+
+  static void backward_row(const S* y, const S* dy, S* dx, int64_t n, int64_t sk, E scale, bool stream) {
+    V acc[4] = {};
+    int64_t i = 0;
+    for (; i + 4 * N <= n; i += 4 * N)
+      for (int k = 0; k < 4; ++k) acc[k] += IO::load(y + i + k * N) * IO::load(dy + i + k * N);
+    for (; i + N <= n; i += N) acc[0] += IO::load(y + i) * IO::load(dy + i);
+    E dot = X::hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    for (; i < n; ++i) dot += IO::load1(y + i) * IO::load1(dy + i);
+    const V vdot = X::splat(dot), vscale = X::splat(scale);
+    const bool stream_dx = stream && aligned(dx);
+    for (i = 0; i + N <= n; i += N) store(dx + i, vscale * IO::load(y + i) * (IO::load(dy + i) - vdot), stream_dx);
+    for (; i < n; ++i) IO::store1(dx + i, scale * IO::load1(y + i) * (IO::load1(dy + i) - dot));
+    if (n < sk) zero_fill(dx + n, sk - n, stream);
+  }
+
+  // Rows go to threads in interleaved chunks of ~64 KiB, so causal rows (short to long) balance.
+  // fn(row, q, mask_row) runs for each row; q and the mask row advance without divisions.
+  template <typename Fn>
+  static void for_rows(const SoftmaxShape& sh, const SoftmaxMask& mask, int threads, Fn fn) {
+    const int64_t rows = sh.rows(), chunk = std::max<int64_t>(1, 16384 / sh.sk);
+    const int64_t chunks = (rows + chunk - 1) / chunk;
+#pragma omp for schedule(static, 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+      int64_t r = c * chunk, q = r % sh.sq, bh = r / sh.sq;
+      const int64_t end = std::min(rows, r + chunk);
+      const uint8_t* mbase = mask.data ? mask.data + (bh / sh.batch1) * mask.stride0 + (bh % sh.batch1) * mask.stride1
+                                       : nullptr;
+      for (; r < end; ++r) {
+        fn(r, q, mbase ? mbase + q * mask.stride_q : nullptr);
+        if (++q == sh.sq && r + 1 < end) {
+          q = 0;
+          ++bh;
+          if (mbase) mbase = mask.data + (bh / sh.batch1) * mask.stride0 + (bh % sh.batch1) * mask.stride1;
+        }
+      }
+    }
+    (void)threads;
+  }
+
+  // A causal row reads a prefix and then jumps to the next row, which the hardware prefetcher
+  // does not follow: ask for the start of the next row's prefix while this row is computed.
+  static void prefetch_prefix(const S* p, int64_t n) {
+    const char* c = reinterpret_cast<const char*>(p);
+    const int64_t bytes = std::min<int64_t>(n * int64_t(sizeof(S)), 2048);
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+  }
+
+  static int64_t visible_keys(int64_t q, const SoftmaxShape& sh, bool causal) {
+    if (!causal) return sh.sk;
+    return std::min(sh.sk, std::max<int64_t>(0, q + (sh.sk - sh.sq) + 1));
+  }
+
+  static bool parallel(const SoftmaxShape& sh, int threads) {
+    return threads > 1 && sh.rows() * sh.sk >= 32768;
+  }
+
+  static void forward(const SoftmaxForward& a, int threads) {
+    const SoftmaxShape sh = a.shape;
+    const int64_t sk = sh.sk;
+    const S* x = static_cast<const S*>(a.x);
+    S* y = static_cast<S*>(a.y);
+    const V scale = X::splat(static_cast<E>(a.scale * 1.4426950408889634));  // base 2
+    const bool stream = stream_output(sh.rows() * sk);
+#pragma omp parallel num_threads(threads) if (parallel(sh, threads))
+    {
+      Scratch scratch(sk);
+      for_rows(sh, a.mask, threads, [&](int64_t r, int64_t q, const uint8_t* m) {
+        if (a.causal && r + 1 < sh.rows()) prefetch_prefix(x + (r + 1) * sk, visible_keys(q + 1, sh, true));
+        forward_row(x + r * sk, y + r * sk, m, visible_keys(q, sh, a.causal), sk, scale, scratch, stream);
+      });
+      if (stream) stream_fence();
+    }
+  }
+
+  static void backward(const SoftmaxBackward& a, int threads) {
+    const SoftmaxShape sh = a.shape;
+    const int64_t sk = sh.sk;
+    const S* y = static_cast<const S*>(a.y);
+    const S* dy = static_cast<const S*>(a.dy);
+    S* dx = static_cast<S*>(a.dx);
+    const E scale = static_cast<E>(a.scale);
+    const bool stream = stream_output(sh.rows() * sk);
+#pragma omp parallel num_threads(threads) if (parallel(sh, threads))
+    {
+      for_rows(sh, SoftmaxMask{}, threads, [&](int64_t r, int64_t q, const uint8_t*) {
+        if (a.causal && r + 1 < sh.rows()) {
+          const int64_t next = visible_keys(q + 1, sh, true);
+          prefetch_prefix(y + (r + 1) * sk, next);
+          prefetch_prefix(dy + (r + 1) * sk, next);
+        }
+        backward_row(y + r * sk, dy + r * sk, dx + r * sk, visible_keys(q, sh, a.causal), sk, scale, stream);
+      });
+      if (stream) stream_fence();
+    }
+  }
+};
+
+}  // namespace
+
+void softmax_forward(const SoftmaxForward& a, int threads) {
+  switch (a.dtype) {
+    case DType::f32: return Rows<float>::forward(a, threads);
+    case DType::f64: return Rows<double>::forward(a, threads);
+    case DType::f16: return Rows<F16>::forward(a, threads);
+    case DType::bf16: return Rows<BF16>::forward(a, threads);
+  }
+}
+
+void softmax_backward(const SoftmaxBackward& a, int threads) {
+  switch (a.dtype) {
+    case DType::f32: return Rows<float>::backward(a, threads);
+    case DType::f64: return Rows<double>::backward(a, threads);
+    case DType::f16: return Rows<F16>::backward(a, threads);
+    case DType::bf16: return Rows<BF16>::backward(a, threads);
+  }
+}
+
+}  // namespace HPCLM_ISA
+}  // namespace hpclm
