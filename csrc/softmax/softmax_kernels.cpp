@@ -3,10 +3,10 @@
 // (64 bytes AVX-512, 32 AVX2, 16 portable), a Cephes-style vectorized exp, and F16C
 // intrinsics for float16 where the ISA has them.
 //
-// Forward, per row (keys [0, n) visible; n < sk only for causal rows), in base 2:
-//   pass 1 reads x once: per lane an online max and the sum of exp2 rescaled when the max grows
+// Forward, per row (keys [0, n) visible; n < sk only for causal rows):
+//   pass 1 reads x once: per lane an online max and the sum of exp rescaled when the max grows
 //          (once per block of vectors), the exps kept in a float scratch row (cache resident);
-//   pass 2 writes y once: scratch * exp2(block max - row max) / sum, zeros after the prefix.
+//   pass 2 writes y once: scratch * exp(block max - row max) / sum, zeros after the prefix.
 // Backward, per row: s = sum(dy * y) over the prefix, dx = scale * y * (dy - s), zeros after it.
 #include <algorithm>
 #include <cmath>
@@ -73,20 +73,22 @@ inline V vmin(V a, V b) {
   return a > b ? b : a;
 }
 
-// Lane arithmetic per compute type: float for f32/f16/bf16, double for f64. The kernels work
-// in base 2 (logits pre-multiplied by log2 e), so the exponential is exp2.
+// Lane arithmetic per compute type: float for f32/f16/bf16, double for f64.
 template <typename E>
 struct Simd;
 
-// 2^f on [-0.5, 0.5]: degree-6 polynomial fitted for relative error (< 1e-7 evaluated in float).
-#define HPCLM_EXP2_POLY(p, f, fma)                                                                          \
-  p = fma(p, f, 1.3398875016719103e-3f);                                                                  \
-  p = fma(p, f, 9.61843691766262e-3f);                                                                    \
-  p = fma(p, f, 5.5503323674201965e-2f);                                                                  \
-  p = fma(p, f, 2.4022647738456726e-1f);                                                                  \
-  p = fma(p, f, 6.931471824645996e-1f);                                                                   \
-  p = fma(p, f, 1.0f)
-constexpr float kExp2C6 = 1.5353361959569156e-4f;
+// e^r on [-ln2/2, ln2/2]: degree-6 polynomial fitted for relative error (< 1e-7 evaluated in float).
+#define HPCLM_EXP_POLY(p, r, fma)       \
+  p = fma(p, r, 8.37415549904108e-3f);  \
+  p = fma(p, r, 4.166800156235695e-2f); \
+  p = fma(p, r, 1.6666431725025177e-1f); \
+  p = fma(p, r, 4.999999403953552e-1f); \
+  p = fma(p, r, 1.0f);                  \
+  p = fma(p, r, 1.0f)
+constexpr float kExpC6 = 1.3843653723597527e-3f;
+constexpr float kLog2e = 1.44269504088896341f;
+// ln 2 in two parts (Cephes): n * kLn2Hi is exact for |n| < 2^15, so x - n ln 2 loses nothing.
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
 
 template <>
 struct Simd<float> {
@@ -95,29 +97,32 @@ struct Simd<float> {
   static constexpr int N = kLanesF;
   static V splat(float v) { return V{} + v; }
 
-  // 2^d: d = n + f with n = round(d), 2^f by polynomial, times 2^n. ~1 ulp; 0 for d <= -127
-  // (and -inf); NaN stays NaN.
+  // e^x = 2^n e^r with n = round(x log2 e), r = x - n ln 2: ~1 ulp over the whole range; exactly 0
+  // for -inf (masked keys) and far below the float range; NaN stays NaN.
 #if defined(__AVX512F__)
-  static V exp2(V d) {
-    __m512 x = _mm512_max_ps(_mm512_set1_ps(-150.0f), bitcast<__m512>(d));  // a NaN d comes through
-    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(kExp2C6);
+  static V exp(V v) {
+    __m512 x = _mm512_max_ps(_mm512_set1_ps(-1000.0f), bitcast<__m512>(v));  // a NaN v comes through
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+    __m512 p = _mm512_set1_ps(kExpC6);
 #define HPCLM_FMA512(a, b, c) _mm512_fmadd_ps(a, b, _mm512_set1_ps(c))
-    HPCLM_EXP2_POLY(p, f, HPCLM_FMA512);
+    HPCLM_EXP_POLY(p, r, HPCLM_FMA512);
 #undef HPCLM_FMA512
-    return bitcast<V>(_mm512_scalef_ps(p, n));  // p * 2^n, underflow to 0
+    return bitcast<V>(_mm512_scalef_ps(p, n));  // p * 2^n; 2^-1443 underflows to exactly 0
   }
 #else
-  static V exp2(V d) {
-    V x = vmin(vmax(d, splat(-127.0f)), splat(127.0f));
-    V n = (x + 0x1.8p23f) - 0x1.8p23f;  // round to nearest
-    V f = x - n;
-    V p = splat(kExp2C6);
+  static V exp(V v) {
+    V x = vmin(vmax(v, splat(-88.0f)), splat(88.0f));
+    V n = (x * kLog2e + 0x1.8p23f) - 0x1.8p23f;  // round to nearest
+    V r = x - n * kLn2Hi;
+    r = r - n * kLn2Lo;
+    V p = splat(kExpC6);
 #define HPCLM_FMA_VEC(a, b, c) ((a) * (b) + (c))
-    HPCLM_EXP2_POLY(p, f, HPCLM_FMA_VEC);
+    HPCLM_EXP_POLY(p, r, HPCLM_FMA_VEC);
 #undef HPCLM_FMA_VEC
-    vi32 bits = (__builtin_convertvector(n, vi32) + 127) << 23;  // n = -127 gives +0
+    vi32 bits = (__builtin_convertvector(n, vi32) + 127) << 23;  // n = -127 (x <= -87.7) gives +0
     return p * bitcast<V>(bits);
   }
 #endif
@@ -155,7 +160,7 @@ struct Simd<float> {
     return __builtin_convertvector(b, vi32) != 0;
   }
 };
-#undef HPCLM_EXP2_POLY
+#undef HPCLM_EXP_POLY
 
 // float64 exists for gradcheck: correct and simple, lane by lane.
 template <>
@@ -164,8 +169,8 @@ struct Simd<double> {
   using Mask = vi64;
   static constexpr int N = kVecBytes / 8;
   static V splat(double v) { return V{} + v; }
-  static V exp2(V x) {
-    for (int i = 0; i < N; ++i) x[i] = std::exp2(x[i]);
+  static V exp(V x) {
+    for (int i = 0; i < N; ++i) x[i] = std::exp(x[i]);
     return x;
   }
   static double hmax(V v) {
@@ -328,7 +333,7 @@ struct Rows {
     explicit Scratch(int64_t sk) : exps((sk / N + 1) * N), block_max(sk / B + 1) {}
   };
 
-  // x * scale (base 2), masked lanes -inf; the partial form reads `n` < N lanes.
+  // x * scale, masked lanes -inf; the partial form reads `n` < N lanes.
   static V load_scaled(const S* x, const uint8_t* m, V scale) {
     V v = IO::load(x) * scale;
     return m ? (X::masked(m) ? X::splat(-std::numeric_limits<E>::infinity()) : v) : v;
@@ -362,9 +367,9 @@ struct Rows {
     } else {
       for (int k = 0; k < nv; ++k) new_max = vmax(new_max, v[k]);
     }
-    V sum = first ? X::splat(0) : run_sum * X::exp2(run_max - new_max);
+    V sum = first ? X::splat(0) : run_sum * X::exp(run_max - new_max);
     for (int k = 0; k < nv; ++k) {
-      V e = X::exp2(v[k] - new_max);
+      V e = X::exp(v[k] - new_max);
       sum += e;
       std::memcpy(exps + k * N, &e, sizeof e);
     }
@@ -393,11 +398,11 @@ struct Rows {
     }
     stream = stream && aligned(y);
     const V vrow_max = X::splat(row_max);
-    const V last_factor = X::exp2(run_max - vrow_max);
+    const V last_factor = X::exp(run_max - vrow_max);
     const E inv = E(1) / X::hsum(run_sum * last_factor);
     // Pass 2: y = exps * 2^(block max - row max) / sum, written once.
     for (i = 0, b = 0; i < n; i += B, ++b) {
-      const V f = (b == last ? last_factor : X::exp2(block_max[b] - vrow_max)) * inv;
+      const V f = (b == last ? last_factor : X::exp(block_max[b] - vrow_max)) * inv;
       const int64_t end = std::min(n, i + B);
       int64_t j = i;
       for (; j + N <= end; j += N) {
@@ -471,7 +476,7 @@ struct Rows {
     const int64_t sk = sh.sk;
     const S* x = static_cast<const S*>(a.x);
     S* y = static_cast<S*>(a.y);
-    const V scale = X::splat(static_cast<E>(a.scale * 1.4426950408889634));  // base 2
+    const V scale = X::splat(static_cast<E>(a.scale));
     const bool stream = stream_output(sh.rows() * sk);
 #pragma omp parallel num_threads(threads) if (parallel(sh, threads))
     {
