@@ -16,6 +16,10 @@
 
 #include <unistd.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "softmax/softmax.h"
 
 #if defined(__AVX512F__) || defined(__F16C__)
@@ -208,7 +212,7 @@ inline void put(void* p, const P& v, bool stream) {
   std::memcpy(p, &v, sizeof v);
 }
 
-inline void stream_fence() {
+inline void stream_fence() {  // cheap when no non-temporal store is pending
 #if defined(__AVX__)
   _mm_sfence();
 #endif
@@ -326,11 +330,16 @@ struct Rows {
   }
   static bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kStoreBytes == 0; }
 
-  // Scratch for one row: exps (padded to whole vectors) and one max vector per block.
+  // Scratch for one row, per thread: exps (padded to whole vectors) and one max vector per block.
   struct Scratch {
     std::vector<E> exps;
     std::vector<V> block_max;
-    explicit Scratch(int64_t sk) : exps((sk / N + 1) * N), block_max(sk / B + 1) {}
+    void fit(int64_t sk) {
+      if (int64_t(exps.size()) < (sk / N + 1) * N) {
+        exps.resize((sk / N + 1) * N);
+        block_max.resize(sk / B + 1);
+      }
+    }
   };
 
   // x * scale, masked lanes -inf; the partial form reads `n` < N lanes.
@@ -432,26 +441,41 @@ struct Rows {
 
   // Rows go to threads in interleaved chunks of ~64 KiB, so causal rows (short to long) balance.
   // fn(row, q, mask_row) runs for each row; q and the mask row advance without divisions.
+  // A single thread never enters OpenMP: a one-thread parallel region makes libgomp (shared with
+  // torch) reshape its thread pool, which slowed torch's next parallel ops by milliseconds.
   template <typename Fn>
   static void for_rows(const SoftmaxShape& sh, const SoftmaxMask& mask, int threads, Fn fn) {
     const int64_t rows = sh.rows(), chunk = std::max<int64_t>(1, 16384 / sh.sk);
     const int64_t chunks = (rows + chunk - 1) / chunk;
-#pragma omp for schedule(static, 1)
-    for (int64_t c = 0; c < chunks; ++c) {
-      int64_t r = c * chunk, q = r % sh.sq, bh = r / sh.sq;
-      const int64_t end = std::min(rows, r + chunk);
-      const uint8_t* mbase = mask.data ? mask.data + (bh / sh.batch1) * mask.stride0 + (bh % sh.batch1) * mask.stride1
-                                       : nullptr;
-      for (; r < end; ++r) {
-        fn(r, q, mbase ? mbase + q * mask.stride_q : nullptr);
-        if (++q == sh.sq && r + 1 < end) {
-          q = 0;
-          ++bh;
-          if (mbase) mbase = mask.data + (bh / sh.batch1) * mask.stride0 + (bh % sh.batch1) * mask.stride1;
+    auto run_chunks = [&](int64_t first, int64_t step) {
+      for (int64_t c = first; c < chunks; c += step) {
+        int64_t r = c * chunk, q = r % sh.sq, bh = r / sh.sq;
+        const int64_t end = std::min(rows, r + chunk);
+        const uint8_t* mbase =
+            mask.data ? mask.data + (bh / sh.batch1) * mask.stride0 + (bh % sh.batch1) * mask.stride1 : nullptr;
+        for (; r < end; ++r) {
+          fn(r, q, mbase ? mbase + q * mask.stride_q : nullptr);
+          if (++q == sh.sq && r + 1 < end) {
+            q = 0;
+            ++bh;
+            if (mbase) mbase = mask.data + (bh / sh.batch1) * mask.stride0 + (bh % sh.batch1) * mask.stride1;
+          }
         }
       }
+    };
+#ifdef _OPENMP
+    if (threads > 1 && chunks > 1 && rows * sh.sk >= 32768) {
+#pragma omp parallel num_threads(threads)
+      {
+        run_chunks(omp_get_thread_num(), omp_get_num_threads());
+        stream_fence();  // each thread orders its own non-temporal stores
+      }
+      return;
     }
+#endif
     (void)threads;
+    run_chunks(0, 1);
+    stream_fence();
   }
 
   // A causal row reads a prefix and then jumps to the next row, which the hardware prefetcher
@@ -467,10 +491,6 @@ struct Rows {
     return std::min(sh.sk, std::max<int64_t>(0, q + (sh.sk - sh.sq) + 1));
   }
 
-  static bool parallel(const SoftmaxShape& sh, int threads) {
-    return threads > 1 && sh.rows() * sh.sk >= 32768;
-  }
-
   static void forward(const SoftmaxForward& a, int threads) {
     const SoftmaxShape sh = a.shape;
     const int64_t sk = sh.sk;
@@ -478,15 +498,12 @@ struct Rows {
     S* y = static_cast<S*>(a.y);
     const V scale = X::splat(static_cast<E>(a.scale));
     const bool stream = stream_output(sh.rows() * sk);
-#pragma omp parallel num_threads(threads) if (parallel(sh, threads))
-    {
-      Scratch scratch(sk);
-      for_rows(sh, a.mask, threads, [&](int64_t r, int64_t q, const uint8_t* m) {
-        if (a.causal && r + 1 < sh.rows()) prefetch_prefix(x + (r + 1) * sk, visible_keys(q + 1, sh, true));
-        forward_row(x + r * sk, y + r * sk, m, visible_keys(q, sh, a.causal), sk, scale, scratch, stream);
-      });
-      if (stream) stream_fence();
-    }
+    for_rows(sh, a.mask, threads, [&](int64_t r, int64_t q, const uint8_t* m) {
+      thread_local Scratch scratch;
+      scratch.fit(sk);
+      if (a.causal && r + 1 < sh.rows()) prefetch_prefix(x + (r + 1) * sk, visible_keys(q + 1, sh, true));
+      forward_row(x + r * sk, y + r * sk, m, visible_keys(q, sh, a.causal), sk, scale, scratch, stream);
+    });
   }
 
   static void backward(const SoftmaxBackward& a, int threads) {
@@ -497,18 +514,14 @@ struct Rows {
     S* dx = static_cast<S*>(a.dx);
     const E scale = static_cast<E>(a.scale);
     const bool stream = stream_output(sh.rows() * sk);
-#pragma omp parallel num_threads(threads) if (parallel(sh, threads))
-    {
-      for_rows(sh, SoftmaxMask{}, threads, [&](int64_t r, int64_t q, const uint8_t*) {
-        if (a.causal && r + 1 < sh.rows()) {
-          const int64_t next = visible_keys(q + 1, sh, true);
-          prefetch_prefix(y + (r + 1) * sk, next);
-          prefetch_prefix(dy + (r + 1) * sk, next);
-        }
-        backward_row(y + r * sk, dy + r * sk, dx + r * sk, visible_keys(q, sh, a.causal), sk, scale, stream);
-      });
-      if (stream) stream_fence();
-    }
+    for_rows(sh, SoftmaxMask{}, threads, [&](int64_t r, int64_t q, const uint8_t*) {
+      if (a.causal && r + 1 < sh.rows()) {
+        const int64_t next = visible_keys(q + 1, sh, true);
+        prefetch_prefix(y + (r + 1) * sk, next);
+        prefetch_prefix(dy + (r + 1) * sk, next);
+      }
+      backward_row(y + r * sk, dy + r * sk, dx + r * sk, visible_keys(q, sh, a.causal), sk, scale, stream);
+    });
   }
 };
 
