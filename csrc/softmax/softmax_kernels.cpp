@@ -12,9 +12,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
-
-#include <unistd.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -42,6 +41,10 @@ constexpr int kVecBytes = 32;
 constexpr int kVecBytes = 16;
 #endif
 constexpr int kLanesF = kVecBytes / 4;
+// Outputs larger than this are written with non-temporal stores (see Rows::stream_output).
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+// Causal rows prefetch the row this many rows ahead.
+constexpr int64_t kPrefetchRows = 2;
 
 typedef float vf __attribute__((vector_size(kVecBytes)));
 typedef int32_t vi32 __attribute__((vector_size(kVecBytes)));
@@ -194,30 +197,6 @@ struct Simd<double> {
   }
 };
 
-// Writes one packed vector; `stream` (the caller checked alignment to sizeof(P)) bypasses the
-// cache with a non-temporal store, for outputs too large to stay in the last-level cache.
-template <typename P>
-inline void put(void* p, const P& v, bool stream) {
-#if defined(__AVX512F__)
-  if constexpr (sizeof(P) == 64)
-    if (stream) return _mm512_stream_si512(static_cast<__m512i*>(p), bitcast<__m512i>(v));
-#endif
-#if defined(__AVX__)
-  if constexpr (sizeof(P) == 32)
-    if (stream) return _mm256_stream_si256(static_cast<__m256i*>(p), bitcast<__m256i>(v));
-  if constexpr (sizeof(P) == 16)
-    if (stream) return _mm_stream_si128(static_cast<__m128i*>(p), bitcast<__m128i>(v));
-#endif
-  (void)stream;
-  std::memcpy(p, &v, sizeof v);
-}
-
-inline void stream_fence() {  // cheap when no non-temporal store is pending
-#if defined(__AVX__)
-  _mm_sfence();
-#endif
-}
-
 // Loads to / stores from the compute vector, per storage type; pack() gives the stored bytes.
 template <typename S>
 struct Io;
@@ -290,45 +269,24 @@ struct Io<F16> {
   static void store1(F16* p, E v) { p->bits = float_to_f16(v); }
 };
 
+inline void stream_fence() {  // orders this thread's non-temporal stores (none on the portable path)
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
 template <typename S>
 struct Rows {
   using IO = Io<S>;
   using E = typename IO::E;
   using X = Simd<E>;
   using V = typename X::V;
+  using Mask = typename X::Mask;
+  using Packed = decltype(IO::pack(V{}));
   static constexpr int N = X::N;
   // Vectors per block: the running max is rescaled once per block (registers: 32 with AVX-512, else 16).
   static constexpr int K = kVecBytes == 64 ? 8 : 4;
   static constexpr int64_t B = int64_t(K) * N;  // elements per block
-  static constexpr size_t kStoreBytes = sizeof(decltype(IO::pack(V{})));
-
-  static void store(S* p, V v, bool stream) { put(p, IO::pack(v), stream); }
-
-  // Zeros over [p, p + n): plain memset, or non-temporal stores over the aligned middle.
-  static void zero_fill(S* p, int64_t n, bool stream) {
-    if (!stream || n * int64_t(sizeof(S)) < 256) {
-      std::memset(static_cast<void*>(p), 0, n * sizeof(S));
-      return;
-    }
-    char* c = reinterpret_cast<char*>(p);
-    char* end = c + n * sizeof(S);
-    char* a = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(c) + kVecBytes - 1) & ~uintptr_t(kVecBytes - 1));
-    std::memset(c, 0, a - c);
-    const vf zero = {};
-    for (; a + kVecBytes <= end; a += kVecBytes) put(a, zero, true);
-    std::memset(a, 0, end - a);
-  }
-
-  // Stream the output when it is larger than half the last-level cache (it would not stay there).
-  static bool stream_output(int64_t elements) {
-    static const int64_t threshold = [] {
-      long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-      return int64_t(l3 > 0 ? l3 : 32L << 20) / 2;
-    }();
-    if (getenv("NOSTREAM")) return false;
-    return elements * int64_t(sizeof(S)) > threshold;
-  }
-  static bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kStoreBytes == 0; }
 
   // Scratch for one row, per thread: exps (padded to whole vectors) and one max vector per block.
   struct Scratch {
@@ -337,112 +295,216 @@ struct Rows {
     void fit(int64_t sk) {
       if (int64_t(exps.size()) < (sk / N + 1) * N) {
         exps.resize((sk / N + 1) * N);
-        block_max.resize(sk / B + 1);
+        block_max.resize(sk / B + 2);
       }
     }
   };
 
-  // x * scale, masked lanes -inf; the partial form reads `n` < N lanes.
+  // ---- memory ------------------------------------------------------------------------------
+
+  // Non-temporal stores for outputs too large to stay in cache: they skip the read-for-ownership
+  // of every output line. Only when every row starts aligned to a packed vector.
+  static bool stream_output(const SoftmaxShape& sh, const void* out) {
+    return sh.rows() * sh.sk * int64_t(sizeof(S)) > kStreamBytes &&
+           reinterpret_cast<uintptr_t>(out) % sizeof(Packed) == 0 && (sh.sk * sizeof(S)) % sizeof(Packed) == 0;
+  }
+  // `stream`: the caller knows p is aligned to sizeof(Packed).
+  static void put(void* p, const Packed& v, bool stream) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(Packed) == 64)
+      if (stream) return _mm512_stream_si512(static_cast<__m512i*>(p), bitcast<__m512i>(v));
+#endif
+#if defined(__AVX__)
+    if constexpr (sizeof(Packed) == 32)
+      if (stream) return _mm256_stream_si256(static_cast<__m256i*>(p), bitcast<__m256i>(v));
+    if constexpr (sizeof(Packed) == 16)
+      if (stream) return _mm_stream_si128(static_cast<__m128i*>(p), bitcast<__m128i>(v));
+#endif
+    std::memcpy(p, &v, sizeof v);
+  }
+  static void store(S* p, V v, bool stream) { put(p, IO::pack(v), stream); }
+  // Zeros over [p, p + n); streamed in whole vectors when `stream` (p aligned).
+  static void zero_fill(S* p, int64_t n, bool stream) {
+    int64_t i = 0;
+    if (stream)
+      for (; i + N <= n; i += N) put(p + i, Packed{}, true);
+    std::memset(static_cast<void*>(p + i), 0, (n - i) * sizeof(S));
+  }
+  static void prefetch(const S* p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 64 / int64_t(sizeof(S))) __builtin_prefetch(p + i, 0, 3);
+  }
+  static V load_exps(const E* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static V neg_inf() { return X::splat(-std::numeric_limits<E>::infinity()); }
+
+  // Lanes [0, n) of a vector: the valid part of a row's last, partial vector.
+  static Mask lanes_below(int64_t n) {
+    using Lane = typename std::remove_reference<decltype(Mask{}[0])>::type;
+    static const Mask iota = [] {
+      Mask m;
+      for (int l = 0; l < N; ++l) m[l] = l;
+      return m;
+    }();
+    return iota < static_cast<Lane>(n);
+  }
+
+  // x * scale with masked lanes -inf.
   static V load_scaled(const S* x, const uint8_t* m, V scale) {
     V v = IO::load(x) * scale;
-    return m ? (X::masked(m) ? X::splat(-std::numeric_limits<E>::infinity()) : v) : v;
+    return m ? (X::masked(m) ? neg_inf() : v) : v;
   }
-  static V load_scaled_part(const S* x, const uint8_t* m, V scale, int64_t n) {
-    V v = X::splat(-std::numeric_limits<E>::infinity());
-    for (int i = 0; i < n; ++i)
-      if (!(m && m[i])) v[i] = IO::load1(x + i) * scale[i];
+  // The same for a row's last vector, valid in lanes [0, rem): one whole-vector load while the
+  // row's memory (sk elements) still covers it, lane by lane at the very end of a row.
+  static V load_scaled_tail(const S* x, const uint8_t* m, V scale, int64_t rem, bool whole) {
+    if (whole) return lanes_below(rem) ? load_scaled(x, m, scale) : neg_inf();
+    V v = neg_inf();
+    for (int l = 0; l < rem; ++l)
+      if (!(m && m[l])) v[l] = IO::load1(x + l) * scale[l];
     return v;
   }
 
-  // Pass 1 over one block of `len` elements (FULL: exactly B): fold it into the per-lane running
-  // max and sum, keep its exps (relative to the new max) and that max.
-  template <bool FULL>
-  static void online_block(const S* x, const uint8_t* m, int64_t len, V scale, bool first, V& run_max, V& run_sum,
-                           E* exps, V& block_max) {
-    const int nv = FULL ? K : static_cast<int>((len + N - 1) / N);
-    V v[K];
-    for (int k = 0; k < nv; ++k) {
-      const uint8_t* mk = m ? m + k * N : nullptr;
-      v[k] = FULL || (k + 1) * N <= len ? load_scaled(x + k * N, mk, scale)
-                                        : load_scaled_part(x + k * N, mk, scale, len - k * N);
-    }
-    V new_max = run_max;
-    if (FULL) {
-      V t[K];
-      for (int k = 0; k < K; ++k) t[k] = v[k];
-      for (int w = K / 2; w > 0; w /= 2)
-        for (int k = 0; k < w; ++k) t[k] = vmax(t[k], t[k + w]);
-      new_max = vmax(new_max, t[0]);
-    } else {
-      for (int k = 0; k < nv; ++k) new_max = vmax(new_max, v[k]);
-    }
+  // ---- forward -----------------------------------------------------------------------------
+
+  // Pass 1 over one block of exactly B elements: fold it into the per-lane running max and sum,
+  // keep its exps (relative to the new max) and that max. `next`: the same offsets of a later
+  // row to prefetch, or null.
+  static void online_block(const S* x, const uint8_t* m, V scale, bool first, V& run_max, V& run_sum, E* exps,
+                           V& block_max, const S* next) {
+    if (next) prefetch(next, B);
+    V v[K], t[K];
+    for (int k = 0; k < K; ++k) t[k] = v[k] = load_scaled(x + k * N, m ? m + k * N : nullptr, scale);
+    for (int w = K / 2; w > 0; w /= 2)
+      for (int k = 0; k < w; ++k) t[k] = vmax(t[k], t[k + w]);
+    const V new_max = vmax(run_max, t[0]);
     V sum = first ? X::splat(0) : run_sum * X::exp(run_max - new_max);
-    for (int k = 0; k < nv; ++k) {
+    for (int k = 0; k < K; ++k) {
       V e = X::exp(v[k] - new_max);
       sum += e;
       std::memcpy(exps + k * N, &e, sizeof e);
     }
     run_sum = sum;
-    run_max = new_max;
-    block_max = new_max;
+    run_max = block_max = new_max;
+  }
+
+  // Pass 1 over the last block, `len` < B elements ending the visible prefix: one max over its
+  // vectors, one rescale, then the exps (vectors reread from L1). `whole`: the row's memory
+  // covers its partial vector.
+  static void online_rest(const S* x, const uint8_t* m, int64_t len, bool whole, V scale, bool first, V& run_max,
+                          V& run_sum, E* exps, V& block_max, const S* next) {
+    if (next) prefetch(next, len);
+    const int64_t full = len / N, rem = len % N;
+    V new_max = run_max, tail = neg_inf();
+    for (int64_t k = 0; k < full; ++k) new_max = vmax(new_max, load_scaled(x + k * N, m ? m + k * N : nullptr, scale));
+    if (rem) {
+      tail = load_scaled_tail(x + full * N, m ? m + full * N : nullptr, scale, rem, whole);
+      new_max = vmax(new_max, tail);
+    }
+    V sum = first ? X::splat(0) : run_sum * X::exp(run_max - new_max);
+    for (int64_t k = 0; k < full; ++k) {
+      V e = X::exp(load_scaled(x + k * N, m ? m + k * N : nullptr, scale) - new_max);
+      sum += e;
+      std::memcpy(exps + k * N, &e, sizeof e);
+    }
+    if (rem) {
+      V e = X::exp(tail - new_max);  // lanes past the prefix: exp(-inf) = 0
+      sum += e;
+      std::memcpy(exps + full * N, &e, sizeof e);
+    }
+    run_sum = sum;
+    run_max = block_max = new_max;
   }
 
   static void forward_row(const S* x, S* y, const uint8_t* m, int64_t n, int64_t sk, V scale, Scratch& s,
-                          bool stream) {
+                          bool stream, const S* next) {
     E* exps = s.exps.data();
     V* block_max = s.block_max.data();
     const E lowest = std::numeric_limits<E>::lowest();
+    const bool whole_tail = (n / N + 1) * N <= sk;
     V run_max = X::splat(lowest), run_sum = X::splat(0);
     int64_t i = 0, b = 0;
     for (; i + B <= n; i += B, ++b)
-      online_block<true>(x + i, m ? m + i : nullptr, B, scale, b == 0, run_max, run_sum, exps + i, block_max[b]);
+      online_block(x + i, m ? m + i : nullptr, scale, b == 0, run_max, run_sum, exps + i, block_max[b],
+                   next ? next + i : nullptr);
     if (i < n)
-      online_block<false>(x + i, m ? m + i : nullptr, n - i, scale, b == 0, run_max, run_sum, exps + i,
-                          block_max[b++]);
+      online_rest(x + i, m ? m + i : nullptr, n - i, whole_tail, scale, b == 0, run_max, run_sum, exps + i,
+                  block_max[b++], next ? next + i : nullptr);
     const int64_t last = b - 1;
     const E row_max = X::hmax(run_max);
     if (!(row_max > lowest)) {  // every visible key masked (or none visible): zeros
       zero_fill(y, sk, stream);
       return;
     }
-    stream = stream && aligned(y);
     const V vrow_max = X::splat(row_max);
     const V last_factor = X::exp(run_max - vrow_max);
     const E inv = E(1) / X::hsum(run_sum * last_factor);
-    // Pass 2: y = exps * 2^(block max - row max) / sum, written once.
+    // Pass 2: y = exps * exp(block max - row max) / sum, written once; the partial vector is
+    // written whole while inside the row (its lanes past n are zeros).
+    int64_t written = n;
     for (i = 0, b = 0; i < n; i += B, ++b) {
       const V f = (b == last ? last_factor : X::exp(block_max[b] - vrow_max)) * inv;
       const int64_t end = std::min(n, i + B);
       int64_t j = i;
-      for (; j + N <= end; j += N) {
-        V e;
-        std::memcpy(&e, exps + j, sizeof e);
-        store(y + j, e * f, stream);
+      for (; j + N <= end; j += N) store(y + j, load_exps(exps + j) * f, stream);
+      if (j < end) {
+        const V e = load_exps(exps + j) * f;
+        if (whole_tail) {
+          store(y + j, e, stream);
+          written = j + N;
+        } else {
+          for (int64_t l = 0; j + l < end; ++l) IO::store1(y + j + l, e[l]);
+        }
       }
-      for (int64_t l = 0; j + l < end; ++l) IO::store1(y + j + l, exps[j + l] * f[l]);
     }
-    if (n < sk) zero_fill(y + n, sk - n, stream);
+    if (written < sk) zero_fill(y + written, sk - written, stream && written % N == 0);
   }
 
-  static void backward_row(const S* y, const S* dy, S* dx, int64_t n, int64_t sk, E scale, bool stream) {
+  // ---- backward ----------------------------------------------------------------------------
+
+  static void backward_row(const S* y, const S* dy, S* dx, int64_t n, int64_t sk, E scale, bool stream,
+                           const S* next_y, const S* next_dy) {
     V acc[4] = {};
     int64_t i = 0;
-    for (; i + 4 * N <= n; i += 4 * N)
+    for (; i + 4 * N <= n; i += 4 * N) {
+      if (next_y) {
+        prefetch(next_y + i, 4 * N);
+        prefetch(next_dy + i, 4 * N);
+      }
       for (int k = 0; k < 4; ++k) acc[k] += IO::load(y + i + k * N) * IO::load(dy + i + k * N);
+    }
+    if (next_y) {
+      prefetch(next_y + i, n - i);
+      prefetch(next_dy + i, n - i);
+    }
     for (; i + N <= n; i += N) acc[0] += IO::load(y + i) * IO::load(dy + i);
+    // The partial vector: whole-vector loads while the row covers it, lanes past n dropped.
+    const int64_t rem = n - i;
+    const bool whole_tail = rem > 0 && i + N <= sk;
+    const Mask tail = lanes_below(rem);
+    if (whole_tail) acc[1] += tail ? IO::load(y + i) * IO::load(dy + i) : X::splat(0);
     E dot = X::hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
-    for (; i < n; ++i) dot += IO::load1(y + i) * IO::load1(dy + i);
+    if (!whole_tail)
+      for (int64_t j = i; j < n; ++j) dot += IO::load1(y + j) * IO::load1(dy + j);
     const V vdot = X::splat(dot), vscale = X::splat(scale);
-    const bool stream_dx = stream && aligned(dx);
-    for (i = 0; i + N <= n; i += N) store(dx + i, vscale * IO::load(y + i) * (IO::load(dy + i) - vdot), stream_dx);
-    for (; i < n; ++i) IO::store1(dx + i, scale * IO::load1(y + i) * (IO::load1(dy + i) - dot));
-    if (n < sk) zero_fill(dx + n, sk - n, stream);
+    for (i = 0; i + N <= n; i += N) store(dx + i, vscale * IO::load(y + i) * (IO::load(dy + i) - vdot), stream);
+    int64_t written = n;
+    if (whole_tail) {
+      store(dx + i, tail ? vscale * IO::load(y + i) * (IO::load(dy + i) - vdot) : X::splat(0), stream);
+      written = i + N;
+    } else {
+      for (; i < n; ++i) IO::store1(dx + i, scale * IO::load1(y + i) * (IO::load1(dy + i) - dot));
+    }
+    if (written < sk) zero_fill(dx + written, sk - written, stream && written % N == 0);
   }
+
+  // ---- rows over threads -------------------------------------------------------------------
 
   // Rows go to threads in interleaved chunks of ~64 KiB, so causal rows (short to long) balance.
   // fn(row, q, mask_row) runs for each row; q and the mask row advance without divisions.
   // A single thread never enters OpenMP: a one-thread parallel region makes libgomp (shared with
-  // torch) reshape its thread pool, which slowed torch's next parallel ops by milliseconds.
+  // torch) reshape its thread pool, and torch's next parallel op pays for it.
   template <typename Fn>
   static void for_rows(const SoftmaxShape& sh, const SoftmaxMask& mask, int threads, Fn fn) {
     const int64_t rows = sh.rows(), chunk = std::max<int64_t>(1, 16384 / sh.sk);
@@ -462,28 +524,17 @@ struct Rows {
           }
         }
       }
+      stream_fence();  // each thread orders its own non-temporal stores
     };
 #ifdef _OPENMP
     if (threads > 1 && chunks > 1 && rows * sh.sk >= 32768) {
 #pragma omp parallel num_threads(threads)
-      {
-        run_chunks(omp_get_thread_num(), omp_get_num_threads());
-        stream_fence();  // each thread orders its own non-temporal stores
-      }
+      run_chunks(omp_get_thread_num(), omp_get_num_threads());
       return;
     }
 #endif
     (void)threads;
     run_chunks(0, 1);
-    stream_fence();
-  }
-
-  // A causal row reads a prefix and then jumps to the next row, which the hardware prefetcher
-  // does not follow: ask for the start of the next row's prefix while this row is computed.
-  static void prefetch_prefix(const S* p, int64_t n) {
-    const char* c = reinterpret_cast<const char*>(p);
-    const int64_t bytes = std::min<int64_t>(n * int64_t(sizeof(S)), 2048);
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
   }
 
   static int64_t visible_keys(int64_t q, const SoftmaxShape& sh, bool causal) {
@@ -491,36 +542,37 @@ struct Rows {
     return std::min(sh.sk, std::max<int64_t>(0, q + (sh.sk - sh.sq) + 1));
   }
 
+  // A causal row reads a prefix and jumps to the next row, which the hardware prefetcher does not
+  // follow: the rows kPrefetchRows ahead are prefetched while a row is computed.
   static void forward(const SoftmaxForward& a, int threads) {
     const SoftmaxShape sh = a.shape;
-    const int64_t sk = sh.sk;
+    const int64_t sk = sh.sk, rows = sh.rows();
     const S* x = static_cast<const S*>(a.x);
     S* y = static_cast<S*>(a.y);
     const V scale = X::splat(static_cast<E>(a.scale));
-    const bool stream = stream_output(sh.rows() * sk);
+    const bool stream = stream_output(sh, y);
     for_rows(sh, a.mask, threads, [&](int64_t r, int64_t q, const uint8_t* m) {
       thread_local Scratch scratch;
       scratch.fit(sk);
-      if (a.causal && r + 1 < sh.rows()) prefetch_prefix(x + (r + 1) * sk, visible_keys(q + 1, sh, true));
-      forward_row(x + r * sk, y + r * sk, m, visible_keys(q, sh, a.causal), sk, scale, scratch, stream);
+      const S* ahead = a.causal && r + kPrefetchRows < rows ? x + (r + kPrefetchRows) * sk : nullptr;
+      if (ahead) prefetch(ahead, std::min<int64_t>(visible_keys(q + kPrefetchRows, sh, true), 256 / sizeof(S)));
+      forward_row(x + r * sk, y + r * sk, m, visible_keys(q, sh, a.causal), sk, scale, scratch, stream, ahead);
     });
   }
 
   static void backward(const SoftmaxBackward& a, int threads) {
     const SoftmaxShape sh = a.shape;
-    const int64_t sk = sh.sk;
+    const int64_t sk = sh.sk, rows = sh.rows();
     const S* y = static_cast<const S*>(a.y);
     const S* dy = static_cast<const S*>(a.dy);
     S* dx = static_cast<S*>(a.dx);
     const E scale = static_cast<E>(a.scale);
-    const bool stream = stream_output(sh.rows() * sk);
+    const bool stream = stream_output(sh, dx);
     for_rows(sh, SoftmaxMask{}, threads, [&](int64_t r, int64_t q, const uint8_t*) {
-      if (a.causal && r + 1 < sh.rows()) {
-        const int64_t next = visible_keys(q + 1, sh, true);
-        prefetch_prefix(y + (r + 1) * sk, next);
-        prefetch_prefix(dy + (r + 1) * sk, next);
-      }
-      backward_row(y + r * sk, dy + r * sk, dx + r * sk, visible_keys(q, sh, a.causal), sk, scale, stream);
+      const bool ahead = a.causal && r + kPrefetchRows < rows;
+      const int64_t off = (r + kPrefetchRows) * sk;
+      backward_row(y + r * sk, dy + r * sk, dx + r * sk, visible_keys(q, sh, a.causal), sk, scale, stream,
+                   ahead ? y + off : nullptr, ahead ? dy + off : nullptr);
     });
   }
 };
