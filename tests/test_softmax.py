@@ -96,6 +96,24 @@ def test_forward_and_backward_match_float64_reference(cpu_path, dtype):
                 assert_close(dx, want_dx, BACKWARD_TOL[dtype], what + " backward")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_large_outputs_take_the_streaming_store_path(dtype):
+    # > 16 MiB of output with 64-byte aligned rows: the kernels write with non-temporal stores
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 4 if dtype == torch.bfloat16 else 2, 1100, 1024, generator=gen).to(dtype)
+    assert x.numel() * x.element_size() > 16 << 20
+    mask = torch.rand(2, 1, 1, 1024, generator=gen) < 0.2
+    xg = x.clone().requires_grad_(True)
+    y = fused_softmax(xg, 0.3, mask, causal=True)  # sq > sk: the first 76 rows see no key
+    dy = torch.randn(x.shape, generator=gen).to(dtype)
+    (dx,) = torch.autograd.grad(y, xg, dy)
+    want = reference(x, 0.3, mask, causal=True)
+    assert_close(y, want, FORWARD_TOL[dtype], "forward")
+    y64 = want
+    want_dx = 0.3 * y64 * (dy.double() - (dy.double() * y64).sum(-1, keepdim=True))
+    assert_close(dx, want_dx, BACKWARD_TOL[dtype], "backward")
+
+
 def test_fully_masked_rows_give_zeros_and_zero_grad(cpu_path):
     x = torch.randn(2, 3, 6, 4, requires_grad=True)  # sq > sk causal: the first 2 queries see no key
     mask = torch.zeros(2, 1, 6, 4, dtype=torch.bool)

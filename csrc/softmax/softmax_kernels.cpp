@@ -326,8 +326,7 @@ struct Rows {
   // Zeros over [p, p + n); streamed in whole vectors when `stream` (p aligned).
   static void zero_fill(S* p, int64_t n, bool stream) {
     int64_t i = 0;
-    if (stream)
-      for (; i + N <= n; i += N) put(p + i, Packed{}, true);
+    for (; i + N <= n; i += N) put(p + i, Packed{}, stream);
     std::memset(static_cast<void*>(p + i), 0, (n - i) * sizeof(S));
   }
   static void prefetch(const S* p, int64_t n) {
@@ -502,7 +501,8 @@ struct Rows {
   // ---- rows over threads -------------------------------------------------------------------
 
   // Rows go to threads in interleaved chunks of ~64 KiB, so causal rows (short to long) balance.
-  // fn(row, q, mask_row) runs for each row; q and the mask row advance without divisions.
+  // fn(row, q, mask_row, scratch) runs for each row; q and the mask row advance without
+  // divisions; the thread's scratch is looked up once (thread_local costs a call in a .so).
   // A single thread never enters OpenMP: a one-thread parallel region makes libgomp (shared with
   // torch) reshape its thread pool, and torch's next parallel op pays for it.
   template <typename Fn>
@@ -510,13 +510,16 @@ struct Rows {
     const int64_t rows = sh.rows(), chunk = std::max<int64_t>(1, 16384 / sh.sk);
     const int64_t chunks = (rows + chunk - 1) / chunk;
     auto run_chunks = [&](int64_t first, int64_t step) {
+      thread_local Scratch thread_scratch;
+      Scratch& scratch = thread_scratch;
+      scratch.fit(sh.sk);
       for (int64_t c = first; c < chunks; c += step) {
         int64_t r = c * chunk, q = r % sh.sq, bh = r / sh.sq;
         const int64_t end = std::min(rows, r + chunk);
         const uint8_t* mbase =
             mask.data ? mask.data + (bh / sh.batch1) * mask.stride0 + (bh % sh.batch1) * mask.stride1 : nullptr;
         for (; r < end; ++r) {
-          fn(r, q, mbase ? mbase + q * mask.stride_q : nullptr);
+          fn(r, q, mbase ? mbase + q * mask.stride_q : nullptr, scratch);
           if (++q == sh.sq && r + 1 < end) {
             q = 0;
             ++bh;
@@ -551,9 +554,7 @@ struct Rows {
     S* y = static_cast<S*>(a.y);
     const V scale = X::splat(static_cast<E>(a.scale));
     const bool stream = stream_output(sh, y);
-    for_rows(sh, a.mask, threads, [&](int64_t r, int64_t q, const uint8_t* m) {
-      thread_local Scratch scratch;
-      scratch.fit(sk);
+    for_rows(sh, a.mask, threads, [&](int64_t r, int64_t q, const uint8_t* m, Scratch& scratch) {
       const S* ahead = a.causal && r + kPrefetchRows < rows ? x + (r + kPrefetchRows) * sk : nullptr;
       if (ahead) prefetch(ahead, std::min<int64_t>(visible_keys(q + kPrefetchRows, sh, true), 256 / sizeof(S)));
       forward_row(x + r * sk, y + r * sk, m, visible_keys(q, sh, a.causal), sk, scale, scratch, stream, ahead);
@@ -568,7 +569,7 @@ struct Rows {
     S* dx = static_cast<S*>(a.dx);
     const E scale = static_cast<E>(a.scale);
     const bool stream = stream_output(sh, dx);
-    for_rows(sh, SoftmaxMask{}, threads, [&](int64_t r, int64_t q, const uint8_t*) {
+    for_rows(sh, SoftmaxMask{}, threads, [&](int64_t r, int64_t q, const uint8_t*, Scratch&) {
       const bool ahead = a.causal && r + kPrefetchRows < rows;
       const int64_t off = (r + kPrefetchRows) * sk;
       backward_row(y + r * sk, dy + r * sk, dx + r * sk, visible_keys(q, sh, a.causal), sk, scale, stream,
