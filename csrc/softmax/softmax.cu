@@ -7,6 +7,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "softmax/softmax.h"
 
@@ -240,80 +241,85 @@ void check(cudaError_t rc, const char* what) {
                              cudaGetErrorString(rc));
 }
 
-template <typename T>
-void launch_forward(const SoftmaxForward& a, cudaStream_t stream) {
-  const T* x = static_cast<const T*>(a.x);
-  T* y = static_cast<T*>(a.y);
-  const int64_t rows = a.shape.rows();
-  const unsigned warp_grid = grid_for((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock);
-  const dim3 warp_block(kWarp * kWarpRowsPerBlock);
-#define HPCLM_FWD_WARP(E) \
-  forward_warp<T, E><<<warp_grid, warp_block, 0, stream>>>(x, y, a.shape, a.scale, a.mask, a.causal)
-  switch (warp_elems(a.shape.sk)) {
-    case 1: HPCLM_FWD_WARP(1); break;
-    case 2: HPCLM_FWD_WARP(2); break;
-    case 4: HPCLM_FWD_WARP(4); break;
-    case 8: HPCLM_FWD_WARP(8); break;
-    case 16: HPCLM_FWD_WARP(16); break;
-    case 32: HPCLM_FWD_WARP(32); break;
-    default:
-      forward_block<T><<<grid_for(rows), block_threads(a.shape.sk), 0, stream>>>(x, y, a.shape, a.scale, a.mask,
-                                                                                  a.causal);
+// f(T{}) with T the CUDA element type of `dtype`.
+template <typename F>
+void with_element_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::f32: return f(float{});
+    case DType::f64: return f(double{});
+    case DType::f16: return f(__half{});
+    case DType::bf16: return f(__nv_bfloat16{});
   }
-#undef HPCLM_FWD_WARP
 }
 
-template <typename T>
-void launch_backward(const SoftmaxBackward& a, cudaStream_t stream) {
-  const T* y = static_cast<const T*>(a.y);
-  const T* dy = static_cast<const T*>(a.dy);
-  T* dx = static_cast<T*>(a.dx);
-  const int64_t rows = a.shape.rows();
-  const unsigned warp_grid = grid_for((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock);
-  const dim3 warp_block(kWarp * kWarpRowsPerBlock);
-#define HPCLM_BWD_WARP(E) \
-  backward_warp<T, E><<<warp_grid, warp_block, 0, stream>>>(y, dy, dx, a.shape, a.scale, a.causal)
-  switch (warp_elems(a.shape.sk)) {
-    case 1: HPCLM_BWD_WARP(1); break;
-    case 2: HPCLM_BWD_WARP(2); break;
-    case 4: HPCLM_BWD_WARP(4); break;
-    case 8: HPCLM_BWD_WARP(8); break;
-    case 16: HPCLM_BWD_WARP(16); break;
-    case 32: HPCLM_BWD_WARP(32); break;
-    default:
-      backward_block<T><<<grid_for(rows), block_threads(a.shape.sk), 0, stream>>>(y, dy, dx, a.shape, a.scale,
-                                                                                   a.causal);
+// f(std::integral_constant<int, E>{}) for the registers per lane of a warp row; false when the
+// row is too long for one warp.
+template <typename F>
+bool with_warp_elems(int64_t sk, F&& f) {
+  switch (warp_elems(sk)) {
+    case 1: f(std::integral_constant<int, 1>{}); return true;
+    case 2: f(std::integral_constant<int, 2>{}); return true;
+    case 4: f(std::integral_constant<int, 4>{}); return true;
+    case 8: f(std::integral_constant<int, 8>{}); return true;
+    case 16: f(std::integral_constant<int, 16>{}); return true;
+    case 32: f(std::integral_constant<int, 32>{}); return true;
+    default: return false;
   }
-#undef HPCLM_BWD_WARP
+}
+
+struct Launch {
+  const SoftmaxShape& shape;
+  cudaStream_t stream;
+  unsigned warp_grid() const {
+    return grid_for((shape.rows() + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock);
+  }
+  static dim3 warp_block() { return dim3(kWarp * kWarpRowsPerBlock); }
+  unsigned block_grid() const { return grid_for(shape.rows()); }
+  int block_size() const { return block_threads(shape.sk); }
+};
+
+// Checks the shape and selects the device; false when there is no row to compute.
+bool begin(const SoftmaxShape& shape, int device) {
+  check_softmax_shape(shape);
+  if (shape.rows() == 0) return false;
+  check(cudaSetDevice(device), "cudaSetDevice");
+  return true;
 }
 
 }  // namespace
 
 void softmax_forward_cuda(const SoftmaxForward& a, int device, uintptr_t stream) {
-  check_softmax_shape(a.shape);
-  if (a.shape.rows() == 0) return;
-  check(cudaSetDevice(device), "cudaSetDevice");
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  switch (a.dtype) {
-    case DType::f32: launch_forward<float>(a, s); break;
-    case DType::f64: launch_forward<double>(a, s); break;
-    case DType::f16: launch_forward<__half>(a, s); break;
-    case DType::bf16: launch_forward<__nv_bfloat16>(a, s); break;
-  }
+  if (!begin(a.shape, device)) return;
+  const Launch l{a.shape, reinterpret_cast<cudaStream_t>(stream)};
+  with_element_type(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* x = static_cast<const T*>(a.x);
+    T* y = static_cast<T*>(a.y);
+    const bool warp = with_warp_elems(a.shape.sk, [&](auto elems) {
+      forward_warp<T, decltype(elems)::value>
+          <<<l.warp_grid(), l.warp_block(), 0, l.stream>>>(x, y, a.shape, a.scale, a.mask, a.causal);
+    });
+    if (!warp)
+      forward_block<T><<<l.block_grid(), l.block_size(), 0, l.stream>>>(x, y, a.shape, a.scale, a.mask, a.causal);
+  });
   check(cudaGetLastError(), "forward launch");
 }
 
 void softmax_backward_cuda(const SoftmaxBackward& a, int device, uintptr_t stream) {
-  check_softmax_shape(a.shape);
-  if (a.shape.rows() == 0) return;
-  check(cudaSetDevice(device), "cudaSetDevice");
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  switch (a.dtype) {
-    case DType::f32: launch_backward<float>(a, s); break;
-    case DType::f64: launch_backward<double>(a, s); break;
-    case DType::f16: launch_backward<__half>(a, s); break;
-    case DType::bf16: launch_backward<__nv_bfloat16>(a, s); break;
-  }
+  if (!begin(a.shape, device)) return;
+  const Launch l{a.shape, reinterpret_cast<cudaStream_t>(stream)};
+  with_element_type(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* y = static_cast<const T*>(a.y);
+    const T* dy = static_cast<const T*>(a.dy);
+    T* dx = static_cast<T*>(a.dx);
+    const bool warp = with_warp_elems(a.shape.sk, [&](auto elems) {
+      backward_warp<T, decltype(elems)::value>
+          <<<l.warp_grid(), l.warp_block(), 0, l.stream>>>(y, dy, dx, a.shape, a.scale, a.causal);
+    });
+    if (!warp)
+      backward_block<T><<<l.block_grid(), l.block_size(), 0, l.stream>>>(y, dy, dx, a.shape, a.scale, a.causal);
+  });
   check(cudaGetLastError(), "backward launch");
 }
 
