@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import math
 import re
+import time
 from dataclasses import dataclass
 
 import torch
@@ -97,19 +98,36 @@ def _retain_freed_memory() -> str:
     return "system (mallopt not available)"
 
 
-def _timer(device, iters, warmup, repeats):
-    sync = torch.cuda.synchronize if device == "cuda" else None
+def _time_cuda(call, iters, warmup):
+    """Mean seconds per call between CUDA events around `iters` back-to-back calls."""
+    for _ in range(warmup):
+        call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        call()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def _timer(device, iters, warmup, repeats, clock):
+    def once(call, warm):
+        if device == "cuda":
+            return _time_cuda(call, iters, warm)
+        return time_calls(call, iters, warmup=warm, clock=clock)
 
     def best(call):  # best of `repeats` means: the steady figure on a shared machine
-        return min(time_calls(call, iters, warmup=warmup if r == 0 else 0, sync=sync) for r in range(repeats))
+        return min(once(call, warmup if r == 0 else 0) for r in range(repeats))
     return best
 
 
-def run_case(case: SoftmaxCase, iters: int, warmup: int, repeats: int, gen) -> dict:
+def run_case(case: SoftmaxCase, iters: int, warmup: int, repeats: int, gen, clock=time.perf_counter) -> dict:
     from hpclm.ops import fused_softmax, fused_softmax_available
     x, dy, mask, torch_mask = case.inputs(gen)
     causal = case.mask == "causal"
-    best = _timer(case.device, iters, warmup, repeats)
+    best = _timer(case.device, iters, warmup, repeats, clock)
 
     def composition(t):
         return (t * SCALE).masked_fill(torch_mask, float("-inf")).softmax(-1)
@@ -206,10 +224,13 @@ def main(args) -> int:
             notes.append(f"cuda rows skipped: {reason}")
     cases = parse_cases(args.shapes, args.dtypes, args.masks, devices)
     malloc = _retain_freed_memory() if args.malloc == "retain" else "system"
+    if args.clock == "cpu" and torch.get_num_threads() > 1:
+        raise HpclmError("--clock cpu measures one thread's work: use it with --threads 1")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     host = host_info(1, threads=torch.get_num_threads(), torch=torch.__version__, malloc=malloc)
     print(f"# hpclm bench softmax: {host['cpu']}, {host['cores']} cores, {host['threads']} torch thread(s), "
           f"torch {torch.__version__}; malloc {malloc}")
-    print(f"# scale {SCALE}; mean of {iters} calls, best of {repeats}; GB/s = ideal bytes (fwd: x + mask + y, "
+    print(f"# scale {SCALE}; mean of {iters} calls ({args.clock} clock), best of {repeats}; GB/s = ideal bytes (fwd: x + mask + y, "
           "bwd: y + dy + dx); 'of copy' = fwd GB/s / copy GB/s; 'x comp' / 'x smax' / 'x autog' = times faster "
           "than the torch composition / torch.softmax alone / autograd's backward of the composition")
     for note in notes:
@@ -219,7 +240,7 @@ def main(args) -> int:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for case in cases:
-        row = run_case(case, iters, args.warmup, repeats, gen)
+        row = run_case(case, iters, args.warmup, repeats, gen, clock if case.device == "cpu" else time.perf_counter)
         rows.append(row)
         print(format_table(COLUMNS, [_table_row(row)])[-1], flush=True)
     failed = [r for r in rows if r["check"] != "ok"]
@@ -228,7 +249,7 @@ def main(args) -> int:
     if args.json:
         write_json(args.json, {"tool": "hpclm bench softmax", "host": host,
                                "settings": {"shapes": args.shapes, "dtypes": args.dtypes, "masks": args.masks,
-                                            "scale": SCALE, "iters": iters, "repeats": repeats,
+                                            "scale": SCALE, "iters": iters, "repeats": repeats, "clock": args.clock,
                                             "warmup": args.warmup, "notes": notes},
                                "rows": rows})
     if args.plot:
@@ -250,5 +271,8 @@ def add_arguments(p) -> None:
     p.add_argument("--malloc", choices=("retain", "system"), default="retain",
                    help="retain: glibc keeps freed memory for reuse (default); system: glibc defaults, where every "
                         "large tensor is a fresh mmap that page-faults (costs all contenders alike)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall (default), or cpu: the calling thread's CPU time, for --threads 1 on a machine shared with "
+                        "other work (preemption by other tenants does not count)")
     p.add_argument("--json", metavar="PATH", help="also write the settings and rows as JSON")
     p.add_argument("--plot", metavar="PNG", help="also plot the speedups (matplotlib)")

@@ -52,7 +52,6 @@ typedef uint32_t vu32 __attribute__((vector_size(kVecBytes)));
 typedef double vd __attribute__((vector_size(kVecBytes)));
 typedef int64_t vi64 __attribute__((vector_size(kVecBytes)));
 typedef uint16_t vu16 __attribute__((vector_size(kVecBytes / 2)));
-typedef uint8_t vu8 __attribute__((vector_size(kLanesF)));
 
 template <typename To, typename From>
 inline To bitcast(const From& f) {
@@ -161,10 +160,17 @@ struct Simd<float> {
 #endif
   }
 
+  // Lanes whose mask byte is nonzero (GCC scalarizes a uint8 -> int32 vector conversion: widen by hand).
   static Mask masked(const uint8_t* m) {
-    vu8 b;
-    std::memcpy(&b, m, sizeof b);
-    return __builtin_convertvector(b, vi32) != 0;
+#if defined(__AVX512F__)
+    vi32 w = bitcast<vi32>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m))));
+#elif defined(__AVX2__)
+    vi32 w = bitcast<vi32>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m))));
+#else
+    vi32 w;
+    for (int i = 0; i < N; ++i) w[i] = m[i];
+#endif
+    return w != 0;
   }
 };
 #undef HPCLM_EXP_POLY
