@@ -270,7 +270,7 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="2 calls, 1 measurement per figure (make bench)")
     p.add_argument("--malloc", choices=("retain", "system"), default="retain",
                    help="retain: glibc keeps freed memory for reuse (default); system: glibc defaults, where every "
-                        "large tensor is a fresh mmap that page-faults (costs all contenders alike)")
+                        "large tensor is a fresh mmap whose pages fault in (each contender pays for what it allocates)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall (default), or cpu: the calling thread's CPU time, for --threads 1 on a machine shared with "
                         "other work (preemption by other tenants does not count)")
