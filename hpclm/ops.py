@@ -127,6 +127,8 @@ def _masked_positions(shape, mask: Optional[torch.Tensor], causal: bool, device)
         sq = shape[-2] if len(shape) > 1 else 1
         sk = shape[-1]
         tri = torch.ones(sq, sk, dtype=torch.bool, device=device).triu(sk - sq + 1)
+        if len(shape) == 1:
+            tri = tri[0]
         masked = tri if masked is None else masked | tri
     return masked
 

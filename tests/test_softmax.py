@@ -143,6 +143,16 @@ def test_extreme_logits_and_large_scale(cpu_path):
                 assert_close(y, reference(x, scale, None, causal), FORWARD_TOL[dtype], f"{dtype} scale={scale}")
 
 
+def test_nan_in_visible_keys_is_not_hidden(cpu_path):
+    x = torch.randn(2, 3, 40)
+    x[0, 1, 2] = float("nan")  # query 1 sees keys 0..38 (causal, sk - sq = 37)
+    y = fused_softmax(x, 1.0, None, causal=True)
+    assert y[0, 1, :39].isnan().all() and (y[0, 1, 39:] == 0).all()
+    assert not y[0, 0].isnan().any() and not y[1].isnan().any()
+    y = fused_softmax(x, 1.0)
+    assert y[0, 1].isnan().all() and not y[0, 0].isnan().any()
+
+
 def test_non_contiguous_input_and_mask(cpu_path):
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(2, 37, 4, 33, generator=gen)
@@ -250,6 +260,8 @@ def test_gate_and_fallback_compute_the_same_and_log_once(monkeypatch, caplog):
         return y, torch.autograd.grad(y, xg, dy)[0]
 
     fused_y, fused_dx = run()
+    vector = torch.randn(7, generator=gen)
+    fused_vector = fused_softmax(vector, 0.5, vector > 1.0, causal=True)  # 1-D: one query
     monkeypatch.setattr(ops.native, "extension", lambda: None)
     monkeypatch.setattr(ops.native, "load_error", lambda: "simulated: hpclm._C not built")
     monkeypatch.setattr(ops, "_logged_fallbacks", set())
@@ -262,6 +274,7 @@ def test_gate_and_fallback_compute_the_same_and_log_once(monkeypatch, caplog):
     assert_close(torch_y, fused_y, FORWARD_TOL[torch.float32], "fallback forward")
     assert_close(torch_dx, fused_dx, BACKWARD_TOL[torch.float32], "fallback backward")
     assert (torch_y[0, :, 2] == 0).all() and (torch_dx[0, :, 2] == 0).all()
+    assert_close(fused_softmax(vector, 0.5, vector > 1.0, causal=True), fused_vector, FORWARD_TOL[torch.float32], "1-D")
     meta = fused_softmax(torch.zeros(2, 4, 4, device="meta"), 1.0, None, True)
     assert meta.shape == (2, 4, 4) and meta.device.type == "meta"
 

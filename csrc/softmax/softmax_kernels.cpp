@@ -446,7 +446,7 @@ struct Rows {
     const V last_factor = X::exp(run_max - vrow_max);
     const E inv = E(1) / X::hsum(run_sum * last_factor);
     // Pass 2: y = exps * exp(block max - row max) / sum, written once; the partial vector is
-    // written whole while inside the row (its lanes past n are zeros).
+    // written whole while inside the row, zeros past n.
     int64_t written = n;
     for (i = 0, b = 0; i < n; i += B, ++b) {
       const V f = (b == last ? last_factor : X::exp(block_max[b] - vrow_max)) * inv;
@@ -456,7 +456,7 @@ struct Rows {
       if (j < end) {
         const V e = load_exps(exps + j) * f;
         if (whole_tail) {
-          store(y + j, e, stream);
+          store(y + j, lanes_below(end - j) ? e : X::splat(0), stream);  // exact zeros even if e is NaN
           written = j + N;
         } else {
           for (int64_t l = 0; j + l < end; ++l) IO::store1(y + j + l, e[l]);
