@@ -28,3 +28,9 @@ info:
 
 clean:
 	rm -rf build dist *.egg-info hpclm/_C*.so
+
+# Fused softmax vs torch (hpclm bench softmax), 1 thread, short setting: 2 calls per figure.
+.PHONY: bench-softmax
+bench: bench-softmax
+bench-softmax: setup
+	$(PYTHON) benchmarks/softmax.py --quick --threads 1 --json runs/bench/softmax.json --plot runs/bench/softmax.png

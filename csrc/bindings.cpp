@@ -10,6 +10,7 @@
 #include "comm/reduce.h"
 #include "common/cpu_features.h"
 #include "common/dtype.h"
+#include "softmax/softmax.h"
 
 #ifdef HPCLM_WITH_MPI
 #include <mpi.h>
@@ -116,6 +117,54 @@ py::dict cuda_device_report() {
 
 }  // namespace
 
+// --- softmax: Python passes data_ptr()s, the [batch0, batch1, sq, sk] view and the mask strides.
+namespace {
+
+SoftmaxShape softmax_shape(const std::vector<int64_t>& shape) {
+  if (shape.size() != 4)
+    throw std::invalid_argument("softmax: shape must be [batch0, batch1, sq, sk] (4 sizes), got " +
+                                std::to_string(shape.size()));
+  SoftmaxShape s{shape[0], shape[1], shape[2], shape[3]};
+  check_softmax_shape(s);
+  return s;
+}
+
+SoftmaxForward softmax_forward_args(uintptr_t x, uintptr_t y, const std::string& dtype,
+                                    const std::vector<int64_t>& shape, double scale, uintptr_t mask,
+                                    const std::vector<int64_t>& mask_strides, bool causal) {
+  SoftmaxForward a;
+  a.x = reinterpret_cast<const void*>(x);
+  a.y = reinterpret_cast<void*>(y);
+  a.dtype = parse_dtype(dtype);
+  a.shape = softmax_shape(shape);
+  a.scale = scale;
+  a.causal = causal;
+  if (mask != 0) {
+    if (mask_strides.size() != 3)
+      throw std::invalid_argument("softmax: mask_strides must be 3 element strides (batch0, batch1, sq)");
+    a.mask.data = reinterpret_cast<const uint8_t*>(mask);
+    a.mask.stride0 = mask_strides[0];
+    a.mask.stride1 = mask_strides[1];
+    a.mask.stride_q = mask_strides[2];
+  }
+  return a;
+}
+
+SoftmaxBackward softmax_backward_args(uintptr_t y, uintptr_t dy, uintptr_t dx, const std::string& dtype,
+                                      const std::vector<int64_t>& shape, double scale, bool causal) {
+  SoftmaxBackward a;
+  a.y = reinterpret_cast<const void*>(y);
+  a.dy = reinterpret_cast<const void*>(dy);
+  a.dx = reinterpret_cast<void*>(dx);
+  a.dtype = parse_dtype(dtype);
+  a.shape = softmax_shape(shape);
+  a.scale = scale;
+  a.causal = causal;
+  return a;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "hpclm native kernels (CPU paths dispatched at run time, optional MPI and CUDA parts)";
   m.def("build_info", &build_info, "How this extension was built and which CPU path it uses here.");
@@ -135,4 +184,52 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dst"), py::arg("src"), py::arg("count"), py::arg("dtype"), py::arg("op") = "sum",
       py::arg("threads") = 1,
       "dst[i] = dst[i] op src[i] over `count` contiguous elements at the given addresses.");
+
+  // --- softmax (csrc/softmax/softmax.h) ---
+  m.def(
+      "softmax_forward",
+      [](uintptr_t x, uintptr_t y, const std::string& dtype, const std::vector<int64_t>& shape, double scale,
+         uintptr_t mask, const std::vector<int64_t>& mask_strides, bool causal, int threads) {
+        SoftmaxForward a = softmax_forward_args(x, y, dtype, shape, scale, mask, mask_strides, causal);
+        py::gil_scoped_release release;
+        softmax_forward(a, threads);
+      },
+      py::arg("x"), py::arg("y"), py::arg("dtype"), py::arg("shape"), py::arg("scale"), py::arg("mask") = 0,
+      py::arg("mask_strides") = std::vector<int64_t>{}, py::arg("causal") = false, py::arg("threads") = 1,
+      "CPU: y = softmax(scale * x, masked keys excluded) over contiguous [batch0, batch1, sq, sk] at the given "
+      "addresses; mask: uint8 address (0 = none) with element strides over (batch0, batch1, sq).");
+  m.def(
+      "softmax_backward",
+      [](uintptr_t y, uintptr_t dy, uintptr_t dx, const std::string& dtype, const std::vector<int64_t>& shape,
+         double scale, bool causal, int threads) {
+        SoftmaxBackward a = softmax_backward_args(y, dy, dx, dtype, shape, scale, causal);
+        py::gil_scoped_release release;
+        softmax_backward(a, threads);
+      },
+      py::arg("y"), py::arg("dy"), py::arg("dx"), py::arg("dtype"), py::arg("shape"), py::arg("scale"),
+      py::arg("causal") = false, py::arg("threads") = 1, "CPU: dx = scale * y * (dy - sum(dy * y)) per row.");
+#ifdef HPCLM_WITH_CUDA
+  m.def(
+      "softmax_forward_cuda",
+      [](uintptr_t x, uintptr_t y, const std::string& dtype, const std::vector<int64_t>& shape, double scale,
+         uintptr_t mask, const std::vector<int64_t>& mask_strides, bool causal, int device, uintptr_t stream) {
+        SoftmaxForward a = softmax_forward_args(x, y, dtype, shape, scale, mask, mask_strides, causal);
+        py::gil_scoped_release release;
+        softmax_forward_cuda(a, device, stream);
+      },
+      py::arg("x"), py::arg("y"), py::arg("dtype"), py::arg("shape"), py::arg("scale"), py::arg("mask") = 0,
+      py::arg("mask_strides") = std::vector<int64_t>{}, py::arg("causal") = false, py::arg("device") = 0,
+      py::arg("stream") = 0, "CUDA softmax_forward on `device`, enqueued on the cudaStream_t `stream` (an integer).");
+  m.def(
+      "softmax_backward_cuda",
+      [](uintptr_t y, uintptr_t dy, uintptr_t dx, const std::string& dtype, const std::vector<int64_t>& shape,
+         double scale, bool causal, int device, uintptr_t stream) {
+        SoftmaxBackward a = softmax_backward_args(y, dy, dx, dtype, shape, scale, causal);
+        py::gil_scoped_release release;
+        softmax_backward_cuda(a, device, stream);
+      },
+      py::arg("y"), py::arg("dy"), py::arg("dx"), py::arg("dtype"), py::arg("shape"), py::arg("scale"),
+      py::arg("causal") = false, py::arg("device") = 0, py::arg("stream") = 0,
+      "CUDA softmax_backward on `device`, enqueued on the cudaStream_t `stream` (an integer).");
+#endif
 }

@@ -18,10 +18,27 @@ def _add_info(sub):
     p.set_defaults(func=run)
 
 
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="kernel benchmarks against torch (JSON with --json)")
+    kinds = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    s = kinds.add_parser(
+        "softmax", help="fused scaled masked softmax vs torch: forward/backward time, GB/s, speedups",
+        description="hpclm.ops.fused_softmax next to torch.softmax, the unfused torch composition and autograd's "
+                    "backward of it, with copy bandwidth as the ceiling, all in one run. Exit code 1 if a result "
+                    "differs from torch beyond the dtype's tolerance.")
+    from hpclm.bench import add_arguments
+    add_arguments(s)
+
+    def run(args):
+        from hpclm import bench
+        return bench.main(args)
+    s.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpclm", description="High-performance language-model training on HPC clusters.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_info,):
+    for add in (_add_info, _add_bench):
         add(sub)
     return parser
 
