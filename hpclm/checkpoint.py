@@ -206,6 +206,8 @@ def resolve(path: str | Path) -> Path:
         if problem:
             raise HpclmError(f"checkpoint {path} is incomplete or corrupt: {problem}")
         return path
+    if path.name == DIRNAME and not (path / DIRNAME).exists():
+        path = path.parent  # OUT/checkpoints given for OUT
     if not path.exists():
         raise HpclmError(f"--ckpt {path} does not exist: give a run directory (hpclm train --out) or a checkpoint folder")
     found = find_resumable(path, warn=lambda msg: print(msg, file=sys.stderr), quarantine=False)

@@ -231,6 +231,8 @@ def _restore(run: Run, path: Path, say) -> None:
     rng = state["rng"]["torch"]
     if len(rng) == dist.size():
         torch.set_rng_state(rng[dist.rank()])
+        if run.device.type == "cuda" and state["rng"].get("cuda"):
+            torch.cuda.set_rng_state(state["rng"]["cuda"][dist.rank()], run.device)
     else:
         say(f"note: the checkpoint was written by {len(rng)} ranks, this run has {dist.size()}: dropout RNG reseeded; "
             "batches continue by (seed, rank, step)")
@@ -253,8 +255,8 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     plan = None
     if dist.is_main():
         try:
-            out.mkdir(parents=True, exist_ok=True)
             ckpt = plan_start(out, cfg, data, resume, force, say)
+            out.mkdir(parents=True, exist_ok=True)
             if force:
                 checkpoint.remove_all(out)
             checkpoint.clean_leftovers(out)
@@ -275,14 +277,17 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
 
 def save_checkpoint(run: Run, step: int) -> Path | None:
     """Every rank enters (RNG states are gathered); rank 0 writes; a write error stops every rank."""
-    rng = torch.get_rng_state()
-    rngs = dist.allgather_object(rng) if dist.is_distributed() else [rng]
+    rng = {"torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    gathered = dist.allgather_object(rng) if dist.is_distributed() else [rng]
+    rngs = {kind: [r[kind] for r in gathered] for kind in rng}
     error, path = None, None
     if dist.is_main():
         o = run.cfg.optim
         state = {
             "format": STATE_FORMAT, "step": step, "tokens": step * run.tokens_per_step, "world_size": dist.size(),
-            "rng": {"torch": rngs}, "loss_scaler": run.scaler.state_dict(),
+            "rng": rngs, "loss_scaler": run.scaler.state_dict(),
             "lr_schedule": {"lr": lr_at(step, o, run.cfg.train.max_iters), "max_lr": o.lr, "min_lr": o.min_lr,
                             "warmup_iters": o.warmup_iters, "decay_iters": o.lr_decay_iters or run.cfg.train.max_iters},
             "data": {"sampler": "seeded (seed, rank, step * grad_accum + micro)", "seed": run.cfg.train.seed,

@@ -37,6 +37,7 @@ def test_contents_load_with_weights_only_and_verify(tmp_path):
     assert torch.equal(checkpoint.load(path, "model.pt")["w"], torch.full((4,), 100.0))
     assert checkpoint.load(path, "note.txt") == "step 100"
     assert checkpoint.resolve(tmp_path) == path and checkpoint.resolve(path) == path
+    assert checkpoint.resolve(checkpoint.root(tmp_path)) == path
 
 
 def test_corrupt_latest_falls_back_to_previous_complete(tmp_path):

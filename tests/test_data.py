@@ -152,3 +152,8 @@ def test_batches_are_a_function_of_seed_stream_rank_and_index():
     other_rank, _ = data.get_batch(tokens, 4, 16, data.batch_rng(1, "train", 1, 7))
     other_step, _ = data.get_batch(tokens, 4, 16, data.batch_rng(1, "train", 0, 8))
     assert not (x1 == other_rank).all() and not (x1 == other_step).all()
+
+
+def test_token_dtype_fits_the_vocabulary():
+    assert data.token_dtype(65) is np.uint16 and data.token_dtype(65536) is np.uint16
+    assert data.token_dtype(65537) is np.uint32
