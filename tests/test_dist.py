@@ -35,7 +35,10 @@ COLLECTIVES = textwrap.dedent("""
 
 def _results(proc, n):
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    # mpirun may join two ranks' lines into one: decode every "RESULT {...}" wherever it starts
+    decoder, text = json.JSONDecoder(), proc.stdout
+    starts = [i + len("RESULT ") for i in range(len(text)) if text.startswith("RESULT ", i)]
+    rows = [decoder.raw_decode(text, i)[0] for i in starts]
     assert sorted(r["rank"] for r in rows) == list(range(n)), proc.stdout
     return rows
 

@@ -205,12 +205,13 @@ def test_two_ranks_under_mpirun(shakespeare_dir, tmp_path):
         trainer.setup = setup
         summary = trainer.train(config.load(None, sys.argv[2:]), sys.argv[1], progress_bar=False)
         params = b"".join(p.detach().numpy().tobytes() for p in captured["run"].model.parameters())
-        print("RESULT " + json.dumps({"rank": dist.rank(), "size": dist.size(), "val_loss": summary.get("val_loss"),
-                                      "params": hashlib.sha256(params).hexdigest()}), flush=True)
+        with open(f"{sys.argv[1]}.rank{dist.rank()}.json", "w") as f:  # files: mpirun may interleave stdout
+            json.dump({"rank": dist.rank(), "size": dist.size(), "val_loss": summary.get("val_loss"),
+                       "params": hashlib.sha256(params).hexdigest()}, f)
     """)
     proc = mpirun(2, ["-c", script, str(out), *overrides])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    rows = [json.loads((tmp_path / f"run.rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["rank"] for r in rows) == [0, 1] and {r["size"] for r in rows} == {2}
     assert rows[0]["params"] == rows[1]["params"]  # gradients averaged: the replicas stay identical
     assert rows[0]["val_loss"] == rows[1]["val_loss"]  # eval averaged over ranks
