@@ -13,15 +13,19 @@ setup:
 build:
 	$(PYTHON) setup.py -q build_ext --inplace
 
+# The main job: prepare the offline corpus, train configs/demo.toml on $(NP) ranks, sample, plot.
 demo: setup
-	$(PYTHON) -m hpclm info
-	$(MPIRUN) -np $(NP) $(PYTHON) -m hpclm.dist
+	$(PYTHON) -m hpclm prepare stdlib --out data/stdlib-char
+	$(MPIRUN) -np $(NP) $(PYTHON) -m hpclm train --config configs/demo.toml --out runs/demo --resume never --force
+	$(PYTHON) -m hpclm generate --ckpt runs/demo --max-new-tokens 400
+	$(PYTHON) -m hpclm report runs/demo
 
 test: setup
 	$(PYTHON) -m pytest -q tests
 
 bench: setup
 	$(PYTHON) benchmarks/reduce.py --json runs/bench/reduce.json
+	$(PYTHON) benchmarks/train_shakespeare.py --json runs/bench/train_shakespeare.json
 
 info:
 	$(PYTHON) -m hpclm info

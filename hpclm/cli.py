@@ -35,10 +35,79 @@ def _add_bench(sub):
     s.set_defaults(func=run)
 
 
+def _add_prepare(sub):
+    p = sub.add_parser("prepare", help="tokenize a corpus into train.bin/val.bin, tokenizer.json, meta.json")
+    p.add_argument("source", metavar="SOURCE", help="a text file, a directory or glob of text files, 'stdlib' (this "
+                   "Python's standard library sources) or 'shakespeare' (Tiny Shakespeare, SHA-256 checked)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (data.path of a training config)")
+    p.add_argument("--tokenizer", choices=("char", "bpe"), default="char", help="characters, or byte-level BPE (default: char)")
+    p.add_argument("--vocab-size", type=int, default=8192, metavar="N", help="BPE vocabulary size (default: 8192)")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="last fraction of tokens held out (default: 0.1)")
+    p.add_argument("--from", dest="local", metavar="FILE", help="shakespeare: use this local copy instead of downloading")
+    p.add_argument("--force", action="store_true", help="replace an existing dataset in --out")
+
+    def run(args):
+        from hpclm import data
+        return data.main(args)
+    p.set_defaults(func=run)
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a language model (one process, or every rank under mpirun/srun)")
+    p.add_argument("--config", metavar="FILE", help="TOML run config (configs/*.toml); default: built-in defaults")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", choices=("auto", "never"), help="continue from OUT's latest checkpoint (auto, the "
+                   "default: checkpoint.resume) or start fresh (never)")
+    p.add_argument("--force", action="store_true", help="with --resume never: delete OUT's checkpoints and start over")
+
+    def run(args):
+        from hpclm import trainer
+        return trainer.main(args)
+    p.set_defaults(func=run)
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="sample text from a trained checkpoint")
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a run directory (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=500, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T")
+    p.add_argument("--top-k", type=int, default=200, metavar="K", help="sample among the K likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, default=1337, metavar="S")
+
+    def run(args):
+        from hpclm import generate
+        return generate.main(args)
+    p.set_defaults(func=run)
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint over a whole val.bin")
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a run directory (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--data", metavar="DIR", help="a prepared directory with the same tokenizer (default: the run's data.path)")
+
+    def run(args):
+        from hpclm import evaluate
+        return evaluate.main(args)
+    p.set_defaults(func=run)
+
+
+def _add_report(sub):
+    p = sub.add_parser("report", help="PNG plots (loss, throughput) from a run's metrics.jsonl")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out directory of a training run")
+    p.add_argument("--out", metavar="DIR", help="where to write the PNGs (default: RUN_DIR)")
+
+    def run(args):
+        from hpclm import report
+        return report.main(args)
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpclm", description="High-performance language-model training on HPC clusters.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_info, _add_bench):
+    for add in (_add_info, _add_prepare, _add_train, _add_generate, _add_eval, _add_report, _add_bench):
         add(sub)
     return parser
 

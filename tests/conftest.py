@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The project's shared folder sits next to the checkout (../shared), or two levels up from a worktree.
+SHARED_DATA = next((p for p in (REPO.parent / "shared" / "data", REPO.parent.parent / "shared" / "data") if p.is_dir()),
+                   REPO.parent / "shared" / "data")
 
 
 def child_env(extra: dict | None = None) -> dict:

@@ -24,6 +24,8 @@ COLLECTIVES = textwrap.dedent("""
         "x_after": x.tolist(),
         "bcast": dist.broadcast(torch.full((3,), float(r)), root=n - 1).tolist(),
         "obj": dist.broadcast_object({"root": r, "tag": "hello" * r}, root=n - 1),
+        "obj_from_root_only": dist.broadcast_object({"x": 1} if r == 0 else None, root=0),
+        "gathered_mixed": dist.allgather_object(None if r % 2 else [r]),
         "gathered": dist.allgather_object(r * r),
     }
     dist.barrier()
@@ -54,6 +56,8 @@ def _check_collectives(rows, n):
         assert row["bcast"] == [float(n - 1)] * 3
         assert row["obj"] == {"root": n - 1, "tag": "hello" * (n - 1)}
         assert row["gathered"] == [q * q for q in range(n)]
+        assert row["obj_from_root_only"] == {"x": 1}  # other ranks pass None: must not deadlock
+        assert row["gathered_mixed"] == [None if q % 2 else [q] for q in range(n)]
 
 
 def test_single_process_needs_no_launcher(tmp_path):

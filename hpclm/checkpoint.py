@@ -1,0 +1,230 @@
+"""Checkpoints that are always complete: OUT/checkpoints/iter_0000100/ and OUT/checkpoints/latest.
+
+Writing (rank 0): every file goes into a temporary folder and is fsynced, manifest.json (size and
+SHA-256 of each file) is written last, the folder is renamed to iter_NNNNNNN, then `latest` (the
+iteration number) is replaced atomically, and only then are old checkpoints pruned. A process
+killed at any point leaves `latest` naming a complete checkpoint.
+
+Reading: a checkpoint is used only when every file matches its manifest; a truncated or corrupt
+`latest` is renamed to iter_NNNNNNN.corrupt and the newest complete one before it is used instead.
+Tensor files hold only tensors and plain containers: they load with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from hpclm.errors import HpclmError
+
+DIRNAME = "checkpoints"
+LATEST = "latest"
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^iter_(\d{7,})$")
+_LEFTOVER = re.compile(r"^\.(tmp|old|del)-")
+
+
+def name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def step_of(path: Path) -> int:
+    m = _NAME.match(Path(path).name)
+    if not m:
+        raise ValueError(f"{path} is not a checkpoint folder (iter_NNNNNNN)")
+    return int(m.group(1))
+
+
+def root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / DIRNAME
+
+
+def listing(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders (complete or not), oldest first."""
+    r = root(run_dir)
+    if not r.is_dir():
+        return []
+    return sorted((p for p in r.iterdir() if p.is_dir() and _NAME.match(p.name)), key=step_of)
+
+
+def tensor_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _discard(path: Path) -> None:
+    """Remove a folder so that it never looks like a checkpoint while half deleted."""
+    trash = path.with_name(f".del-{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def save(run_dir: str | Path, step: int, files: dict[str, bytes | str], keep_last: int = 3) -> Path:
+    """Write files as checkpoint `step`, point `latest` at it, then prune to the newest keep_last (0: all)."""
+    r = root(run_dir)
+    r.mkdir(parents=True, exist_ok=True)
+    tmp = r / f".tmp-{name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    manifest = {"step": step, "files": {}}
+    for fname, content in files.items():
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        _write(tmp / fname, data)
+        manifest["files"][fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    _write(tmp / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    _fsync_dir(tmp)
+    final = r / name(step)
+    if final.exists():  # e.g. a step redone after falling back from a corrupt checkpoint
+        aside = r / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, aside)
+        os.rename(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(r)
+    _write(r / f".tmp-{LATEST}-{os.getpid()}", f"{step}\n".encode())
+    os.replace(r / f".tmp-{LATEST}-{os.getpid()}", r / LATEST)
+    _fsync_dir(r)
+    prune(run_dir, keep_last)
+    return final
+
+
+def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest keep_last checkpoints (never the one `latest` names); returns those deleted."""
+    if keep_last <= 0:
+        return []
+    latest = read_latest(run_dir)
+    removed = []
+    for path in listing(run_dir)[:-keep_last]:
+        if step_of(path) != latest:
+            _discard(path)
+            removed.append(path)
+    return removed
+
+
+def clean_leftovers(run_dir: str | Path) -> None:
+    """Remove temporary folders a killed writer left behind."""
+    r = root(run_dir)
+    if r.is_dir():
+        for p in r.iterdir():
+            if _LEFTOVER.match(p.name):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def read_latest(run_dir: str | Path) -> int | None:
+    try:
+        return int((root(run_dir) / LATEST).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def verify(path: Path) -> str | None:
+    """None when every file matches the manifest, else why not."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return "no manifest.json (the write did not finish)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable manifest.json ({e})"
+    for fname, want in files.items():
+        f = path / fname
+        try:
+            data = f.read_bytes()
+        except OSError:
+            return f"{fname} is missing"
+        if len(data) != want["bytes"]:
+            return f"{fname} has {len(data)} bytes, the manifest says {want['bytes']}"
+        if hashlib.sha256(data).hexdigest() != want["sha256"]:
+            return f"{fname} does not match its SHA-256 in the manifest"
+    return None
+
+
+def find_resumable(run_dir: str | Path, warn=print, quarantine: bool = True) -> Path | None:
+    """The checkpoint to resume from: `latest` if complete, else the newest complete one before it.
+
+    With quarantine, incomplete or corrupt checkpoints passed over are renamed to *.corrupt (kept
+    for inspection, out of the way of pruning and of later saves).
+    None when there are no checkpoints; HpclmError when there are some but none is complete.
+    """
+    found = listing(run_dir)
+    if not found:
+        return None
+    latest = read_latest(run_dir)
+    if latest is None:
+        warn(f"{root(run_dir) / LATEST} is missing or unreadable; looking for the newest complete checkpoint")
+    candidates = [p for p in reversed(found) if latest is None or step_of(p) <= latest]
+    if latest is not None and latest not in {step_of(p) for p in found}:
+        warn(f"{root(run_dir) / LATEST} names iteration {latest}, which has no folder; "
+             "looking for the newest complete checkpoint before it")
+    for path in candidates:
+        problem = verify(path)
+        if problem is None:
+            return path
+        moved = ""
+        if quarantine:
+            corrupt = path.with_name(f"{path.name}.corrupt")
+            if corrupt.exists():
+                shutil.rmtree(corrupt, ignore_errors=True)
+            os.rename(path, corrupt)
+            moved = f"; moved it to {corrupt.name}"
+        warn(f"warning: checkpoint {path} is incomplete or corrupt ({problem}){moved}; "
+             "falling back to the previous complete checkpoint")
+    raise HpclmError(f"{root(run_dir)} has checkpoints but none is complete: start over with "
+                     "--resume never --force, or choose another --out")
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder given either itself or its run directory (then `latest`, with fallback)."""
+    path = Path(path)
+    if _NAME.match(path.name) and path.is_dir():
+        problem = verify(path)
+        if problem:
+            raise HpclmError(f"checkpoint {path} is incomplete or corrupt: {problem}")
+        return path
+    if path.name == DIRNAME and not (path / DIRNAME).exists():
+        path = path.parent  # OUT/checkpoints given for OUT
+    if not path.exists():
+        raise HpclmError(f"--ckpt {path} does not exist: give a run directory (hpclm train --out) or a checkpoint folder")
+    found = find_resumable(path, warn=lambda msg: print(msg, file=sys.stderr), quarantine=False)
+    if found is None:
+        raise HpclmError(f"{path} holds no checkpoints ({root(path)}/iter_NNNNNNN): train first, or give a checkpoint folder")
+    return found
+
+
+def load(path: Path, fname: str, map_location="cpu"):
+    """One file of a checkpoint: tensors via torch.load(weights_only=True), text as str."""
+    f = path / fname
+    if fname.endswith(".pt"):
+        return torch.load(f, map_location=map_location, weights_only=True)
+    return f.read_text(encoding="utf-8")
+
+
+def remove_all(run_dir: str | Path) -> None:
+    r = root(run_dir)
+    if r.exists():
+        _discard(r)

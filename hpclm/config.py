@@ -1,0 +1,282 @@
+"""Run configuration: TOML sections -> typed dataclasses, `--set section.key=value` overrides.
+
+Every key has a default; a file or override names only what it changes. Unknown keys, wrong
+types and out-of-range values raise ConfigError (one line naming the key and the valid choices).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpclm.errors import HpclmError
+
+
+class ConfigError(HpclmError):
+    """A config file or override that cannot be used as written."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shakespeare-char"  # a directory written by `hpclm prepare`
+    block_size: int = 64
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128  # gpt: width; gru: embedding size
+    hidden_size: int = 128  # gru only
+    dropout: float = 0.0
+    bias: bool = False
+    softmax: str = "sdpa"  # gpt attention: fused (hpclm.ops), torch (explicit ops), sdpa
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0  # 0: decay over train.max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0: off
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 2000
+    batch_size: int = 12  # per rank, per micro-step
+    grad_accum: int = 1
+    eval_interval: int = 250  # 0: only at the end
+    eval_iters: int = 20
+    log_interval: int = 10
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda:<local rank> when CUDA is available, else cpu
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "fp32"
+    init_scale: float = 65536.0
+    growth_interval: int = 2000
+    hysteresis: int = 2
+    min_scale: float = 1.0
+    max_consecutive_skips: int = 50
+
+
+@dataclass
+class DistConfig:
+    fp16_compression: bool = False  # allreduce gradients in fp16
+    fusion_threshold_mb: float = 0.0  # 0: Horovod's default (or HOROVOD_FUSION_THRESHOLD)
+    cycle_time_ms: float = 0.0  # 0: Horovod's default (or HOROVOD_CYCLE_TIME)
+    timeline: str = ""  # a Horovod timeline JSON path; empty: off
+
+
+@dataclass
+class CheckpointConfig:
+    every_iters: int = 100
+    keep_last: int = 3  # 0: keep all
+    resume: str = "auto"
+
+
+@dataclass
+class MetricsConfig:
+    prometheus_port: int = 0  # 0: no endpoint
+    prometheus_host: str = "127.0.0.1"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+CHOICES = {
+    "model.arch": ("gpt", "gru"),
+    "model.softmax": ("fused", "torch", "sdpa"),
+    "precision.dtype": ("fp32", "fp16", "bf16"),
+    "checkpoint.resume": ("auto", "never"),
+}
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _section_fields(section: str) -> dict[str, dataclasses.Field]:
+    cls = {f.name: f.type for f in dataclasses.fields(Config)}[section]
+    cls = globals()[cls] if isinstance(cls, str) else cls
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    return {"int": int, "float": float, "bool": bool, "str": str}[f.type] if isinstance(f.type, str) else f.type
+
+
+def valid_keys(section: str) -> list[str]:
+    return sorted(_section_fields(section))
+
+
+def _unknown(kind: str, name: str, valid, where: str) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown {kind} '{name}'{where}{hint}; valid: {', '.join(valid)}")
+
+
+def _coerce(key: str, value, want: type, where: str):
+    ok = (isinstance(value, bool) if want is bool else
+          isinstance(value, int) and not isinstance(value, bool) if want is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
+          isinstance(value, str))
+    if not ok:
+        raise ConfigError(f"{key}{where} must be {_TYPE_NAMES[want]}, got {value!r} ({type(value).__name__})")
+    value = float(value) if want is float else value
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key}{where} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    return value
+
+
+def _apply(cfg: Config, section: str, key: str, value, where: str) -> None:
+    if section not in SECTIONS:
+        raise _unknown("section", section, SECTIONS, where)
+    fields = _section_fields(section)
+    if key not in fields:
+        raise _unknown(f"key in [{section}]", key, sorted(fields), where)
+    setattr(getattr(cfg, section), key, _coerce(f"{section}.{key}", value, _field_type(fields[key]), where))
+
+
+def apply_dict(cfg: Config, data: dict, where: str = "") -> Config:
+    for section, body in data.items():
+        if not isinstance(body, dict):
+            if section in SECTIONS:
+                raise ConfigError(f"'{section}'{where} must be a [{section}] table, got {body!r}")
+            raise _unknown("section", section, SECTIONS, where)
+        for key, value in body.items():
+            _apply(cfg, section, key, value, where)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """'section.key=value' -> (section, key, value); value parsed as TOML, else taken as a plain string."""
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(f"--set '{text}' must look like section.key=value (e.g. train.max_iters=500)")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key.strip(), value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Defaults, then the TOML file (if any), then `section.key=value` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found (shipped configs are in configs/)")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        apply_dict(cfg, data, f" in {path}")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _apply(cfg, section, key, value, " (from --set)")
+    validate(cfg)
+    return cfg
+
+
+def from_dict(data: dict) -> Config:
+    cfg = apply_dict(Config(), data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    checks = [
+        (cfg.data.block_size >= 1, "data.block_size must be >= 1"),
+        (cfg.model.n_layer >= 1, "model.n_layer must be >= 1"),
+        (cfg.model.n_head >= 1, "model.n_head must be >= 1"),
+        (cfg.model.n_embd >= 1, "model.n_embd must be >= 1"),
+        (cfg.model.hidden_size >= 1, "model.hidden_size must be >= 1"),
+        (cfg.model.arch != "gpt" or cfg.model.n_embd % cfg.model.n_head == 0,
+         f"model.n_embd ({cfg.model.n_embd}) must be a multiple of model.n_head ({cfg.model.n_head})"),
+        (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr must be in [0, optim.lr]"),
+        (cfg.optim.warmup_iters >= 0, "optim.warmup_iters must be >= 0"),
+        (cfg.optim.lr_decay_iters >= 0, "optim.lr_decay_iters must be >= 0 (0: train.max_iters)"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)"),
+        (cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0: off)"),
+        (cfg.train.max_iters >= 0, "train.max_iters must be >= 0"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (cfg.train.eval_interval >= 0, "train.eval_interval must be >= 0 (0: only at the end)"),
+        (cfg.train.eval_iters >= 1, "train.eval_iters must be >= 1"),
+        (cfg.train.log_interval >= 1, "train.log_interval must be >= 1"),
+        (cfg.train.seed >= 0, "train.seed must be >= 0"),
+        (cfg.train.device == "auto" or cfg.train.device.split(":")[0] in ("cpu", "cuda"),
+         f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}"),
+        (cfg.precision.init_scale > 0 and cfg.precision.min_scale > 0, "precision.init_scale and min_scale must be > 0"),
+        (cfg.precision.growth_interval >= 1 and cfg.precision.hysteresis >= 1, "precision.growth_interval and hysteresis must be >= 1"),
+        (cfg.precision.max_consecutive_skips >= 1, "precision.max_consecutive_skips must be >= 1"),
+        (cfg.dist.fusion_threshold_mb >= 0 and cfg.dist.cycle_time_ms >= 0, "dist.fusion_threshold_mb and cycle_time_ms must be >= 0"),
+        (cfg.checkpoint.every_iters >= 0, "checkpoint.every_iters must be >= 0 (0: only at the end)"),
+        (cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last must be >= 0 (0: keep all)"),
+        (0 <= cfg.metrics.prometheus_port <= 65535, "metrics.prometheus_port must be in 0..65535 (0: off)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        if not math.isfinite(getattr(cfg.optim, name)):
+            raise ConfigError(f"optim.{name} must be finite")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False)  # a TOML basic string
+
+
+def to_toml(cfg: Config | dict, header: str = "") -> str:
+    data = cfg.to_dict() if isinstance(cfg, Config) else cfg
+    lines = [f"# {line}" for line in header.splitlines()]
+    for section, body in data.items():
+        lines += ["" if lines else None, f"[{section}]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in body.items()]
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def model_signature(cfg: Config, vocab_size: int) -> dict:
+    """The settings that fix the parameter shapes: checkpoints with another signature are another model."""
+    m = cfg.model
+    sig = {"model.arch": m.arch, "model.n_layer": m.n_layer, "model.n_embd": m.n_embd, "model.bias": m.bias,
+           "vocab_size": vocab_size}
+    if m.arch == "gpt":
+        sig.update({"model.n_head": m.n_head, "data.block_size": cfg.data.block_size})
+    else:
+        sig["model.hidden_size"] = m.hidden_size
+    return sig

@@ -1,0 +1,52 @@
+"""`hpclm eval`: a checkpoint's loss and perplexity over a whole validation split.
+
+Every position of val.bin (but the last, partial block) is predicted once, in consecutive
+blocks of data.block_size tokens; under mpirun the blocks are shared among ranks.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import hpclm.dist as dist
+from hpclm.data import load_dataset
+from hpclm.errors import HpclmError
+from hpclm.generate import load_trained
+
+
+@torch.no_grad()
+def split_loss(model, tokens: np.ndarray, block_size: int, batch_size: int = 32, rank: int = 0, ranks: int = 1,
+               device="cpu") -> tuple[float, int]:
+    """(mean cross-entropy in nats, tokens predicted) over consecutive blocks of `tokens`."""
+    n_blocks = (len(tokens) - 1) // block_size
+    mine = np.arange(rank, n_blocks, ranks)
+    total, count = 0.0, 0
+    offsets = np.arange(block_size + 1)
+    for i in range(0, len(mine), batch_size):
+        starts = mine[i:i + batch_size] * block_size
+        w = torch.from_numpy(tokens[starts[:, None] + offsets].astype(np.int64)).to(device)
+        _, loss = model(w[:, :-1], w[:, 1:])
+        total += loss.item() * w[:, 1:].numel()
+        count += w[:, 1:].numel()
+    if ranks > 1:
+        both = dist.allreduce(torch.tensor([total, float(count)], dtype=torch.float64), "sum")
+        total, count = both[0].item(), int(both[1].item())
+    return total / max(count, 1), count
+
+
+def main(args) -> int:
+    dist.init()
+    trained = load_trained(args.ckpt)
+    data_dir = Path(args.data) if args.data else Path(trained.cfg.data.path)
+    data = load_dataset(data_dir, trained.cfg.data.block_size)
+    if data.meta.get("tokenizer_sha256") != trained.meta.get("tokenizer_sha256"):
+        raise HpclmError(f"{data_dir} was tokenized with another tokenizer than {trained.path}: "
+                         "prepare it again with the same tokenizer, or evaluate on the run's own data")
+    loss, count = split_loss(trained.model, data.val, trained.cfg.data.block_size, rank=dist.rank(), ranks=dist.size())
+    if dist.is_main():
+        print(f"val loss {loss:.4f}, perplexity {math.exp(loss):.3f} over {count:,} tokens of {data_dir / 'val.bin'} "
+              f"({trained.path}, step {trained.step})")
+    return 0

@@ -1,0 +1,76 @@
+"""`hpclm generate`: sample text from a trained checkpoint (nanoGPT's sample.py)."""
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hpclm import checkpoint, config as config_mod, tokenizer as tokenizers
+from hpclm.config import Config
+from hpclm.errors import HpclmError
+from hpclm.models import build_model
+
+
+@dataclass
+class Trained:
+    model: torch.nn.Module
+    cfg: Config
+    meta: dict
+    tokenizer: tokenizers.Tokenizer
+    step: int
+    path: Path
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Trained:
+    """The model of a checkpoint folder, or of a run directory's latest complete checkpoint, in eval mode."""
+    ckpt = checkpoint.resolve(path)
+    cfg = config_mod.from_dict(tomllib.loads(checkpoint.load(ckpt, "config.toml")))
+    meta = json.loads(checkpoint.load(ckpt, "meta.json"))
+    tok = tokenizers.from_json(checkpoint.load(ckpt, "tokenizer.json"))
+    model = build_model(cfg, int(meta["vocab_size"]))
+    model.load_state_dict(checkpoint.load(ckpt, "model.pt", device))
+    model.to(device).eval()
+    return Trained(model, cfg, meta, tok, checkpoint.step_of(ckpt), ckpt)
+
+
+@torch.no_grad()
+def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 200,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Append max_new_tokens tokens to idx [B, T], each drawn from the model's last-position distribution."""
+    for _ in range(max_new_tokens):
+        context = idx[:, -model.block_size:]
+        logits, _ = model(context)
+        logits = logits[:, -1, :].float() / temperature
+        if top_k:
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+            logits[logits < kth] = -float("inf")
+        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx
+
+
+def generate_text(trained: Trained, prompt: str = "\n", max_new_tokens: int = 500, temperature: float = 0.8,
+                  top_k: int | None = 200, seed: int = 1337) -> str:
+    if temperature <= 0:
+        raise HpclmError(f"--temperature must be > 0, got {temperature}")
+    if max_new_tokens < 0:
+        raise HpclmError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if top_k is not None and top_k < 0:
+        raise HpclmError(f"--top-k must be >= 0 (0: off), got {top_k}")
+    ids = trained.tokenizer.encode(prompt)
+    if len(ids) == 0:
+        raise HpclmError("--prompt encodes to no tokens: give at least one character")
+    device = next(trained.model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = sample(trained.model, torch.tensor(ids, dtype=torch.long, device=device)[None], max_new_tokens,
+                 temperature, top_k or None, g)
+    return trained.tokenizer.decode(out[0].cpu().numpy())
+
+
+def main(args) -> int:
+    trained = load_trained(args.ckpt)
+    print(generate_text(trained, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    return 0

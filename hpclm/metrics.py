@@ -1,0 +1,147 @@
+"""Run metrics: OUT/metrics.jsonl, progress on the terminal, an optional Prometheus endpoint.
+
+Only rank 0 makes these objects; the trainer hands them plain dicts.
+
+    {"kind": "train", "step", "tokens", "loss", "lr", "tokens_per_s", "step_time_s", "grad_norm",
+     "loss_scale", "skipped_steps", "ranks"}
+    {"kind": "eval", "step", "tokens", "train_loss", "val_loss"}
+
+`step` counts optimizer updates done; `tokens` the training tokens consumed by all ranks so far;
+a train record's loss, tokens/s and step time are means over the steps since the previous record.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from hpclm.errors import HpclmError
+
+FILENAME = "metrics.jsonl"
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Records of a metrics.jsonl (a torn last line, from a killed run, is skipped)."""
+    out = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _clean(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsLog:
+    """Appends one JSON object per line, flushed at once, so a killed run loses nothing logged."""
+
+    def __init__(self, run_dir: str | Path, keep_through_step: int):
+        """Open OUT/metrics.jsonl keeping the records up to keep_through_step (a resumed run's start)."""
+        self.path = Path(run_dir) / FILENAME
+        kept = [r for r in read_records(self.path) if r.get("step", 0) <= keep_through_step] if keep_through_step else []
+        tmp = self.path.with_name(f".{FILENAME}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _si(x: float) -> str:
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def format_train(r: dict, max_iters: int) -> str:
+    extra = ""
+    if r.get("loss_scale") not in (None, 1.0):
+        extra = f" | scale {r['loss_scale']:g} | skipped {r['skipped_steps']}"
+    return (f"step {r['step']}/{max_iters} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | {_si(r['tokens_per_s'])} tok/s"
+            f" | {r['step_time_s'] * 1e3:.1f} ms/step | grad norm {r['grad_norm']:.3f}{extra}")
+
+
+def format_eval(r: dict) -> str:
+    return f"eval step {r['step']}: train loss {r['train_loss']:.4f}, val loss {r['val_loss']:.4f}"
+
+
+class Progress:
+    """A tqdm bar when stderr is a terminal, else one plain line per record on stdout."""
+
+    def __init__(self, start_step: int, max_iters: int, bar: bool | None = None):
+        self.max_iters = max_iters
+        self.bar = None
+        if bar if bar is not None else sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=max_iters, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def step(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def train(self, r: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{r['loss']:.4f}", tok_s=_si(r["tokens_per_s"]), lr=f"{r['lr']:.2e}", refresh=False)
+        else:
+            print(format_train(r, self.max_iters), flush=True)
+
+    def eval(self, r: dict) -> None:
+        self.message(format_eval(r))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Prometheus:
+    """Gauges at http://HOST:PORT/metrics, served from a daemon thread; HOST is 127.0.0.1 unless configured."""
+
+    GAUGES = {
+        "step": "optimizer updates done", "tokens": "training tokens consumed, all ranks",
+        "loss": "training loss (mean since the last record)", "lr": "learning rate",
+        "tokens_per_s": "training throughput, all ranks", "step_time_s": "seconds per optimizer step",
+        "grad_norm": "gradient norm before clipping", "loss_scale": "FP16 loss scale",
+        "skipped_steps": "optimizer steps skipped for non-finite gradients", "ranks": "data-parallel ranks",
+        "train_loss": "evaluated training loss", "val_loss": "evaluated validation loss",
+    }
+
+    def __init__(self, port: int, host: str = "127.0.0.1"):
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+        self.registry = CollectorRegistry()
+        self.gauges = {k: Gauge(f"hpclm_{k}", doc, registry=self.registry) for k, doc in self.GAUGES.items()}
+        try:
+            self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise HpclmError(f"cannot serve Prometheus metrics on {host}:{port} ({e.strerror}): "
+                             "set metrics.prometheus_port to a free port, or 0 for none") from None
+        self.url = f"http://{host}:{self.server.server_port}/metrics"
+
+    def update(self, record: dict) -> None:
+        for key, value in record.items():
+            if key in self.gauges and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.gauges[key].set(value)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

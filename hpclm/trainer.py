@@ -1,0 +1,444 @@
+"""`hpclm train`: config in, loop, eval, checkpoint (the shape of nanoGPT's train.py).
+
+Every rank runs this same program. Rank 0 alone writes OUT/config.toml, OUT/metrics.jsonl and
+checkpoints, and prints progress; every collective is entered by every rank. Each step:
+
+    lr = lr_at(step)                         warmup + cosine decay
+    for each micro-batch: forward, backward  batch drawn by generator (seed, rank, step, micro)
+    sync_gradients                           average over ranks (hpclm.dist)
+    scaler.unscale_and_check                 loss-scaler hook (fp16: hpclm.amp, separate issue)
+    clip, optimizer.step, scaler.update
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import hpclm.dist as dist
+from hpclm import checkpoint, config as config_mod
+from hpclm.config import Config, OptimConfig, PrecisionConfig
+from hpclm.data import Dataset, batch_rng, get_batch, load_dataset
+from hpclm.errors import HpclmError
+from hpclm.metrics import MetricsLog, Progress, Prometheus
+from hpclm.models import build_model, count_parameters
+
+STATE_FORMAT = 1
+
+
+# --- pieces of one step --------------------------------------------------------------------------
+
+def lr_at(step: int, o: OptimConfig, max_iters: int) -> float:
+    """nanoGPT's schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters (0: max_iters)."""
+    decay_iters = o.lr_decay_iters or max_iters
+    if step < o.warmup_iters:
+        return o.lr * (step + 1) / (o.warmup_iters + 1)
+    if step > decay_iters:
+        return o.min_lr
+    ratio = (step - o.warmup_iters) / max(1, decay_iters - o.warmup_iters)
+    return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, ratio))) * (o.lr - o.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices (dim >= 2) only, not on biases, norms or 1-d gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2))
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)  # one kernel per step (CPU and CUDA)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+class NoLossScaler:
+    """fp32/bf16: nothing to scale. The fp16 issue puts hpclm.amp.DynamicLossScaler here (same methods)."""
+
+    scale = 1.0
+    skipped_steps = 0
+
+    def scale_loss(self, loss):
+        return loss
+
+    def unscale_and_check(self, params) -> bool:
+        """Unscale gradients in place; False when any is non-finite (the step is then skipped)."""
+        return True
+
+    def update(self, finite: bool) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"kind": "none", "scale": 1.0, "skipped_steps": 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def make_loss_scaler(p: PrecisionConfig):
+    if p.dtype == "fp16":
+        raise HpclmError("precision.dtype = 'fp16' needs dynamic loss scaling (hpclm.amp), which is not in this "
+                         "build yet: use precision.dtype = 'bf16' or 'fp32'")
+    return NoLossScaler()
+
+
+def autocast(p: PrecisionConfig, device: torch.device):
+    if p.dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{dist.local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HpclmError(f"train.device = '{name}' but torch sees no CUDA device: use 'cpu' or 'auto'")
+    return device
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unflat(flat: torch.Tensor, tensors) -> None:
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def broadcast_parameters(params: list[torch.Tensor], root: int = 0) -> None:
+    """Every rank starts from root's values (one flat broadcast)."""
+    with torch.no_grad():
+        flat = dist.broadcast(_flat(params), root)
+        _unflat(flat, params)
+
+
+def sync_gradients(params: list[torch.Tensor], loss: torch.Tensor, fp16_compression: bool) -> torch.Tensor:
+    """Average gradients and the step's loss over ranks in one allreduce; returns the mean loss."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if fp16_compression:
+        flat = dist.allreduce(_flat(grads).half(), "avg").float()
+        loss = dist.allreduce(loss.reshape(1).float(), "avg")[0]
+    else:
+        flat = dist.allreduce(torch.cat([_flat(grads), loss.reshape(1).float()]), "avg")
+        flat, loss = flat[:-1], flat[-1]
+    _unflat(flat, grads)
+    for p, g in zip(params, grads):
+        p.grad = g
+    return loss
+
+
+def grad_norm_and_clip(params, max_norm: float) -> torch.Tensor:
+    """The total gradient norm before clipping; clips to max_norm unless it is 0."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+@torch.no_grad()
+def estimate_loss(model, data: Dataset, cfg: Config, device, amp) -> dict[str, float]:
+    """Mean loss over eval_iters fixed batches per split, averaged over ranks."""
+    model.eval()
+    means = []
+    for split in ("train", "val"):
+        total = torch.zeros((), device=device)
+        for k in range(cfg.train.eval_iters):
+            x, y = get_batch(data.split(split), cfg.train.batch_size, cfg.data.block_size,
+                             batch_rng(cfg.train.seed, f"eval_{split}", dist.rank(), k), device)
+            with amp:
+                _, loss = model(x, y)
+            total += loss.float()
+        means.append(total / cfg.train.eval_iters)
+    model.train()
+    result = torch.stack(means).cpu()
+    if dist.is_distributed():
+        result = dist.allreduce(result, "avg")
+    return {"train_loss": result[0].item(), "val_loss": result[1].item()}
+
+
+# --- start: fresh or resumed ---------------------------------------------------------------------
+
+def _read_ckpt_signature(path: Path) -> tuple[dict, str]:
+    meta = json.loads(checkpoint.load(path, "meta.json"))
+    ckpt_cfg = config_mod.from_dict(tomllib.loads(checkpoint.load(path, "config.toml")))
+    return config_mod.model_signature(ckpt_cfg, int(meta["vocab_size"])), meta.get("tokenizer_sha256", "")
+
+
+def plan_start(out: Path, cfg: Config, data: Dataset, resume: str, force: bool, warn) -> str | None:
+    """Rank 0: the checkpoint to resume from (None: start fresh), after the safety checks."""
+    if force and resume != "never":
+        raise HpclmError("--force only applies with --resume never (start over, deleting OUT's checkpoints)")
+    existing = checkpoint.listing(out)
+    if resume == "never":
+        if existing and not force:
+            raise HpclmError(f"{out} already has checkpoints (newest {existing[-1].name}): resume them (--resume auto), "
+                             "pick another --out, or start over with --resume never --force (deletes them)")
+        return None
+    ckpt = checkpoint.find_resumable(out, warn)
+    if ckpt is None:
+        return None
+    theirs, tokenizer_sha = _read_ckpt_signature(ckpt)
+    ours = config_mod.model_signature(cfg, data.vocab_size)
+    diffs = [f"{k}: {theirs.get(k)} in the checkpoint, {v} now" for k, v in ours.items() if theirs.get(k) != v]
+    if not diffs and tokenizer_sha != data.meta.get("tokenizer_sha256"):
+        diffs = ["the tokenizer differs from data.path's"]
+    if diffs:
+        raise HpclmError(f"{out} holds checkpoints of a different model ({'; '.join(diffs)}): pick another --out, "
+                         "or start over with --resume never --force (deletes them)")
+    return str(ckpt)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+@dataclass
+class Run:
+    """What the loop needs, made once at start."""
+
+    cfg: Config
+    out: Path
+    data: Dataset
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    device: torch.device
+    params: list = field(default_factory=list)
+    start_step: int = 0
+    resumed_from: str | None = None
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.batch_size * t.grad_accum * self.cfg.data.block_size * dist.size()
+
+
+def _restore(run: Run, path: Path, say) -> None:
+    run.model.load_state_dict(checkpoint.load(path, "model.pt", run.device))
+    run.optimizer.load_state_dict(checkpoint.load(path, "optimizer.pt", run.device))
+    state = checkpoint.load(path, "state.pt")
+    run.scaler.load_state_dict(state["loss_scaler"])
+    run.start_step = int(state["step"])
+    rng = state["rng"]["torch"]
+    if len(rng) == dist.size():
+        torch.set_rng_state(rng[dist.rank()])
+        if run.device.type == "cuda" and state["rng"].get("cuda"):
+            torch.cuda.set_rng_state(state["rng"]["cuda"][dist.rank()], run.device)
+    else:
+        say(f"note: the checkpoint was written by {len(rng)} ranks, this run has {dist.size()}: dropout RNG reseeded; "
+            "batches continue by (seed, rank, step)")
+        torch.manual_seed(run.cfg.train.seed + 1 + dist.rank() + run.start_step)
+    run.resumed_from = str(path)
+
+
+def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
+    dist.init(fusion_threshold_mb=cfg.dist.fusion_threshold_mb or None, cycle_time_ms=cfg.dist.cycle_time_ms or None,
+              timeline=cfg.dist.timeline or None)
+    device = resolve_device(cfg.train.device)
+    data = load_dataset(cfg.data.path, cfg.data.block_size)
+    scaler = make_loss_scaler(cfg.precision)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (broadcast makes sure)
+    model = build_model(cfg, data.vocab_size).to(device)
+    optimizer = make_optimizer(model, cfg.optim)
+    torch.manual_seed(cfg.train.seed + 1 + dist.rank())  # dropout differs across ranks
+    run = Run(cfg, out, data, model, optimizer, scaler, device, params=[p for p in model.parameters() if p.requires_grad])
+
+    plan = None
+    if dist.is_main():
+        try:
+            ckpt = plan_start(out, cfg, data, resume, force, say)
+            out.mkdir(parents=True, exist_ok=True)
+            if force:
+                checkpoint.remove_all(out)
+            checkpoint.clean_leftovers(out)
+            _write_text_atomic(out / "config.toml", config_mod.to_toml(cfg, "resolved config of this run (hpclm train)"))
+            plan = {"ckpt": ckpt}
+        except (HpclmError, OSError) as e:
+            plan = {"error": str(e) if isinstance(e, HpclmError) else f"cannot write to {out}: {e}"}
+    if dist.is_distributed():
+        plan = dist.broadcast_object(plan, 0)
+    if "error" in plan:
+        raise HpclmError(plan["error"])
+    if plan["ckpt"]:
+        _restore(run, Path(plan["ckpt"]), say)
+    if dist.is_distributed():
+        broadcast_parameters(run.params)
+    return run
+
+
+def save_checkpoint(run: Run, step: int) -> Path | None:
+    """Every rank enters (RNG states are gathered); rank 0 writes; a write error stops every rank."""
+    rng = {"torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    gathered = dist.allgather_object(rng) if dist.is_distributed() else [rng]
+    rngs = {kind: [r[kind] for r in gathered] for kind in rng}
+    error, path = None, None
+    if dist.is_main():
+        o = run.cfg.optim
+        state = {
+            "format": STATE_FORMAT, "step": step, "tokens": step * run.tokens_per_step, "world_size": dist.size(),
+            "rng": rngs, "loss_scaler": run.scaler.state_dict(),
+            "lr_schedule": {"lr": lr_at(step, o, run.cfg.train.max_iters), "max_lr": o.lr, "min_lr": o.min_lr,
+                            "warmup_iters": o.warmup_iters, "decay_iters": o.lr_decay_iters or run.cfg.train.max_iters},
+            "data": {"sampler": "seeded (seed, rank, step * grad_accum + micro)", "seed": run.cfg.train.seed,
+                     "next_step": step, "grad_accum": run.cfg.train.grad_accum},
+        }
+        try:
+            files = {
+                "model.pt": checkpoint.tensor_bytes(run.model.state_dict()),
+                "optimizer.pt": checkpoint.tensor_bytes(run.optimizer.state_dict()),
+                "state.pt": checkpoint.tensor_bytes(state),
+                "config.toml": config_mod.to_toml(run.cfg),
+                "meta.json": json.dumps(run.data.meta, indent=2) + "\n",
+                "tokenizer.json": (run.data.path / "tokenizer.json").read_text(encoding="utf-8"),
+            }
+            path = checkpoint.save(run.out, step, files, run.cfg.checkpoint.keep_last)
+        except OSError as e:
+            error = f"cannot write checkpoint {checkpoint.name(step)} in {run.out}: {e}"
+    if dist.is_distributed():
+        error = dist.broadcast_object(error, 0)
+    if error:
+        raise HpclmError(error)
+    return path
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+def train_step(run: Run, step: int, amp) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One optimizer update; returns (mean loss over micro-batches and ranks, grad norm, applied)."""
+    cfg, model, opt = run.cfg, run.model, run.optimizer
+    lr = lr_at(step, cfg.optim, cfg.train.max_iters)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    accum = cfg.train.grad_accum
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(accum):
+        x, y = get_batch(run.data.train, cfg.train.batch_size, cfg.data.block_size,
+                         batch_rng(cfg.train.seed, "train", dist.rank(), step * accum + micro), run.device)
+        with amp:
+            _, loss = model(x, y)
+        run.scaler.scale_loss(loss / accum).backward()
+        loss_sum += loss.detach().float()
+    loss = loss_sum / accum
+    if dist.is_distributed():
+        loss = sync_gradients(run.params, loss, cfg.dist.fp16_compression)
+    finite = run.scaler.unscale_and_check(run.params)
+    norm = grad_norm_and_clip(run.params, cfg.optim.grad_clip)
+    if finite:
+        opt.step()
+    run.scaler.update(finite)
+    opt.zero_grad(set_to_none=True)
+    return loss, norm, finite
+
+
+def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool = False,
+          progress_bar: bool | None = None) -> dict:
+    """Train per cfg into OUT; returns a summary (final step, losses, throughput, checkpoint)."""
+    out = Path(out)
+    main = dist.launch_env().rank == 0
+    say = print if main else (lambda *a, **k: None)
+    with reported_by_rank0():
+        run = setup(cfg, out, resume or cfg.checkpoint.resume, force, say)
+    t, max_iters = cfg.train, cfg.train.max_iters
+    amp = autocast(cfg.precision, run.device)
+    log = MetricsLog(out, run.start_step) if main else None
+    prom = Prometheus(cfg.metrics.prometheus_port, cfg.metrics.prometheus_host) if main and cfg.metrics.prometheus_port else None
+    say(f"hpclm train: {cfg.model.arch} {count_parameters(run.model) / 1e6:.2f}M parameters, {dist.size()} rank(s) "
+        f"({dist.backend()}), {run.device}, {cfg.precision.dtype}; data {cfg.data.path} ({run.data.meta['tokenizer']}, "
+        f"vocabulary {run.data.vocab_size}); {run.tokens_per_step} tokens/step; out {out}"
+        + (f"; resumed from {run.resumed_from}" if run.resumed_from else "")
+        + (f"; Prometheus at {prom.url}" if prom else ""))
+    progress = Progress(run.start_step, max_iters, progress_bar) if main else None
+    summary = {"start_step": run.start_step, "step": run.start_step, "out": str(out)}
+
+    def record(r: dict) -> None:
+        if main:
+            log.write(r)
+            if prom:
+                prom.update(r)
+            progress.train(r) if r["kind"] == "train" else progress.eval(r)
+
+    def evaluate(step: int) -> None:
+        losses = estimate_loss(run.model, run.data, cfg, run.device, amp)
+        record({"kind": "eval", "step": step, "tokens": step * run.tokens_per_step, **losses})
+        summary.update(losses)
+
+    try:
+        if run.start_step >= max_iters:
+            say(f"already at step {run.start_step} (train.max_iters = {max_iters}): raise train.max_iters to train further")
+        elif run.start_step == 0 and t.eval_interval:
+            evaluate(0)
+        loss_acc, steps_acc, time_acc, train_time = 0.0, 0, 0.0, 0.0
+        for step in range(run.start_step, max_iters):
+            t0 = time.perf_counter()
+            loss, norm, _ = train_step(run, step, amp)
+            loss_acc = loss_acc + loss
+            if run.device.type == "cuda" and (step + 1) % t.log_interval == 0:
+                torch.cuda.synchronize(run.device)
+            dt = time.perf_counter() - t0
+            time_acc, steps_acc, train_time = time_acc + dt, steps_acc + 1, train_time + dt
+            done = step + 1
+            if main:
+                progress.step()
+            if done % t.log_interval == 0 or done == max_iters:
+                mean_loss = float(loss_acc) / steps_acc
+                if not math.isfinite(mean_loss):
+                    raise HpclmError(f"training diverged: loss is {mean_loss} at step {done}; lower optim.lr, "
+                                     "raise optim.warmup_iters or set optim.grad_clip")
+                record({"kind": "train", "step": done, "tokens": done * run.tokens_per_step, "loss": mean_loss,
+                        "lr": lr_at(step, cfg.optim, max_iters),
+                        "tokens_per_s": run.tokens_per_step * steps_acc / time_acc, "step_time_s": time_acc / steps_acc,
+                        "grad_norm": float(norm), "loss_scale": float(run.scaler.scale),
+                        "skipped_steps": int(run.scaler.skipped_steps), "ranks": dist.size()})
+                summary["loss"] = mean_loss
+                loss_acc, steps_acc, time_acc = 0.0, 0, 0.0
+            if (t.eval_interval and done % t.eval_interval == 0) or done == max_iters:
+                evaluate(done)
+            every = cfg.checkpoint.every_iters
+            if (every and done % every == 0) or done == max_iters:
+                summary["checkpoint"] = str(save_checkpoint(run, done))
+            summary["step"] = done
+        trained = summary["step"] - run.start_step
+        if trained:
+            summary["train_time_s"] = train_time
+            summary["tokens_per_s"] = run.tokens_per_step * trained / train_time
+    finally:
+        if main:
+            progress.close()
+            log.close()
+            if prom:
+                prom.close()
+    return summary
+
+
+@contextlib.contextmanager
+def reported_by_rank0():
+    """For errors every rank meets alike (config, data, the start plan): rank 0 prints, the others exit 2."""
+    try:
+        yield
+    except HpclmError:
+        if dist.launch_env().rank != 0:
+            raise SystemExit(2) from None
+        raise
+
+
+def main(args) -> int:
+    with reported_by_rank0():
+        cfg = config_mod.load(args.config, args.set or [])
+    out = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem if args.config else "default")
+    summary = train(cfg, out, resume=args.resume, force=args.force)
+    if dist.is_main() and summary["step"] > summary["start_step"]:
+        val = f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""
+        print(f"done: step {summary['step']}{val}, {summary['tokens_per_s']:,.0f} tokens/s over "
+              f"{summary['train_time_s']:.1f} s of training; checkpoint {summary.get('checkpoint')}")
+    return 0

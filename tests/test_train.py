@@ -1,0 +1,229 @@
+"""hpclm train end to end: loss falls, exact resume, crash safety of checkpoints, refusals, 2 ranks."""
+import json
+import math
+import textwrap
+import urllib.request
+
+import pytest
+import torch
+
+from conftest import mpirun, requires_horovod, run_python
+from hpclm import checkpoint, cli, config, trainer
+from hpclm.errors import HpclmError
+from hpclm.metrics import Prometheus
+from lm_fixtures import TINY, records, shakespeare_dir, tiny_config  # noqa: F401 (fixture)
+
+
+def _train(data_dir, out, *overrides, **kwargs):
+    return trainer.train(tiny_config(data_dir, *overrides), out, progress_bar=False, **kwargs)
+
+
+def test_short_run_loss_falls_and_writes_its_outputs(shakespeare_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = _train(shakespeare_dir, out, "train.max_iters=80", "train.eval_interval=40", "train.log_interval=10",
+                     "checkpoint.every_iters=20", "checkpoint.keep_last=2", "train.grad_accum=2")
+    evals = records(out, "eval")
+    assert [r["step"] for r in evals] == [0, 40, 80]
+    assert evals[0]["val_loss"] == pytest.approx(math.log(65), abs=0.15)  # uniform at init
+    assert evals[-1]["val_loss"] < evals[1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    train = records(out, "train")
+    assert [r["step"] for r in train] == list(range(10, 81, 10))
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    r = train[-1]
+    assert r["tokens"] == 80 * 4 * 32 * 2 and r["ranks"] == 1 and r["loss_scale"] == 1.0 and r["skipped_steps"] == 0
+    assert r["tokens_per_s"] == pytest.approx(4 * 32 * 2 / r["step_time_s"])
+    assert r["lr"] == pytest.approx(trainer.lr_at(79, tiny_config(shakespeare_dir).optim, 80))
+    assert [p.name for p in checkpoint.listing(out)] == ["iter_0000060", "iter_0000080"]
+    assert config.load(out / "config.toml") == tiny_config(shakespeare_dir, "train.max_iters=80", "train.eval_interval=40",
+                                                             "train.log_interval=10", "checkpoint.every_iters=20",
+                                                             "checkpoint.keep_last=2", "train.grad_accum=2")
+    state = torch.load(checkpoint.root(out) / "iter_0000080" / "state.pt", weights_only=True)
+    assert state["step"] == 80 and len(state["rng"]["torch"]) == 1
+    assert summary["val_loss"] == evals[-1]["val_loss"] and summary["step"] == 80
+    assert "step 80/80 | loss" in capsys.readouterr().out
+
+
+def test_resume_equals_uninterrupted_run_exactly(shakespeare_dir, tmp_path):
+    common = ["train.eval_interval=10", "checkpoint.every_iters=10", "optim.lr_decay_iters=30", "model.dropout=0.1",
+              "train.grad_accum=2"]
+    _train(shakespeare_dir, tmp_path / "whole", "train.max_iters=30", *common)
+    _train(shakespeare_dir, tmp_path / "split", "train.max_iters=20", *common)
+    summary = _train(shakespeare_dir, tmp_path / "split", "train.max_iters=30", *common)
+    assert summary["start_step"] == 20
+    timing = ("tokens_per_s", "step_time_s")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    for kind in ("train", "eval"):
+        assert strip(records(tmp_path / "split", kind)) == strip(records(tmp_path / "whole", kind))  # exactly equal
+    a = checkpoint.load(checkpoint.resolve(tmp_path / "whole"), "model.pt")
+    b = checkpoint.load(checkpoint.resolve(tmp_path / "split"), "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+KILL_DURING_WRITE = textwrap.dedent("""
+    import os, signal, sys
+    from hpclm import checkpoint, config, trainer
+    where = sys.argv[2]
+    real_write, real_fsync = checkpoint._write, checkpoint._fsync_dir
+    def write(path, data):
+        if where == "file" and path.name == "optimizer.pt" and "iter_0000020" in path.parent.name:
+            real_write(path, data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)  # mid-checkpoint, half a file written
+        real_write(path, data)
+    def fsync_dir(path):
+        if where == "rename" and (path / "iter_0000020").is_dir() and checkpoint.read_latest(path.parent) == 10:
+            os.kill(os.getpid(), signal.SIGKILL)  # new folder complete, `latest` not yet replaced
+        real_fsync(path)
+    checkpoint._write, checkpoint._fsync_dir = write, fsync_dir
+    trainer.train(config.load(None, sys.argv[3:]), sys.argv[1], progress_bar=False)
+""")
+
+
+@pytest.mark.parametrize("where", ["file", "rename"])
+def test_kill_during_checkpoint_write_leaves_latest_complete(shakespeare_dir, tmp_path, where):
+    out = tmp_path / "run"
+    overrides = [f"data.path={json.dumps(str(shakespeare_dir))}", *TINY, "train.max_iters=30", "train.eval_interval=0",
+                 "checkpoint.every_iters=10"]
+    proc = run_python(["-c", KILL_DURING_WRITE, str(out), where, *overrides])
+    assert proc.returncode == -9, proc.stderr
+    assert checkpoint.read_latest(out) == 10
+    assert checkpoint.verify(checkpoint.root(out) / "iter_0000010") is None
+    assert checkpoint.find_resumable(out, pytest.fail).name == "iter_0000010"  # no warning needed
+    summary = trainer.train(config.load(None, overrides), out, progress_bar=False)
+    assert summary["start_step"] == 10 and summary["step"] == 30
+    assert [p.name for p in checkpoint.listing(out)] == ["iter_0000010", "iter_0000020", "iter_0000030"]
+    assert all(checkpoint.verify(p) is None for p in checkpoint.listing(out))
+    assert not [p for p in checkpoint.root(out).iterdir() if p.name.startswith(".")]  # leftovers cleaned
+
+
+def test_corrupt_latest_checkpoint_warns_and_resumes_from_previous(shakespeare_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(shakespeare_dir, out, "train.max_iters=20", "checkpoint.every_iters=10", "train.eval_interval=0")
+    model = checkpoint.root(out) / "iter_0000020" / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    summary = _train(shakespeare_dir, out, "train.max_iters=30", "checkpoint.every_iters=10", "train.eval_interval=0")
+    assert summary["start_step"] == 10
+    assert "iter_0000020 is incomplete or corrupt (model.pt has 100 bytes" in capsys.readouterr().out
+    assert [r["step"] for r in records(out, "train")] == list(range(1, 31))  # the redone steps replace the old records
+
+
+def _snapshot(out):
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_checkpoints_of_another_model_are_refused(shakespeare_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = [f"--set=data.path={json.dumps(str(shakespeare_dir))}"] + [f"--set={o}" for o in TINY]
+    argv = ["train", "--out", str(out), *base, "--set=train.max_iters=5", "--set=train.eval_interval=0"]
+    assert cli.main(argv) == 0
+    before = _snapshot(out)
+    assert cli.main(argv + ["--set=model.n_layer=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds checkpoints of a different model (model.n_layer: 1 in the checkpoint, 2 now)" in err
+    assert len(err.splitlines()) == 1
+    assert cli.main(argv + ["--resume", "never"]) == 2
+    assert "already has checkpoints (newest iter_0000005)" in capsys.readouterr().err
+    assert _snapshot(out) == before  # nothing overwritten
+    assert cli.main(argv + ["--set=model.n_layer=2", "--resume", "never", "--force"]) == 0
+    state = torch.load(checkpoint.resolve(out) / "model.pt", weights_only=True)
+    assert "transformer.h.1.ln_1.weight" in state
+
+
+def test_validation_split_shorter_than_a_block_is_refused(shakespeare_dir, tmp_path):
+    tiny_data = tmp_path / "tiny"
+    (tmp_path / "t.txt").write_text("to be or not to be " * 30)
+    cli.main(["prepare", str(tmp_path / "t.txt"), "--out", str(tiny_data)])
+    with pytest.raises(HpclmError, match="the val split of .* shorter than one block"):
+        _train(tiny_data, tmp_path / "run", "data.block_size=64")
+    assert not (tmp_path / "run").exists()
+
+
+def test_generate_eval_and_report(shakespeare_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(shakespeare_dir, out, "train.max_iters=40", "train.eval_interval=20", "train.eval_iters=4")
+    capsys.readouterr()
+
+    def cli_out(*argv):
+        code = cli.main(list(argv))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    gen = lambda *a: cli_out("generate", "--ckpt", str(out), "--max-new-tokens", "60", *a)  # noqa: E731
+    one, again, other = gen("--seed", "1", "--prompt", "ROMEO:"), gen("--seed", "1", "--prompt", "ROMEO:"), gen("--seed", "2")
+    assert one[0] == 0, one[2]
+    text = one[1][:-1]  # print's newline
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 60
+    assert set(text) <= set(json.loads((shakespeare_dir / "tokenizer.json").read_text())["chars"])
+    assert again[1] == one[1] and other[1] != one[1]
+    code, _, err = gen("--prompt", "ü")
+    assert code == 2 and "character 'ü' is not in the 65-character vocabulary" in err
+
+    code, text, err = cli_out("eval", "--ckpt", str(out))
+    assert code == 0, err
+    words = text.split()
+    loss, ppl = float(words[2].rstrip(",")), float(words[4])
+    assert ppl == pytest.approx(math.exp(loss), rel=1e-3)
+    assert loss == pytest.approx(records(out, "eval")[-1]["val_loss"], abs=0.15)
+    assert "over 111,520 tokens" in text  # all 3485 whole blocks of 32 in the 111,540 val tokens
+    code, _, err = cli_out("eval", "--ckpt", str(tmp_path / "nowhere"))
+    assert code == 2 and "does not exist" in err
+
+    code, text, err = cli_out("report", str(out), "--out", str(tmp_path / "plots"))
+    assert code == 0, err
+    for name in ("loss.png", "throughput.png"):
+        png = (tmp_path / "plots" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_prometheus_endpoint_serves_the_latest_record():
+    prom = Prometheus(0)  # any free port, on 127.0.0.1
+    try:
+        assert prom.url.startswith("http://127.0.0.1:")
+        prom.update({"kind": "train", "step": 42, "loss": 1.25, "tokens_per_s": 1000.0})
+        body = urllib.request.urlopen(prom.url, timeout=10).read().decode()
+        assert "hpclm_step 42.0" in body and "hpclm_loss 1.25" in body and "hpclm_tokens_per_s 1000.0" in body
+        with pytest.raises(HpclmError, match="cannot serve Prometheus metrics on 127.0.0.1:"):
+            Prometheus(prom.server.server_port)
+    finally:
+        prom.close()
+
+
+
+@requires_horovod
+def test_two_ranks_under_mpirun(shakespeare_dir, tmp_path):
+    out = tmp_path / "run"
+    overrides = [f"data.path={json.dumps(str(shakespeare_dir))}", *TINY, "train.max_iters=40", "train.eval_interval=20",
+                 "checkpoint.every_iters=20", "model.dropout=0.1"]
+    script = textwrap.dedent("""
+        import hashlib, json, sys, torch
+        import hpclm.dist as dist
+        from hpclm import config, trainer
+        captured = {}
+        real_setup = trainer.setup
+        def setup(*a, **k):
+            captured["run"] = real_setup(*a, **k)
+            return captured["run"]
+        trainer.setup = setup
+        summary = trainer.train(config.load(None, sys.argv[2:]), sys.argv[1], progress_bar=False)
+        params = b"".join(p.detach().numpy().tobytes() for p in captured["run"].model.parameters())
+        with open(f"{sys.argv[1]}.rank{dist.rank()}.json", "w") as f:  # files: mpirun may interleave stdout
+            json.dump({"rank": dist.rank(), "size": dist.size(), "val_loss": summary.get("val_loss"),
+                       "params": hashlib.sha256(params).hexdigest()}, f)
+    """)
+    proc = mpirun(2, ["-c", script, str(out), *overrides])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [json.loads((tmp_path / f"run.rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(r["rank"] for r in rows) == [0, 1] and {r["size"] for r in rows} == {2}
+    assert rows[0]["params"] == rows[1]["params"]  # gradients averaged: the replicas stay identical
+    assert rows[0]["val_loss"] == rows[1]["val_loss"]  # eval averaged over ranks
+    train = records(out, "train")
+    assert {r["ranks"] for r in train} == {2} and train[-1]["tokens"] == 40 * 2 * 4 * 32
+    assert train[-1]["loss"] < train[0]["loss"] - 0.8
+    assert proc.stdout.count("step 40/40 | loss") == 1  # rank 0 alone prints
+    state = torch.load(checkpoint.resolve(out) / "state.pt", weights_only=True)
+    assert len(state["rng"]["torch"]) == 2 and not torch.equal(*state["rng"]["torch"])  # per-rank dropout RNG
+
+    resumed = mpirun(2, ["-m", "hpclm", "train", "--out", str(out), *[f"--set={o}" for o in overrides],
+                         "--set=train.max_iters=50"])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout and "iter_0000040" in resumed.stdout
+    assert [r["step"] for r in records(out, "train")][-1] == 50
