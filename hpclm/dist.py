@@ -123,11 +123,13 @@ class _Horovod:
     def broadcast(self, tensor, root):
         return self.hvd.broadcast_(tensor, root_rank=root)
 
+    # Horovod names these ops after type(obj) by default, so ranks passing different types (root a
+    # dict, the others None) would wait on differently named ops forever: use one fixed name.
     def broadcast_object(self, obj, root):
-        return self.hvd.broadcast_object(obj, root_rank=root)
+        return self.hvd.broadcast_object(obj, root_rank=root, name="hpclm.broadcast_object")
 
     def allgather_object(self, obj):
-        return self.hvd.allgather_object(obj)
+        return self.hvd.allgather_object(obj, name="hpclm.allgather_object")
 
 
 _backend: _SingleProcess | _Horovod | None = None
