@@ -45,7 +45,7 @@ def hmm_windows(data: Dataset, block_size: int, rank: int = 0, ranks: int = 1) -
     return torch.from_numpy(windows[rank::ranks].astype(np.int64)), n * length
 
 
-def count_ngrams(model, data: Dataset, state: dict, say) -> dict:
+def count_ngrams(model, data: Dataset, say) -> dict:
     """The n-gram model's one step: count every order of the training split."""
     t0 = time.perf_counter()
     model.fit(np.asarray(data.train))
@@ -53,7 +53,6 @@ def count_ngrams(model, data: Dataset, state: dict, say) -> dict:
     sizes = [len(model.tables[f"rowkey.{n}"]) for n in range(1, model.order + 1)]
     say(f"counted orders 1-{model.order} of {len(data.train):,} tokens in {dt:.2f} s: n-grams "
         + "/".join(f"{s:,}" for s in sizes) + ", discounts " + "/".join(f"{d:.3f}" for d in model.discounts))
-    state.update(done=True)
     return {"tokens": len(data.train), "tokens_per_s": len(data.train) / dt, "step_time_s": dt, "ngrams": sizes}
 
 
@@ -71,12 +70,17 @@ def em_iteration(model, windows: torch.Tensor, total_tokens: int, cfg: Config, s
     loss = -float(counts.log_likelihood) / total_tokens
     gain = state["loss"] - loss if state.get("loss") is not None else None
     step = state["step"] + 1
-    state.update(loss=loss, done=gain is not None and gain < cfg.model.em_tol)
+    state.update(loss=loss, gain=gain)
     say(f"em iteration {step}/{cfg.train.max_iters} | train loss {loss:.4f}"
         + (f" | gain {gain:.2e}" if gain is not None else "") + f" | {total_tokens / dt / 1e3:.0f}k tok/s | {dt:.2f} s"
-        + (" | converged (gain < model.em_tol)" if state["done"] else ""))
+        + (" | converged (gain < model.em_tol)" if converged(state, cfg) else ""))
     return {"tokens": step * total_tokens, "loss": loss, "loss_gain": gain, "tokens_per_s": total_tokens / dt,
             "step_time_s": dt}
+
+
+def converged(state: dict, cfg: Config) -> bool:
+    """EM stops once an iteration's gain falls below model.em_tol (re-checked on resume with the current value)."""
+    return state.get("gain") is not None and state["gain"] < cfg.model.em_tol
 
 
 def save(cfg: Config, out: Path, data: Dataset, model, state: dict) -> Path:
@@ -116,7 +120,7 @@ def fit(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool 
             windows, total_tokens = hmm_windows(data, cfg.data.block_size, dist.rank(), dist.size())
             windows = windows.to(device)
         ckpt = open_run_dir(cfg, out, data, resume or cfg.checkpoint.resume, force, say)
-    state = {"step": 0, "done": False}
+    state = {"step": 0}
     if ckpt:
         model.load_state_dict(checkpoint.load(Path(ckpt), "model.pt", device))
         state = {k: v for k, v in checkpoint.load(Path(ckpt), "state.pt").items() if k != "format"}
@@ -148,13 +152,17 @@ def fit(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool 
 
     message = progress.message if main else say
     try:
-        if state["done"] or state["step"] >= max_steps:
-            say(f"already done at step {state['step']} ({'converged' if state['done'] else 'train.max_iters reached'})"
-                + (": raise train.max_iters to continue EM" if arch == "hmm" and not state["done"] else ""))
+        if arch == "ngram" and state["step"]:
+            say(f"already fitted ({ckpt}): nothing to do; --resume never --force fits again")
+        elif converged(state, cfg):
+            say(f"EM already converged at step {state['step']} (gain {state['gain']:.2e} < model.em_tol): lower "
+                "model.em_tol to continue")
+        elif state["step"] >= max_steps:
+            say(f"already at step {state['step']} (train.max_iters = {max_steps}): raise train.max_iters to continue EM")
         train_time, tokens = 0.0, 0
-        while not state["done"] and state["step"] < max_steps:
+        while state["step"] < max_steps and not converged(state, cfg):
             if arch == "ngram":
-                r = count_ngrams(model, data, state, message)
+                r = count_ngrams(model, data, message)
             else:
                 r = em_iteration(model, windows, total_tokens, cfg, state, message)
             state["step"] += 1
@@ -162,7 +170,7 @@ def fit(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool 
             record({"kind": "train", "step": step, **r, "ranks": dist.size()})
             if main:
                 progress.step()
-            last = state["done"] or step == max_steps
+            last = step == max_steps or converged(state, cfg)
             if (cfg.train.eval_interval and step % cfg.train.eval_interval == 0) or last:
                 evaluate(step, tokens)
             if (cfg.checkpoint.every_iters and step % cfg.checkpoint.every_iters == 0) or last:

@@ -90,6 +90,15 @@ def sample_path(model: HMMLM, T: int, g: torch.Generator) -> torch.Tensor:
     return torch.stack(out)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_e_step_matches_cpu():
+    model = random_model(V=7, K=5, seed=6)
+    obs = torch.randint(0, 7, (50, 16), generator=torch.Generator().manual_seed(0))
+    cpu = model.expected_counts(obs).flat()
+    gpu = model.to("cuda").expected_counts(obs.cuda()).flat().cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-6)
+
+
 def test_predictions_are_the_forward_pass_conditionals():
     model = random_model(V=5, K=3, seed=4)
     window = torch.tensor([[0, 4, 4, 1, 2, 3, 0], [1, 1, 1, 1, 1, 1, 1]])
@@ -130,6 +139,11 @@ def test_resumed_em_equals_uninterrupted(tiny_corpus, tmp_path):
         assert torch.equal(a[name], b[name]), name
     again = fit(config.load(None, overrides + ["train.max_iters=3"]), tmp_path / "b", progress_bar=False)
     assert again["step"] == 3 and "train_time_s" not in again  # nothing left to do
+    # early stop: the second iteration's gain is below a huge tolerance; a resume sees it converged
+    stop = overrides + ["train.max_iters=50", "model.em_tol=10.0"]
+    assert fit(config.load(None, stop), tmp_path / "c", progress_bar=False)["step"] == 2
+    assert checkpoint.read_latest(tmp_path / "c") == 2
+    assert "train_time_s" not in fit(config.load(None, stop), tmp_path / "c", progress_bar=False)
 
 
 @requires_horovod
