@@ -25,6 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# The project's shared folder sits next to the checkout, or two levels up from a worktree (as in tests/conftest.py).
+SHAKESPEARE = next((p for p in (REPO.parent / "shared", REPO.parent.parent / "shared") if p.is_dir()),
+                   REPO.parent / "shared") / "data" / "tinyshakespeare.txt"
 
 ROWS = {  # name: (config, extra --set overrides)
     "ngram-3": ("configs/ngram.toml", ["model.order=3"]),
@@ -72,7 +75,7 @@ def score(run_dir: Path) -> tuple[float, int]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/shakespeare-char", help="prepared data directory (made if missing)")
-    p.add_argument("--source", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"),
+    p.add_argument("--source", default=str(SHAKESPEARE),
                    help="text to prepare when --data is missing (default: ../shared/data/tinyshakespeare.txt)")
     p.add_argument("--out", default="runs/baselines", help="run directories go here")
     p.add_argument("--json", default="runs/baselines/baselines.json", metavar="PATH")

@@ -30,7 +30,8 @@ from hpclm.errors import HpclmError
 
 
 def _kgram_tables(tokens: np.ndarray, order: int) -> list[dict]:
-    """Per k = 1..order: sorted unique keys, the index of the k-gram at each position, first positions, counts."""
+    """Per k = 1..order: sorted unique keys, each one's first position and count, and the index of the
+    (k-1)-gram starting at each k-gram's position (its context)."""
     n_tok = len(tokens)
     prev_index = np.zeros(n_tok + 1, dtype=np.int64)  # the empty gram, at every position
     prev_unique = 1
@@ -39,8 +40,7 @@ def _kgram_tables(tokens: np.ndarray, order: int) -> list[dict]:
         m = max(n_tok - k + 1, 0)  # positions where a k-gram starts
         key = tokens[:m] * prev_unique + prev_index[1:m + 1]  # first token, index of the suffix (k-1)-gram
         keys, first, index, counts = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
-        tables.append({"keys": keys, "first": first, "index": index.reshape(-1), "counts": counts,
-                       "prefix_index": prev_index[:m], "unique_below": prev_unique})
+        tables.append({"keys": keys, "first": first, "counts": counts, "prefix_index": prev_index[:m]})
         prev_index, prev_unique = index.reshape(-1), len(keys)
     return tables
 
