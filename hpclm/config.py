@@ -36,6 +36,11 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = False
     softmax: str = "sdpa"  # gpt attention: fused (hpclm.ops), torch (explicit ops), sdpa
+    order: int = 5  # ngram: tokens per n-gram (context of order - 1)
+    discount: float = 0.0  # ngram: Kneser-Ney discount for every order; 0: estimated per order, n1 / (n1 + 2 n2)
+    states: int = 64  # hmm: hidden states
+    em_tol: float = 1e-4  # hmm: stop EM when the train loss (nats/token) improves by less; 0: run train.max_iters
+    em_pseudocount: float = 0.01  # hmm: added to every expected emission count (keeps unseen tokens possible)
 
 
 @dataclass
@@ -110,7 +115,7 @@ class Config:
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 CHOICES = {
-    "model.arch": ("gpt", "gru"),
+    "model.arch": ("gpt", "gru", "ngram", "hmm"),
     "model.softmax": ("fused", "torch", "sdpa"),
     "precision.dtype": ("fp32", "fp16", "bf16"),
     "checkpoint.resume": ("auto", "never"),
@@ -219,6 +224,11 @@ def validate(cfg: Config) -> None:
         (cfg.model.arch != "gpt" or cfg.model.n_embd % cfg.model.n_head == 0,
          f"model.n_embd ({cfg.model.n_embd}) must be a multiple of model.n_head ({cfg.model.n_head})"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (cfg.model.order >= 1, "model.order must be >= 1"),
+        (0.0 <= cfg.model.discount <= 1.0, "model.discount must be in [0, 1] (0: estimated per order)"),
+        (cfg.model.states >= 1, "model.states must be >= 1"),
+        (cfg.model.em_tol >= 0, "model.em_tol must be >= 0 (0: run train.max_iters EM iterations)"),
+        (cfg.model.em_pseudocount >= 0, "model.em_pseudocount must be >= 0"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr must be in [0, optim.lr]"),
         (cfg.optim.warmup_iters >= 0, "optim.warmup_iters must be >= 0"),
@@ -273,6 +283,10 @@ def to_toml(cfg: Config | dict, header: str = "") -> str:
 def model_signature(cfg: Config, vocab_size: int) -> dict:
     """The settings that fix the parameter shapes: checkpoints with another signature are another model."""
     m = cfg.model
+    if m.arch == "ngram":
+        return {"model.arch": m.arch, "model.order": m.order, "model.discount": m.discount, "vocab_size": vocab_size}
+    if m.arch == "hmm":
+        return {"model.arch": m.arch, "model.states": m.states, "vocab_size": vocab_size}
     sig = {"model.arch": m.arch, "model.n_layer": m.n_layer, "model.n_embd": m.n_embd, "model.bias": m.bias,
            "vocab_size": vocab_size}
     if m.arch == "gpt":

@@ -63,7 +63,7 @@ def generate_text(trained: Trained, prompt: str = "\n", max_new_tokens: int = 50
     ids = trained.tokenizer.encode(prompt)
     if len(ids) == 0:
         raise HpclmError("--prompt encodes to no tokens: give at least one character")
-    device = next(trained.model.parameters()).device
+    device = next(iter([*trained.model.parameters(), *trained.model.buffers()]), torch.empty(0)).device
     g = torch.Generator(device=device).manual_seed(seed)
     out = sample(trained.model, torch.tensor(ids, dtype=torch.long, device=device)[None], max_new_tokens,
                  temperature, top_k or None, g)

@@ -27,7 +27,7 @@ from hpclm.config import Config, OptimConfig, PrecisionConfig
 from hpclm.data import Dataset, batch_rng, get_batch, load_dataset
 from hpclm.errors import HpclmError
 from hpclm.metrics import MetricsLog, Progress, Prometheus
-from hpclm.models import build_model, count_parameters
+from hpclm.models import CLASSICAL, build_model, count_parameters
 
 STATE_FORMAT = 1
 
@@ -252,6 +252,16 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     torch.manual_seed(cfg.train.seed + 1 + dist.rank())  # dropout differs across ranks
     run = Run(cfg, out, data, model, optimizer, scaler, device, params=[p for p in model.parameters() if p.requires_grad])
 
+    ckpt = open_run_dir(cfg, out, data, resume, force, say)
+    if ckpt:
+        _restore(run, Path(ckpt), say)
+    if dist.is_distributed():
+        broadcast_parameters(run.params)
+    return run
+
+
+def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool, say) -> str | None:
+    """Every rank: rank 0 checks OUT, writes OUT/config.toml and picks the checkpoint to resume (None: fresh)."""
     plan = None
     if dist.is_main():
         try:
@@ -268,11 +278,7 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
         plan = dist.broadcast_object(plan, 0)
     if "error" in plan:
         raise HpclmError(plan["error"])
-    if plan["ckpt"]:
-        _restore(run, Path(plan["ckpt"]), say)
-    if dist.is_distributed():
-        broadcast_parameters(run.params)
-    return run
+    return plan["ckpt"]
 
 
 def save_checkpoint(run: Run, step: int) -> Path | None:
@@ -344,6 +350,9 @@ def train_step(run: Run, step: int, amp) -> tuple[torch.Tensor, torch.Tensor, bo
 def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool = False,
           progress_bar: bool | None = None) -> dict:
     """Train per cfg into OUT; returns a summary (final step, losses, throughput, checkpoint)."""
+    if cfg.model.arch in CLASSICAL:
+        from hpclm.classical import fit
+        return fit(cfg, out, resume=resume, force=force, progress_bar=progress_bar)
     out = Path(out)
     main = dist.launch_env().rank == 0
     say = print if main else (lambda *a, **k: None)
