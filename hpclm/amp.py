@@ -1,11 +1,13 @@
 """FP16 dynamic loss scaling (Megatron-LM's rule, with hysteresis), agreed across ranks.
 
     scaler = DynamicLossScaler()
-    scaler.scale(loss).backward()
+    scaler.scale_loss(loss).backward()
     optimizer.synchronize()                      # Horovod: gradients are averaged now
-    if scaler.unscale_and_check(params):         # True: a gradient is inf/nan on some rank
-        ...skip optimizer.step()...
-    scaler.update(overflow)
+    finite = scaler.unscale_and_check(params)    # False: a gradient is inf/nan on some rank
+    if finite:
+        with optimizer.skip_synchronize():
+            optimizer.step()
+    scaler.update(finite)
 
 The scale starts at `init_scale`, doubles after `growth_interval` clean steps, and halves once
 `hysteresis` overflows have been seen since the last growth, never below `min_scale`. With
@@ -34,7 +36,7 @@ class DynamicLossScaler:
         if growth_interval < 1 or hysteresis < 1 or max_consecutive_skips < 1:
             raise ValueError("loss scaler needs growth_interval, hysteresis and max_consecutive_skips >= 1 "
                              f"(got {growth_interval}, {hysteresis}, {max_consecutive_skips})")
-        self.scale_value = float(init_scale)
+        self.scale = float(init_scale)
         self.growth_factor = float(growth_factor)
         self.backoff_factor = float(backoff_factor)
         self.growth_interval = int(growth_interval)
@@ -46,13 +48,13 @@ class DynamicLossScaler:
         self.skipped_steps = 0
         self.consecutive_skips_at_min = 0
 
-    def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scale_value
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale
 
     def unscale_and_check(self, params) -> bool:
-        """Divide every gradient by the scale in place; True when any gradient on any rank is not finite."""
+        """Divide every gradient by the scale in place; True when every gradient on every rank is finite."""
         grads = [p.grad for p in params if p.grad is not None]
-        inv = 1.0 / self.scale_value
+        inv = 1.0 / self.scale
         local_overflow = False
         for g in grads:
             g.mul_(inv)
@@ -60,17 +62,17 @@ class DynamicLossScaler:
             finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
             local_overflow = not bool(finite)
         flag = torch.tensor([1.0 if local_overflow else 0.0])
-        return bool(dist.allreduce(flag, "max").item() > 0)
+        return not dist.allreduce(flag, "max").item() > 0
 
-    def update(self, overflow: bool) -> None:
+    def update(self, finite: bool) -> None:
         """Adjust the scale after a step; raises LossScaleError when overflows persist at min_scale."""
-        if overflow:
+        if not finite:
             self.skipped_steps += 1
             self.growth_tracker = 0
-            at_min_before = self.scale_value <= self.min_scale
+            at_min_before = self.scale <= self.min_scale
             self.hysteresis_tracker -= 1
             if self.hysteresis_tracker <= 0:
-                self.scale_value = max(self.scale_value * self.backoff_factor, self.min_scale)
+                self.scale = max(self.scale * self.backoff_factor, self.min_scale)
             self.consecutive_skips_at_min = self.consecutive_skips_at_min + 1 if at_min_before else 0
             if self.consecutive_skips_at_min >= self.max_consecutive_skips:
                 raise LossScaleError(
@@ -83,15 +85,15 @@ class DynamicLossScaler:
             if self.growth_tracker == self.growth_interval:
                 self.growth_tracker = 0
                 self.hysteresis_tracker = self.hysteresis
-                self.scale_value *= self.growth_factor
+                self.scale *= self.growth_factor
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale_value, "growth_tracker": self.growth_tracker,
+        return {"kind": "dynamic", "scale": self.scale, "growth_tracker": self.growth_tracker,
                 "hysteresis_tracker": self.hysteresis_tracker, "skipped_steps": self.skipped_steps,
                 "consecutive_skips_at_min": self.consecutive_skips_at_min}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scale_value = float(state["scale"])
+        self.scale = float(state["scale"])
         self.growth_tracker = int(state["growth_tracker"])
         self.hysteresis_tracker = int(state["hysteresis_tracker"])
         self.skipped_steps = int(state["skipped_steps"])

@@ -94,6 +94,12 @@ class _SingleProcess:
     def allgather_object(self, obj):
         return [obj]
 
+    def distributed_optimizer(self, optimizer, named_parameters, backward_passes_per_step, fp16_compression):
+        return optimizer
+
+    def broadcast_training_state(self, model, optimizer, root):
+        pass
+
 
 class _Horovod:
     name = "horovod"
@@ -130,6 +136,20 @@ class _Horovod:
 
     def allgather_object(self, obj):
         return self.hvd.allgather_object(obj, name="hpclm.allgather_object")
+
+    def distributed_optimizer(self, optimizer, named_parameters, backward_passes_per_step, fp16_compression):
+        compression = self.hvd.Compression.fp16 if fp16_compression else self.hvd.Compression.none
+        return self.hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, op=self.hvd.Average,
+                                             compression=compression,
+                                             backward_passes_per_step=backward_passes_per_step)
+
+    def broadcast_training_state(self, model, optimizer, root):
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=root)
+        # Horovod initialises an empty optimizer state with a zero-gradient step(), which would move
+        # weights under weight decay: only an optimizer that already has state (a resume) is sent.
+        has_state = self.allreduce(torch.tensor([float(bool(optimizer.state))]), "min").item() > 0
+        if has_state:
+            self.hvd.broadcast_optimizer_state(optimizer, root_rank=root)
 
 
 _backend: _SingleProcess | _Horovod | None = None
@@ -249,6 +269,36 @@ def broadcast_object(obj: Any, root: int = 0) -> Any:
 def allgather_object(obj: Any) -> list:
     """Every rank's object, in rank order, on every rank."""
     return _get().allgather_object(obj)
+
+
+def distributed_optimizer(optimizer: torch.optim.Optimizer, named_parameters, *, backward_passes_per_step: int = 1,
+                          fp16_compression: bool = False) -> torch.optim.Optimizer:
+    """Horovod's DistributedOptimizer (gradients averaged over ranks after `backward_passes_per_step`
+    backward passes, optionally sent as fp16); the optimizer itself on a single rank.
+
+    Use with synchronize_gradients() and step_synchronized()."""
+    return _get().distributed_optimizer(optimizer, list(named_parameters), backward_passes_per_step, fp16_compression)
+
+
+def synchronize_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Wait until every gradient is averaged over ranks (a no-op on a single rank)."""
+    if hasattr(optimizer, "synchronize"):
+        optimizer.synchronize()
+
+
+def step_synchronized(optimizer: torch.optim.Optimizer) -> None:
+    """optimizer.step() after synchronize_gradients(), without a second exchange."""
+    if hasattr(optimizer, "skip_synchronize"):
+        with optimizer.skip_synchronize():
+            optimizer.step()
+    else:
+        optimizer.step()
+
+
+def broadcast_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, root: int = 0) -> None:
+    """Every rank takes root's parameters and buffers, and its optimizer state when it has one."""
+    _check_root(root)
+    _get().broadcast_training_state(model, optimizer, root)
 
 
 def _check_root(root):

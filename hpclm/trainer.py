@@ -3,11 +3,11 @@
 Every rank runs this same program. Rank 0 alone writes OUT/config.toml, OUT/metrics.jsonl and
 checkpoints, and prints progress; every collective is entered by every rank. Each step:
 
-    lr = lr_at(step)                         warmup + cosine decay
     for each micro-batch: forward, backward  batch drawn by generator (seed, rank, step, micro)
-    sync_gradients                           average over ranks (hpclm.dist)
-    scaler.unscale_and_check                 loss-scaler hook (fp16: hpclm.amp, separate issue)
-    clip, optimizer.step, scaler.update
+    synchronize_gradients                    Horovod's DistributedOptimizer averages over ranks
+    scaler.unscale_and_check                 fp16: hpclm.amp.DynamicLossScaler, agreed over ranks
+    clip, optimizer.step, scaler.update      lr = lr_at(applied updates): warmup + cosine decay;
+                                             a step skipped for overflow does not advance it
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import torch
 
 import hpclm.dist as dist
 from hpclm import checkpoint, config as config_mod
+from hpclm.amp import DynamicLossScaler
 from hpclm.config import Config, OptimConfig, PrecisionConfig
 from hpclm.data import Dataset, batch_rng, get_batch, load_dataset
 from hpclm.errors import HpclmError
@@ -58,7 +59,7 @@ def make_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimi
 
 
 class NoLossScaler:
-    """fp32/bf16: nothing to scale. The fp16 issue puts hpclm.amp.DynamicLossScaler here (same methods)."""
+    """fp32/bf16: nothing to scale (the interface of hpclm.amp.DynamicLossScaler, used for fp16)."""
 
     scale = 1.0
     skipped_steps = 0
@@ -67,7 +68,6 @@ class NoLossScaler:
         return loss
 
     def unscale_and_check(self, params) -> bool:
-        """Unscale gradients in place; False when any is non-finite (the step is then skipped)."""
         return True
 
     def update(self, finite: bool) -> None:
@@ -82,14 +82,14 @@ class NoLossScaler:
 
 def make_loss_scaler(p: PrecisionConfig):
     if p.dtype == "fp16":
-        raise HpclmError("precision.dtype = 'fp16' needs dynamic loss scaling (hpclm.amp), which is not in this "
-                         "build yet: use precision.dtype = 'bf16' or 'fp32'")
+        return DynamicLossScaler(init_scale=p.init_scale, growth_interval=p.growth_interval, hysteresis=p.hysteresis,
+                                 min_scale=p.min_scale, max_consecutive_skips=p.max_consecutive_skips)
     return NoLossScaler()
 
 
 def autocast(p: PrecisionConfig, device: torch.device):
-    if p.dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if p.dtype in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if p.dtype == "bf16" else torch.float16)
     return contextlib.nullcontext()
 
 
@@ -100,39 +100,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HpclmError(f"train.device = '{name}' but torch sees no CUDA device: use 'cpu' or 'auto'")
     return device
-
-
-def _flat(tensors) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def _unflat(flat: torch.Tensor, tensors) -> None:
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def broadcast_parameters(params: list[torch.Tensor], root: int = 0) -> None:
-    """Every rank starts from root's values (one flat broadcast)."""
-    with torch.no_grad():
-        flat = dist.broadcast(_flat(params), root)
-        _unflat(flat, params)
-
-
-def sync_gradients(params: list[torch.Tensor], loss: torch.Tensor, fp16_compression: bool) -> torch.Tensor:
-    """Average gradients and the step's loss over ranks in one allreduce; returns the mean loss."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    if fp16_compression:
-        flat = dist.allreduce(_flat(grads).half(), "avg").float()
-        loss = dist.allreduce(loss.reshape(1).float(), "avg")[0]
-    else:
-        flat = dist.allreduce(torch.cat([_flat(grads), loss.reshape(1).float()]), "avg")
-        flat, loss = flat[:-1], flat[-1]
-    _unflat(flat, grads)
-    for p, g in zip(params, grads):
-        p.grad = g
-    return loss
 
 
 def grad_norm_and_clip(params, max_norm: float) -> torch.Tensor:
@@ -214,12 +181,18 @@ class Run:
     device: torch.device
     params: list = field(default_factory=list)
     start_step: int = 0
+    lr_step: int = 0  # optimizer updates applied: the LR schedule's position (fp16 skips do not count)
     resumed_from: str | None = None
 
     @property
-    def tokens_per_step(self) -> int:
+    def global_batch(self) -> int:
+        """Sequences per optimizer step: per-rank batch x ranks x gradient accumulation."""
         t = self.cfg.train
-        return t.batch_size * t.grad_accum * self.cfg.data.block_size * dist.size()
+        return t.batch_size * dist.size() * t.grad_accum
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.cfg.data.block_size
 
 
 def _restore(run: Run, path: Path, say) -> None:
@@ -228,6 +201,7 @@ def _restore(run: Run, path: Path, say) -> None:
     state = checkpoint.load(path, "state.pt")
     run.scaler.load_state_dict(state["loss_scaler"])
     run.start_step = int(state["step"])
+    run.lr_step = int(state.get("lr_step", run.start_step))
     rng = state["rng"]["torch"]
     if len(rng) == dist.size():
         torch.set_rng_state(rng[dist.rank()])
@@ -248,7 +222,10 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     scaler = make_loss_scaler(cfg.precision)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (broadcast makes sure)
     model = build_model(cfg, data.vocab_size).to(device)
-    optimizer = make_optimizer(model, cfg.optim)
+    # Horovod rebuilds the optimizer when wrapping it, so wrap first and load a checkpoint's state after.
+    optimizer = dist.distributed_optimizer(make_optimizer(model, cfg.optim), model.named_parameters(),
+                                           backward_passes_per_step=cfg.train.grad_accum,
+                                           fp16_compression=cfg.dist.fp16_compression)
     torch.manual_seed(cfg.train.seed + 1 + dist.rank())  # dropout differs across ranks
     run = Run(cfg, out, data, model, optimizer, scaler, device, params=[p for p in model.parameters() if p.requires_grad])
 
@@ -256,7 +233,7 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     if ckpt:
         _restore(run, Path(ckpt), say)
     if dist.is_distributed():
-        broadcast_parameters(run.params)
+        dist.broadcast_training_state(run.model, run.optimizer, root=0)
     return run
 
 
@@ -293,8 +270,8 @@ def save_checkpoint(run: Run, step: int) -> Path | None:
         o = run.cfg.optim
         state = {
             "format": STATE_FORMAT, "step": step, "tokens": step * run.tokens_per_step, "world_size": dist.size(),
-            "rng": rngs, "loss_scaler": run.scaler.state_dict(),
-            "lr_schedule": {"lr": lr_at(step, o, run.cfg.train.max_iters), "max_lr": o.lr, "min_lr": o.min_lr,
+            "rng": rngs, "loss_scaler": run.scaler.state_dict(), "lr_step": run.lr_step,
+            "lr_schedule": {"lr": lr_at(run.lr_step, o, run.cfg.train.max_iters), "max_lr": o.lr, "min_lr": o.min_lr,
                             "warmup_iters": o.warmup_iters, "decay_iters": o.lr_decay_iters or run.cfg.train.max_iters},
             "data": {"sampler": "seeded (seed, rank, step * grad_accum + micro)", "seed": run.cfg.train.seed,
                      "next_step": step, "grad_accum": run.cfg.train.grad_accum},
@@ -320,31 +297,50 @@ def save_checkpoint(run: Run, step: int) -> Path | None:
 
 # --- the loop --------------------------------------------------------------------------------------
 
-def train_step(run: Run, step: int, amp) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """One optimizer update; returns (mean loss over micro-batches and ranks, grad norm, applied)."""
-    cfg, model, opt = run.cfg, run.model, run.optimizer
-    lr = lr_at(step, cfg.optim, cfg.train.max_iters)
-    for group in opt.param_groups:
-        group["lr"] = lr
-    accum = cfg.train.grad_accum
+def micro_batches(run: Run, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's grad_accum batches for `step`, drawn from generators seeded by (seed, rank, step, micro)."""
+    cfg, accum = run.cfg, run.cfg.train.grad_accum
+    return [get_batch(run.data.train, cfg.train.batch_size, cfg.data.block_size,
+                      batch_rng(cfg.train.seed, "train", dist.rank(), step * accum + micro), run.device)
+            for micro in range(accum)]
+
+
+def forward_backward(run: Run, batches, amp) -> torch.Tensor:
+    """Accumulate the (loss-scaled) gradients of the mean loss over `batches`; returns this rank's mean loss."""
     loss_sum = torch.zeros((), device=run.device)
-    for micro in range(accum):
-        x, y = get_batch(run.data.train, cfg.train.batch_size, cfg.data.block_size,
-                         batch_rng(cfg.train.seed, "train", dist.rank(), step * accum + micro), run.device)
+    for x, y in batches:
         with amp:
-            _, loss = model(x, y)
-        run.scaler.scale_loss(loss / accum).backward()
+            _, loss = run.model(x, y)
+        run.scaler.scale_loss(loss / len(batches)).backward()
         loss_sum += loss.detach().float()
-    loss = loss_sum / accum
-    if dist.is_distributed():
-        loss = sync_gradients(run.params, loss, cfg.dist.fp16_compression)
+    return loss_sum / len(batches)
+
+
+def apply_update(run: Run) -> tuple[float, bool]:
+    """Average gradients over ranks, unscale and check them, clip, step; returns (grad norm, applied).
+
+    Every rank reaches the same decision: the overflow flag is agreed by a MAX allreduce."""
+    opt = run.optimizer
+    dist.synchronize_gradients(opt)
     finite = run.scaler.unscale_and_check(run.params)
-    norm = grad_norm_and_clip(run.params, cfg.optim.grad_clip)
+    norm = float("inf")
     if finite:
-        opt.step()
+        norm = float(grad_norm_and_clip(run.params, run.cfg.optim.grad_clip))
+        lr = lr_at(run.lr_step, run.cfg.optim, run.cfg.train.max_iters)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        dist.step_synchronized(opt)
+        run.lr_step += 1
     run.scaler.update(finite)
-    opt.zero_grad(set_to_none=True)
-    return loss, norm, finite
+    opt.zero_grad()
+    return norm, finite
+
+
+def train_step(run: Run, step: int, amp) -> tuple[torch.Tensor, float, bool]:
+    """One optimizer update; returns (this rank's mean loss, grad norm, applied)."""
+    loss = forward_backward(run, micro_batches(run, step), amp)
+    norm, applied = apply_update(run)
+    return loss, norm, applied
 
 
 def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool = False,
@@ -364,7 +360,8 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
     prom = Prometheus(cfg.metrics.prometheus_port, cfg.metrics.prometheus_host) if main and cfg.metrics.prometheus_port else None
     say(f"hpclm train: {cfg.model.arch} {count_parameters(run.model) / 1e6:.2f}M parameters, {dist.size()} rank(s) "
         f"({dist.backend()}), {run.device}, {cfg.precision.dtype}; data {cfg.data.path} ({run.data.meta['tokenizer']}, "
-        f"vocabulary {run.data.vocab_size}); {run.tokens_per_step} tokens/step; out {out}"
+        f"vocabulary {run.data.vocab_size}); global batch {run.global_batch} = {t.batch_size} per rank x "
+        f"{dist.size()} rank(s) x {t.grad_accum} accumulation ({run.tokens_per_step} tokens/step); out {out}"
         + (f"; resumed from {run.resumed_from}" if run.resumed_from else "")
         + (f"; Prometheus at {prom.url}" if prom else ""))
     progress = Progress(run.start_step, max_iters, progress_bar) if main else None
@@ -400,14 +397,16 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
             if main:
                 progress.step()
             if done % t.log_interval == 0 or done == max_iters:
+                if dist.is_distributed():  # every rank logs at the same steps: one small allreduce
+                    loss_acc = dist.allreduce(loss_acc.reshape(1), "avg")[0]
                 mean_loss = float(loss_acc) / steps_acc
                 if not math.isfinite(mean_loss):
                     raise HpclmError(f"training diverged: loss is {mean_loss} at step {done}; lower optim.lr, "
                                      "raise optim.warmup_iters or set optim.grad_clip")
                 record({"kind": "train", "step": done, "tokens": done * run.tokens_per_step, "loss": mean_loss,
-                        "lr": lr_at(step, cfg.optim, max_iters),
+                        "lr": lr_at(max(run.lr_step - 1, 0), cfg.optim, max_iters),
                         "tokens_per_s": run.tokens_per_step * steps_acc / time_acc, "step_time_s": time_acc / steps_acc,
-                        "grad_norm": float(norm), "loss_scale": float(run.scaler.scale),
+                        "grad_norm": norm, "loss_scale": float(run.scaler.scale),
                         "skipped_steps": int(run.scaler.skipped_steps), "ranks": dist.size()})
                 summary["loss"] = mean_loss
                 loss_acc, steps_acc, time_acc = 0.0, 0, 0.0

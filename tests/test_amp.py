@@ -12,10 +12,11 @@ def _param_with_grad(value):
 
 
 def _drive(scaler, overflows):
+    """Feed a sequence of overflow flags (True = non-finite gradients); the scale after each step."""
     scales = []
     for overflow in overflows:
-        scaler.update(overflow)
-        scales.append(scaler.scale_value)
+        scaler.update(not overflow)
+        scales.append(scaler.scale)
     return scales
 
 
@@ -48,18 +49,18 @@ def test_hysteresis_delays_backoff_until_growth_resets_it():
 def test_never_below_min_scale_and_stops_when_stuck():
     s = DynamicLossScaler(init_scale=4, hysteresis=1, min_scale=1, max_consecutive_skips=3)
     assert _drive(s, [True, True, True]) == [2, 1, 1]
-    s.update(True)
+    s.update(False)
     with pytest.raises(LossScaleError, match="3 consecutive steps at the minimum loss scale 1"):
-        s.update(True)
+        s.update(False)
 
 
 def test_unscale_and_check_divides_and_detects_non_finite():
     s = DynamicLossScaler(init_scale=8)
     good = [_param_with_grad(16.0), _param_with_grad(-8.0)]
-    assert s.unscale_and_check(good) is False
+    assert s.unscale_and_check(good) is True
     assert good[0].grad.tolist() == [2.0] * 3 and good[1].grad.tolist() == [-1.0] * 3
     for bad in (float("inf"), float("nan")):
-        assert s.unscale_and_check([_param_with_grad(1.0), _param_with_grad(bad)]) is True
+        assert s.unscale_and_check([_param_with_grad(1.0), _param_with_grad(bad)]) is False
 
 
 def test_state_round_trip_continues_identically():
