@@ -71,7 +71,7 @@ class TrainConfig:
 class PrecisionConfig:
     dtype: str = "fp32"
     init_scale: float = 65536.0
-    growth_interval: int = 2000
+    growth_interval: int = 1000
     hysteresis: int = 2
     min_scale: float = 1.0
     max_consecutive_skips: int = 50

@@ -1,0 +1,179 @@
+"""Data parallelism over Horovod/MPI and FP16 loss scaling, under real mpirun -np 2."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import child_env, mpirun, requires_horovod, run_python
+from lm_fixtures import TINY, records, shakespeare_dir  # noqa: F401 (fixture)
+
+pytestmark = requires_horovod
+
+# Drives the trainer's own pieces (setup, forward_backward, apply_update) with batches the test
+# chooses, so one rank with 2B sequences and two ranks with B each see the same samples.
+STEPS = textwrap.dedent("""
+    import json, sys, numpy as np, torch
+    import hpclm.dist as dist
+    from hpclm import config, trainer
+    from hpclm.data import get_batch
+    out, mode, *overrides = sys.argv[1:]
+    cfg = config.load(None, overrides)
+    run = trainer.setup(cfg, __import__("pathlib").Path(out), "never", False, lambda *a: None)
+    amp = trainer.autocast(cfg.precision, run.device)
+    r, n, B, T = dist.rank(), dist.size(), cfg.train.batch_size, cfg.data.block_size
+    report = {"rank": r, "steps": []}
+    for step in range(6):
+        G = 2 * B if mode == "average" else B
+        x, y = get_batch(run.data.train, G, T, np.random.default_rng(1000 + step + (r if mode == "inject" else 0)),
+                         run.device)
+        if mode == "average":  # rank r takes its share of the same global batch, in grad_accum micro-batches
+            x, y = x[r * G // n:(r + 1) * G // n], y[r * G // n:(r + 1) * G // n]
+            k = cfg.train.grad_accum
+            batches = [(x[i * len(x) // k:(i + 1) * len(x) // k], y[i * len(y) // k:(i + 1) * len(y) // k]) for i in range(k)]
+        else:
+            batches = [(x, y)]
+        hook = None
+        if mode == "inject" and r == 1 and step in (2, 3):  # a non-finite gradient on rank 1 only
+            hook = run.params[0].register_hook(lambda g: g * float("inf"))
+        before = [p.detach().clone() for p in run.params]
+        trainer.forward_backward(run, batches, amp)
+        norm, applied = trainer.apply_update(run)
+        if hook:
+            hook.remove()
+        report["steps"].append({"applied": applied, "scale": run.scaler.scale, "lr_step": run.lr_step,
+                                "skipped": run.scaler.skipped_steps,
+                                "moved": any(not torch.equal(a, p) for a, p in zip(before, run.params))})
+    report["params"] = [p.detach().double().flatten().tolist() for p in run.params]
+    with open(f"{out}.rank{r}.json", "w") as f:
+        json.dump(report, f)
+""")
+
+
+def _cfg(data_dir, *extra):
+    return [f"data.path={json.dumps(str(data_dir))}", *TINY, "model.dropout=0.0", *extra]
+
+
+def _reports(out, n):
+    return [json.loads(open(f"{out}.rank{r}.json").read()) for r in range(n)]
+
+
+def test_two_ranks_batch_b_equal_one_rank_batch_2b(shakespeare_dir, tmp_path):
+    one = run_python(["-c", STEPS, str(tmp_path / "one"), "average", *_cfg(shakespeare_dir, "train.grad_accum=1")])
+    assert one.returncode == 0, one.stderr
+    two = mpirun(2, ["-c", STEPS, str(tmp_path / "two"), "average", *_cfg(shakespeare_dir, "train.grad_accum=2")])
+    assert two.returncode == 0, two.stdout + two.stderr
+    (ref,), pair = _reports(tmp_path / "one", 1), _reports(tmp_path / "two", 2)
+    assert pair[0]["params"] == pair[1]["params"]  # replicas identical
+    worst = max(abs(a - b) for p, q in zip(ref["params"], pair[0]["params"]) for a, b in zip(p, q))
+    assert worst < 1e-5, f"2 ranks x B differ from 1 rank x 2B by {worst}"
+    assert all(s["moved"] for s in ref["steps"])  # the comparison is not between untrained models
+
+
+def test_injected_overflow_on_one_rank_is_skipped_by_both(shakespeare_dir, tmp_path):
+    cfg = _cfg(shakespeare_dir, "precision.dtype=fp16", "precision.init_scale=1024", "precision.hysteresis=2")
+    proc = mpirun(2, ["-c", STEPS, str(tmp_path / "fp16"), "inject", *cfg])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    reports = _reports(tmp_path / "fp16", 2)
+    for rep in reports:
+        steps = rep["steps"]
+        assert [s["applied"] for s in steps] == [True, True, False, False, True, True]
+        assert [s["moved"] for s in steps] == [True, True, False, False, True, True]
+        assert [s["scale"] for s in steps] == [1024, 1024, 1024, 512, 512, 512]  # backs off at the 2nd overflow
+        assert [s["lr_step"] for s in steps] == [1, 2, 2, 2, 3, 4]  # skipped steps do not advance the LR
+        assert steps[-1]["skipped"] == 2
+    assert reports[0]["params"] == reports[1]["params"]
+
+
+def test_fp16_ends_close_to_fp32(shakespeare_dir, tmp_path):
+    script = textwrap.dedent("""
+        import json, sys
+        from hpclm import config, trainer
+        out, *overrides = sys.argv[1:]
+        losses = {}
+        for dtype in ("fp32", "fp16"):
+            cfg = config.load(None, [*overrides, f"precision.dtype={dtype}"])
+            s = trainer.train(cfg, f"{out}/{dtype}", progress_bar=False)
+            losses[dtype] = s["val_loss"]
+        print(json.dumps(losses))
+    """)
+    cfg = _cfg(shakespeare_dir, "model.n_embd=64", "model.n_layer=2", "train.max_iters=300", "train.eval_interval=0",
+               "train.eval_iters=20", "train.log_interval=50", "checkpoint.every_iters=0", "train.batch_size=8")
+    proc = run_python(["-c", script, str(tmp_path), *cfg], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    losses = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert losses["fp32"] < 2.6  # it learned something
+    assert abs(losses["fp16"] - losses["fp32"]) < 0.05, losses
+    assert max(r["loss_scale"] for r in records(tmp_path / "fp16", "train")) >= 2.0**16
+
+
+def _train_cmd(out, data_dir, *extra):
+    return ["-m", "hpclm", "train", "--out", str(out), *[f"--set={o}" for o in _cfg(data_dir, *extra)]]
+
+
+def _popen_mpirun(args):
+    cmd = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none", "--allow-run-as-root", sys.executable, *args]
+    return subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_two_rank_run_resumes_to_the_same_losses(shakespeare_dir, tmp_path):
+    extra = ("train.max_iters=150", "checkpoint.every_iters=20", "model.dropout=0.1", "train.eval_interval=50")
+    whole = mpirun(2, _train_cmd(tmp_path / "whole", shakespeare_dir, *extra))
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+
+    out = tmp_path / "killed"
+    proc = _popen_mpirun(_train_cmd(out, shakespeare_dir, *extra))
+    _wait_for(lambda: (out / "checkpoints" / "latest").is_file(), 120, "a first checkpoint")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    killed_at = int((out / "checkpoints" / "latest").read_text().split("_")[-1].strip() or 0)
+    assert killed_at < 150, "the run finished before it could be killed: the test proves nothing"
+
+    resumed = mpirun(2, _train_cmd(out, shakespeare_dir, *extra))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout
+    a = {r["step"]: r["loss"] for r in records(tmp_path / "whole", "train")}
+    b = {r["step"]: r["loss"] for r in records(out, "train")}
+    assert sorted(a) == sorted(b) == list(range(1, 151))
+    assert a == b  # exact: same batches, same dropout RNG, same averaging
+    assert [r["val_loss"] for r in records(out, "eval")] == [r["val_loss"] for r in records(tmp_path / "whole", "eval")]
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def test_killing_one_rank_ends_the_job_quickly(shakespeare_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = _popen_mpirun(_train_cmd(out, shakespeare_dir, "train.max_iters=100000", "checkpoint.every_iters=0"))
+    try:
+        _wait_for(lambda: records(out, "train") if (out / "metrics.jsonl").is_file() else False, 120, "training to start")
+        ranks = [c for c in _children(proc.pid) if "python" in open(f"/proc/{c}/cmdline").read()]
+        assert len(ranks) == 2, ranks
+        t0 = time.time()
+        os.kill(ranks[1], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=60)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert elapsed < 60, f"the job took {elapsed:.1f} s to end"
