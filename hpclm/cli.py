@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hpclm.errors import HpclmError
+from hpclm.errors import EXIT_PREEMPTED, HpclmError, Preempted
 
 
 def _add_info(sub):
@@ -119,6 +119,11 @@ def main(argv=None) -> int:
     except HpclmError as e:
         print(f"hpclm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        from hpclm.dist import launch_env
+        if launch_env().rank == 0:  # every rank stops alike; one says why
+            print(f"hpclm {args.command}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         return 130
 

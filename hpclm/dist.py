@@ -97,6 +97,9 @@ class _SingleProcess:
     def distributed_optimizer(self, optimizer, named_parameters, backward_passes_per_step, fp16_compression):
         return optimizer
 
+    def any_rank(self, flag):
+        return flag
+
     def broadcast_training_state(self, model, optimizer, root):
         pass
 
@@ -136,6 +139,17 @@ class _Horovod:
 
     def allgather_object(self, obj):
         return self.hvd.allgather_object(obj, name="hpclm.allgather_object")
+
+    def any_rank(self, flag):
+        # One MPI_Allreduce on Horovod's MPI (initialised with MPI_THREAD_MULTIPLE) takes microseconds;
+        # a Horovod op waits for its ~1 ms cycle, too slow to ask every step.
+        try:
+            from mpi4py import MPI
+            if MPI.Is_initialized() and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
+                return bool(MPI.COMM_WORLD.allreduce(int(flag), op=MPI.MAX))
+        except ImportError:
+            pass
+        return self.allreduce(torch.tensor([float(flag)]), "max").item() > 0
 
     def distributed_optimizer(self, optimizer, named_parameters, backward_passes_per_step, fp16_compression):
         compression = self.hvd.Compression.fp16 if fp16_compression else self.hvd.Compression.none
@@ -269,6 +283,11 @@ def broadcast_object(obj: Any, root: int = 0) -> Any:
 def allgather_object(obj: Any) -> list:
     """Every rank's object, in rank order, on every rank."""
     return _get().allgather_object(obj)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on at least one (every rank must call it)."""
+    return _get().any_rank(bool(flag))
 
 
 def distributed_optimizer(optimizer: torch.optim.Optimizer, named_parameters, *, backward_passes_per_step: int = 1,

@@ -14,6 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ from hpclm import checkpoint, config as config_mod
 from hpclm.amp import DynamicLossScaler
 from hpclm.config import Config, OptimConfig, PrecisionConfig
 from hpclm.data import Dataset, batch_rng, get_batch, load_dataset
-from hpclm.errors import HpclmError
+from hpclm.errors import EXIT_PREEMPTED, HpclmError, Preempted
 from hpclm.metrics import MetricsLog, Progress, Prometheus
 from hpclm.models import CLASSICAL, build_model, count_parameters
 
@@ -297,6 +300,31 @@ def save_checkpoint(run: Run, step: int) -> Path | None:
 
 # --- the loop --------------------------------------------------------------------------------------
 
+class PreemptionSignals:
+    """Remembers a SIGUSR1 (Slurm's --signal warning) or SIGTERM (time limit, scancel) for the loop,
+    which asks every rank at each step boundary (dist.any_rank) so all stop after the same step."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+
 def micro_batches(run: Run, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's grad_accum batches for `step`, drawn from generators seeded by (seed, rank, step, micro)."""
     cfg, accum = run.cfg, run.cfg.train.grad_accum
@@ -364,6 +392,9 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
         f"{dist.size()} rank(s) x {t.grad_accum} accumulation ({run.tokens_per_step} tokens/step); out {out}"
         + (f"; resumed from {run.resumed_from}" if run.resumed_from else "")
         + (f"; Prometheus at {prom.url}" if prom else ""))
+    restarts = os.environ.get("SLURM_RESTART_COUNT")
+    if restarts:
+        say(f"Slurm job {os.environ.get('SLURM_JOB_ID')}: restart {restarts}")
     progress = Progress(run.start_step, max_iters, progress_bar) if main else None
     summary = {"start_step": run.start_step, "step": run.start_step, "out": str(out)}
 
@@ -379,7 +410,9 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
         record({"kind": "eval", "step": step, "tokens": step * run.tokens_per_step, **losses})
         summary.update(losses)
 
+    signals = PreemptionSignals()
     try:
+        signals.__enter__()
         if run.start_step >= max_iters:
             say(f"already at step {run.start_step} (train.max_iters = {max_iters}): raise train.max_iters to train further")
         elif run.start_step == 0 and t.eval_interval:
@@ -413,14 +446,21 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
             if (t.eval_interval and done % t.eval_interval == 0) or done == max_iters:
                 evaluate(done)
             every = cfg.checkpoint.every_iters
-            if (every and done % every == 0) or done == max_iters:
+            saved = (every and done % every == 0) or done == max_iters
+            if saved:
                 summary["checkpoint"] = str(save_checkpoint(run, done))
             summary["step"] = done
+            if dist.any_rank(signals.received is not None) and done < max_iters:
+                path = summary["checkpoint"] if saved else str(save_checkpoint(run, done))
+                name = signal.Signals(signals.received).name if signals.received else "a signal on another rank"
+                raise Preempted(f"stopped after step {done} on {name}; checkpoint {path} written; the same command "
+                                f"resumes from it (exit code {EXIT_PREEMPTED}: requeue)")
         trained = summary["step"] - run.start_step
         if trained:
             summary["train_time_s"] = train_time
             summary["tokens_per_s"] = run.tokens_per_step * trained / train_time
     finally:
+        signals.__exit__()
         if main:
             progress.close()
             log.close()

@@ -1,11 +1,13 @@
 """Real Slurm: jobs submitted with sbatch to a single-node cluster this test module starts and stops."""
 import json
+import time
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, child_env, requires_horovod
+from conftest import REPO, child_env, mpirun, requires_horovod
+from lm_fixtures import TINY, records, shakespeare_dir  # noqa: F401 (fixture)
 from slurm_cluster import LocalSlurm, missing_tools
 
 pytestmark = pytest.mark.skipif(bool(missing_tools()), reason=f"Slurm/munge not installed ({', '.join(missing_tools())}); "
@@ -51,3 +53,68 @@ def test_dist_under_srun_and_mpirun_in_a_batch_job(slurm, tmp_path):
     launches = [json.loads((tmp_path / f"info-{t}.json").read_text())["launch"] for t in (0, 1)]
     assert [(la["launched_by"], la["rank"], la["size"], la["local_rank"]) for la in launches] == \
         [("pmix", 0, 2, 0), ("pmix", 1, 2, 1)]
+
+
+def _train_args(data_dir, *extra):
+    sets = [f"data.path={json.dumps(str(data_dir))}", *TINY, *extra]
+    return [a for kv in sets for a in ("--set", kv)]
+
+
+def _submit_train(slurm, tmp_path, out, args, *sbatch_args):
+    log = tmp_path / "train-%j.out"
+    job_id = slurm.sbatch("-n", "2", "-o", str(log), *sbatch_args, str(REPO / "slurm" / "train.sbatch"),
+                          "configs/demo.toml", *args, cwd=REPO, env=job_env(HPCLM_OUT=str(out)))
+    return job_id, Path(str(log).replace("%j", str(job_id)))
+
+
+@requires_horovod
+def test_train_sbatch_runs_to_a_sample(slurm, shakespeare_dir, tmp_path):
+    out = tmp_path / "run"
+    job_id, log = _submit_train(slurm, tmp_path, out, _train_args(shakespeare_dir, "train.max_iters=30",
+                                                                  "checkpoint.every_iters=10"))
+    info = slurm.wait(job_id, timeout=180)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    assert (out / "checkpoints" / "latest").read_text().strip().endswith("30")
+    assert {r["ranks"] for r in records(out, "train")} == {2} and records(out, "train")[-1]["step"] == 30
+    sample = text.split("done: step 30", 1)[1].split("\n", 1)[1]
+    assert len(sample.strip()) > 50, text  # generated text follows the training summary
+
+
+@requires_horovod
+def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, shakespeare_dir, tmp_path):
+    args = _train_args(shakespeare_dir, "train.max_iters=200", "checkpoint.every_iters=50", "model.dropout=0.1",
+                       "train.eval_interval=50")
+    out = tmp_path / "preempted"
+    job_id, log = _submit_train(slurm, tmp_path, out, args)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(r["step"] >= 20 for r in (records(out, "train") if (out / "metrics.jsonl").exists() else [])):
+        time.sleep(0.1)
+    slurm.run("scancel", "--batch", "--signal=USR1", str(job_id))
+    info = slurm.wait(job_id, timeout=240)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
+    assert "checkpointed on request; requeueing" in text and "Slurm job" in text and "restart 1" in text
+    assert "exit code 75" in text
+    stopped = int(text.split("stopped after step ", 1)[1].split()[0])
+    assert 20 <= stopped < 200  # preempted mid-run, not at the end
+
+    reference = tmp_path / "reference"
+    whole = mpirun(2, ["-m", "hpclm", "train", "--config", "configs/demo.toml", "--out", str(reference), *args])
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    got = {r["step"]: r["loss"] for r in records(out, "train")}
+    want = {r["step"]: r["loss"] for r in records(reference, "train")}
+    assert sorted(got) == list(range(1, 201))  # every step exactly once in the final log
+    assert got == want  # the losses of an uninterrupted run, bit for bit
+
+
+def test_bad_config_fails_fast_with_one_line(slurm, tmp_path):
+    t0 = time.time()
+    job_id, log = _submit_train(slurm, tmp_path, tmp_path / "bad", ["--set", "model.n_layr=2"])
+    info = slurm.wait(job_id, timeout=120)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("2:"), (info, text)
+    errors = [line for line in text.splitlines() if "error:" in line and "n_layr" in line]
+    assert len(errors) == 1 and errors[0].startswith("hpclm train: error: unknown key in [model] 'n_layr'"), text
+    assert "Traceback" not in text
+    assert time.time() - t0 < 60
