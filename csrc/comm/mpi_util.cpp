@@ -128,8 +128,11 @@ std::vector<std::pair<std::string, std::string>> transport_report() {
   std::vector<std::pair<std::string, std::string>> out;
   std::string pml = openmpi_selected_pml();
   if (!pml.empty()) out.emplace_back("pml selected", pml);
-  int provided = 0;
-  if (MPI_T_init_thread(MPI_THREAD_SINGLE, &provided) != MPI_SUCCESS) return out;
+  // Ask MPI_T for the level MPI already runs at: Open MPI 4.1 lowers the process's thread level
+  // to whatever MPI_T_init_thread is given (Horovod then warns and may crash).
+  int level = MPI_THREAD_SINGLE, provided = 0;
+  MPI_Query_thread(&level);
+  if (MPI_T_init_thread(level, &provided) != MPI_SUCCESS) return out;
   // Open MPI's selection knobs and shared-memory single-copy mechanism; MPICH's netmod/shm choices.
   for (const char* name : {"pml", "btl", "mtl", "btl_vader_single_copy_mechanism", "btl_sm_single_copy_mechanism",
                            "MPIR_CVAR_CH4_NETMOD", "MPIR_CVAR_CH4_SHM", "MPIR_CVAR_NEMESIS_NETMOD"}) {

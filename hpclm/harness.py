@@ -1,0 +1,130 @@
+"""Pieces every hpclm benchmark and probe shares (nccl-tests' habit: one harness times, checks
+and prints; each case only says what to run): sizes with K/M/G suffixes, a timing loop, the
+host description, fixed-width tables and atomic JSON/figure writing."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'64K' -> 65536 (binary units, optional trailing B/iB; '1.5M' allowed); plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"'{text}' is not a size: use a number of bytes with an optional K, M, G or T suffix (e.g. 64K, 256M)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def format_size(nbytes: float) -> str:
+    """65536 -> '64 KiB'; exact binary multiples print without decimals."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            value = nbytes / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.3g} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_info(ranks: int = 1, **extra: Any) -> dict:
+    """The "host" object of every --json output: cpu, cores, ranks (+ whatever the tool adds)."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "ranks": ranks, "hostname": platform.node(), **extra}
+
+
+def time_calls(call: Callable[[], Any], iters: int, warmup: int = 0, sync: Callable[[], Any] | None = None) -> float:
+    """Mean seconds per call over `iters` back-to-back calls, after `warmup` untimed ones and `sync()`."""
+    for _ in range(warmup):
+        call()
+    if sync is not None:
+        sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        call()
+    return (time.perf_counter() - start) / max(1, iters)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a fixed-width table: header lines, width, and how a value prints."""
+
+    title: str
+    width: int
+    fmt: str = "{}"
+    unit: str = ""
+
+    def cell(self, value: Any) -> str:
+        if value is None:
+            return "n/a".rjust(self.width)
+        return self.fmt.format(value).rjust(self.width)
+
+
+def format_table(columns: Sequence[Column], rows: Sequence[Sequence[Any]], groups: Sequence[tuple[str, int]] = (),
+                 prefix: str = "#") -> list[str]:
+    """Header lines (starting with `prefix`) and one line per row; `groups` = [(title, n_columns)] spans."""
+    lines = []
+    if groups:
+        cells, i = [], 0
+        for title, span in groups:
+            width = sum(c.width for c in columns[i:i + span]) + span - 1
+            cells.append(title.center(width) if title else " " * width)
+            i += span
+        lines.append(prefix + " ".join(cells)[len(prefix):])
+    for attr in ("title", "unit"):
+        line = " ".join(getattr(c, attr).rjust(c.width) for c in columns)
+        if line.strip():
+            lines.append(prefix + line[len(prefix):])
+    for row in rows:
+        lines.append(" ".join(c.cell(v) for c, v in zip(columns, row)))
+    return lines
+
+
+def _atomic_target(path: str | Path) -> tuple[Path, str]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    return path, tmp
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as JSON to `path` through a temporary file and a rename: never half-written."""
+    path, tmp = _atomic_target(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_figure(fig, path: str | Path, **kwargs: Any) -> None:
+    """matplotlib `fig.savefig` through a temporary file and a rename."""
+    path, tmp = _atomic_target(path)
+    try:
+        fig.savefig(tmp, **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
