@@ -108,7 +108,7 @@ def _plan(buf, op, out, segment_bytes, depth, threads) -> tuple[_Memory, _Memory
         raise ValueError(f"out ({dst.count} x {dst.dtype}) must match buf ({src.count} x {src.dtype})")
     if not dst.writable:
         raise ValueError("out is read-only: pass a writable array")
-    same = dst.ptr == src.ptr
+    same = dst.ptr == src.ptr and src.nbytes > 0  # empty buffers may share the null address
     if not same and src.nbytes and dst.ptr < src.ptr + src.nbytes and src.ptr < dst.ptr + dst.nbytes:
         raise ValueError("out overlaps buf: pass out=buf (or no out) for in place, or a separate buffer")
     return src, (src if same else dst)
@@ -244,7 +244,7 @@ class Impl:
     bus_factor: Callable[[int], float]
     bind: Callable[[torch.Tensor, torch.Tensor, str, str], Callable[[], Any]]  # (send, recv, dtype, op) -> one call
     expects: str = "allreduce"                        # or "shift": rank-1's input (point to point)
-    in_place_only: bool = False
+    in_place: bool | None = None                      # None: as the run asks; True/False: always
     per_op: bool = True                               # False: the op does not change what is measured
     unsupported: Callable[[str, str], str | None] = lambda dtype, op: None
     start: Callable[[], None] = lambda: None
@@ -278,7 +278,7 @@ def _sendrecv_impl(ext, comm) -> Impl:
         args = (send.data_ptr(), recv.data_ptr(), send.numel() * send.element_size(), handle)
         return lambda: ext.mpi_sendrecv(*args)
     return Impl("sendrecv", "MPI_Sendrecv to rank+1 from rank-1 (one ring link; busbw = algbw): the ring's bound",
-                lambda n: 1.0, bind, expects="shift", per_op=False)
+                lambda n: 1.0, bind, expects="shift", per_op=False, in_place=False)
 
 
 def horovod_problem() -> str | None:
@@ -305,7 +305,7 @@ def _horovod_impl(comm) -> Impl:
     def bind(send, recv, dtype, op):
         return lambda: hvd.allreduce_(recv, op=ops[op], name="hpclm.probe")
     return Impl("horovod", "hvd.allreduce_ (in place, as DistributedOptimizer uses it; 1 tensor per call)",
-                allreduce_bus_factor, bind, in_place_only=True,
+                allreduce_bus_factor, bind, in_place=True,
                 unsupported=lambda dtype, op: "Horovod has no bfloat16 allreduce" if dtype == "bfloat16" else None,
                 start=start, stop=hvd.shutdown)
 
@@ -340,7 +340,7 @@ def _measure(MPI, comm, impl: Impl, pattern: Pattern, dtype: str, op: str, size:
     rank, n = comm.Get_rank(), comm.Get_size()
     esize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     count = size // esize
-    in_place = s.in_place or impl.in_place_only
+    in_place = s.in_place if impl.in_place is None else impl.in_place
     row = {"impl": impl.name, "size": count * esize, "count": count, "type": dtype,
            "redop": op if impl.per_op else None, "in_place": in_place}
     reason = impl.unsupported(dtype, op)
