@@ -141,6 +141,7 @@ def test_probe_table_json_and_plot(tmp_path):
     assert "Bandwidth dominates above S*" in proc.stdout and "# MPI: Open MPI" in proc.stdout
     assert "pml selected ob1" in proc.stdout  # what Open MPI itself says it runs
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "MPI_THREAD_MULTIPLE" not in proc.stderr  # reading MPI_T must not lower MPI's thread level
 
 
 def test_probe_reports_a_corrupted_result_and_fails(tmp_path):
