@@ -305,13 +305,16 @@ def test_reduce_to_and_divide_by_kernels():
         ext.set_cpu_path(path)
         for dtype in probe.DTYPES:
             tdtype = getattr(torch, dtype)
-            a = torch.arange(-50, 51, dtype=tdtype)
-            b = torch.flip(a, [0]) * 2
-            dst = torch.empty_like(a)
-            ext.reduce_to(dst.data_ptr(), a.data_ptr(), b.data_ptr(), a.numel(), dtype, "max")
-            assert torch.equal(dst, torch.maximum(a, b)), (path, dtype)
+            a = torch.arange(-50, 51, dtype=tdtype) / 8  # 101 elements: vector body and tail
+            b = torch.flip(a, [0]) * 3
+            refs = {"sum": a.float() + b.float(), "prod": a.float() * b.float(),
+                    "min": torch.minimum(a, b).float(), "max": torch.maximum(a, b).float()}
+            for op, ref in refs.items():
+                dst = torch.empty_like(a)
+                ext.reduce_to(dst.data_ptr(), a.data_ptr(), b.data_ptr(), a.numel(), dtype, op)
+                assert torch.equal(dst, ref.to(tdtype)), (path, dtype, op)
             ext.reduce_to(dst.data_ptr(), dst.data_ptr(), a.data_ptr(), a.numel(), dtype, "sum")  # dst is a
-            assert torch.equal(dst, torch.maximum(a, b) + a), (path, dtype)
+            assert torch.equal(dst, (refs["max"] + a.float()).to(tdtype)), (path, dtype)
             x = torch.arange(1, 200, dtype=tdtype)
             ext.divide_by(x.data_ptr(), x.numel(), dtype, 3.0)
             want = (torch.arange(1, 200, dtype=torch.float64) / 3).to(tdtype)

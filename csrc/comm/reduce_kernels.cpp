@@ -1,8 +1,16 @@
 // Compiled once per ISA (CMake sets HPCLM_ISA and the matching -m flags); plain loops
 // that the compiler vectorizes for that ISA.
 #include <algorithm>
+#include <type_traits>
 
 #include "comm/reduce.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #ifndef HPCLM_ISA
 #error "compile this file through CMake's per-ISA object libraries"
@@ -43,27 +51,143 @@ inline T combine(T a, T b) {
   if constexpr (OP == ReduceOp::max) return b > a ? b : a;
 }
 
+// a op b on stored values. min and max pick one input, so for half types they select the stored
+// bits (no rounding involved), which the compiler vectorizes where a float select is not.
+template <ReduceOp OP, typename E>
+inline typename E::Storage apply(typename E::Storage a, typename E::Storage b) {
+  constexpr bool picks = OP == ReduceOp::min || OP == ReduceOp::max;
+  if constexpr (picks && !std::is_same_v<typename E::Storage, typename E::Compute>) {
+    typename E::Compute x = E::load(a), y = E::load(b);
+    return (OP == ReduceOp::min ? y < x : y > x) ? b : a;
+  } else {
+    return E::store(combine<OP>(E::load(a), E::load(b)));
+  }
+}
+
+#if defined(__F16C__)
+// GCC does not vectorize _Float16 conversions, so float16 spans convert 16 (AVX-512) or 8 (F16C)
+// halves at a time with the conversion instructions; the tail goes element by element. Same
+// arithmetic as the scalar code: float32, rounded to nearest even once.
+#if defined(__AVX512F__)
+struct HalfVec {
+  using V = __m512;
+  static constexpr size_t lanes = 16;
+  static V load(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static void store(uint16_t* p, V v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+};
+#else
+struct HalfVec {
+  using V = __m256;
+  static constexpr size_t lanes = 8;
+  static V load(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static void store(uint16_t* p, V v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+};
+#endif
+
+// MINPS(x, y) = x < y ? x : y, so (b, a) matches combine's b < a ? b : a (likewise MAXPS).
+template <ReduceOp OP>
+inline HalfVec::V combine_vec(HalfVec::V a, HalfVec::V b) {
+  if constexpr (OP == ReduceOp::sum) return HalfVec::add(a, b);
+  if constexpr (OP == ReduceOp::prod) return HalfVec::mul(a, b);
+  if constexpr (OP == ReduceOp::min) return HalfVec::min(b, a);
+  if constexpr (OP == ReduceOp::max) return HalfVec::max(b, a);
+}
+
+// dst[i] = a[i] op b[i] over the whole vectors of [0, n) (dst may be a); returns how far it got.
+template <ReduceOp OP>
+size_t f16_reduce_vec(uint16_t* dst, const uint16_t* a, const uint16_t* b, size_t n) {
+  size_t i = 0;
+  for (; i + HalfVec::lanes <= n; i += HalfVec::lanes)
+    HalfVec::store(dst + i, combine_vec<OP>(HalfVec::load(a + i), HalfVec::load(b + i)));
+  return i;
+}
+
+inline size_t f16_divide_vec(uint16_t* dst, size_t n, float divisor) {
+  size_t i = 0;
+  const HalfVec::V d = HalfVec::set1(divisor);
+  for (; i + HalfVec::lanes <= n; i += HalfVec::lanes) HalfVec::store(dst + i, HalfVec::div(HalfVec::load(dst + i), d));
+  return i;
+}
+#else
+template <ReduceOp OP>
+size_t f16_reduce_vec(uint16_t*, const uint16_t*, const uint16_t*, size_t) { return 0; }
+inline size_t f16_divide_vec(uint16_t*, size_t, float) { return 0; }
+#endif
+
+// The loops: serial over one span, written for the auto-vectorizer (restrict, no calls);
+// float16 starts with its hand-vectorized part where there is one.
 // dst[i] = dst[i] op src[i]
 template <ReduceOp OP, typename E>
-void reduce_into_t(typename E::Storage* __restrict dst, const typename E::Storage* __restrict src, size_t n,
-                   int threads) {
-#pragma omp parallel for simd num_threads(threads) if (threads > 1 && n >= kParallelMin) schedule(static)
-  for (size_t i = 0; i < n; ++i) dst[i] = E::store(combine<OP>(E::load(dst[i]), E::load(src[i])));
+void reduce_into_span(typename E::Storage* __restrict dst, const typename E::Storage* __restrict src, size_t n) {
+  size_t i = 0;
+  if constexpr (std::is_same_v<E, F16>) i = f16_reduce_vec<OP>(dst, dst, src, n);
+  for (; i < n; ++i) dst[i] = apply<OP, E>(dst[i], src[i]);
 }
 
 // dst[i] = a[i] op b[i], three distinct buffers
 template <ReduceOp OP, typename E>
-void reduce_to_t(typename E::Storage* __restrict dst, const typename E::Storage* __restrict a,
-                 const typename E::Storage* __restrict b, size_t n, int threads) {
-#pragma omp parallel for simd num_threads(threads) if (threads > 1 && n >= kParallelMin) schedule(static)
-  for (size_t i = 0; i < n; ++i) dst[i] = E::store(combine<OP>(E::load(a[i]), E::load(b[i])));
+void reduce_to_span(typename E::Storage* __restrict dst, const typename E::Storage* __restrict a,
+                    const typename E::Storage* __restrict b, size_t n) {
+  size_t i = 0;
+  if constexpr (std::is_same_v<E, F16>) i = f16_reduce_vec<OP>(dst, a, b, n);
+  for (; i < n; ++i) dst[i] = apply<OP, E>(a[i], b[i]);
 }
 
 // dst[i] = dst[i] / divisor, a true division so the result is the correctly rounded quotient
 template <typename E>
-void divide_t(typename E::Storage* __restrict dst, size_t n, typename E::Compute divisor, int threads) {
-#pragma omp parallel for simd num_threads(threads) if (threads > 1 && n >= kParallelMin) schedule(static)
-  for (size_t i = 0; i < n; ++i) dst[i] = E::store(E::load(dst[i]) / divisor);
+void divide_span(typename E::Storage* __restrict dst, size_t n, typename E::Compute divisor) {
+  size_t i = 0;
+  if constexpr (std::is_same_v<E, F16>) i = f16_divide_vec(dst, n, divisor);
+  for (; i < n; ++i) dst[i] = E::store(E::load(dst[i]) / divisor);
+}
+
+// span(begin, end) over [0, n), cut into `threads` contiguous pieces when that pays off.
+template <typename Span>
+void split(size_t n, int threads, Span&& span) {
+#ifdef _OPENMP
+  if (threads > 1 && n >= kParallelMin) {
+#pragma omp parallel num_threads(threads)
+    {
+      size_t t = static_cast<size_t>(omp_get_thread_num()), T = static_cast<size_t>(omp_get_num_threads());
+      span(n * t / T, n * (t + 1) / T);
+    }
+    return;
+  }
+#endif
+  (void)threads;
+  span(size_t(0), n);
+}
+
+template <ReduceOp OP, typename E>
+void reduce_into_t(typename E::Storage* dst, const typename E::Storage* src, size_t n, int threads) {
+  split(n, threads, [&](size_t b, size_t e) { reduce_into_span<OP, E>(dst + b, src + b, e - b); });
+}
+
+template <ReduceOp OP, typename E>
+void reduce_to_t(typename E::Storage* dst, const typename E::Storage* a, const typename E::Storage* b, size_t n,
+                 int threads) {
+  split(n, threads, [&](size_t lo, size_t hi) { reduce_to_span<OP, E>(dst + lo, a + lo, b + lo, hi - lo); });
+}
+
+template <typename E>
+void divide_t(typename E::Storage* dst, size_t n, typename E::Compute divisor, int threads) {
+  split(n, threads, [&](size_t b, size_t e) { divide_span<E>(dst + b, e - b, divisor); });
 }
 
 // Calls fn(E{}) with the element policy of dtype.
