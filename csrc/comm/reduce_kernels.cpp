@@ -8,7 +8,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__F16C__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -56,7 +56,7 @@ inline T combine(T a, T b) {
 template <ReduceOp OP, typename E>
 inline typename E::Storage apply(typename E::Storage a, typename E::Storage b) {
   constexpr bool picks = OP == ReduceOp::min || OP == ReduceOp::max;
-  if constexpr (picks && !std::is_same_v<typename E::Storage, typename E::Compute>) {
+  if constexpr (picks && !std::is_same_v<typename E::Storage, typename E::Compute>) {  // half types
     typename E::Compute x = E::load(a), y = E::load(b);
     return (OP == ReduceOp::min ? y < x : y > x) ? b : a;
   } else {
@@ -64,79 +64,126 @@ inline typename E::Storage apply(typename E::Storage a, typename E::Storage b) {
   }
 }
 
-#if defined(__F16C__)
-// GCC does not vectorize _Float16 conversions, so float16 spans convert 16 (AVX-512) or 8 (F16C)
-// halves at a time with the conversion instructions; the tail goes element by element. Same
-// arithmetic as the scalar code: float32, rounded to nearest even once.
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__))
+#define HPCLM_HALF_VECTORS 1
+// GCC leaves _Float16 conversions scalar and vectorizes bfloat16 rounding poorly, so half-type
+// spans convert 16 (AVX-512) or 8 (AVX2) elements at a time by hand; the tail goes element by
+// element. Same arithmetic as the scalar code: float32, rounded to nearest even once (bfloat16
+// NaNs quieted the same way as float_to_bf16).
 #if defined(__AVX512F__)
-struct HalfVec {
+struct Vec {
   using V = __m512;
+  using I = __m512i;
   static constexpr size_t lanes = 16;
-  static V load(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-  static void store(uint16_t* p, V v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V min(V a, V b) { return _mm512_min_ps(a, b); }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
   static V div(V a, V b) { return _mm512_div_ps(a, b); }
   static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static void store_f16(uint16_t* p, V v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static V load_bf16(const uint16_t* p) {
+    I wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static void store_bf16(uint16_t* p, V v) {
+    I u = _mm512_castps_si512(v);
+    I lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    I rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    I quiet = _mm512_or_si512(u, _mm512_set1_epi32(0x400000));
+    I r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, quiet);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+  }
 };
 #else
-struct HalfVec {
+struct Vec {
   using V = __m256;
+  using I = __m256i;
   static constexpr size_t lanes = 8;
-  static V load(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-  static void store(uint16_t* p, V v) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V min(V a, V b) { return _mm256_min_ps(a, b); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
   static V div(V a, V b) { return _mm256_div_ps(a, b); }
   static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static void store_f16(uint16_t* p, V v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static V load_bf16(const uint16_t* p) {
+    I wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  static void store_bf16(uint16_t* p, V v) {
+    I u = _mm256_castps_si256(v);
+    I lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    I rounded = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    I quiet = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+    V nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    I r = _mm256_srli_epi32(_mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded),
+                                                                 _mm256_castsi256_ps(quiet), nan)), 16);
+    I packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);  // 8 x u16 in the low half
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
 };
 #endif
 
+template <typename E>
+inline Vec::V load_vec(const uint16_t* p) {
+  if constexpr (std::is_same_v<E, F16>) return Vec::load_f16(p);
+  else return Vec::load_bf16(p);
+}
+template <typename E>
+inline void store_vec(uint16_t* p, Vec::V v) {
+  if constexpr (std::is_same_v<E, F16>) Vec::store_f16(p, v);
+  else Vec::store_bf16(p, v);
+}
+
 // MINPS(x, y) = x < y ? x : y, so (b, a) matches combine's b < a ? b : a (likewise MAXPS).
 template <ReduceOp OP>
-inline HalfVec::V combine_vec(HalfVec::V a, HalfVec::V b) {
-  if constexpr (OP == ReduceOp::sum) return HalfVec::add(a, b);
-  if constexpr (OP == ReduceOp::prod) return HalfVec::mul(a, b);
-  if constexpr (OP == ReduceOp::min) return HalfVec::min(b, a);
-  if constexpr (OP == ReduceOp::max) return HalfVec::max(b, a);
+inline Vec::V combine_vec(Vec::V a, Vec::V b) {
+  if constexpr (OP == ReduceOp::sum) return Vec::add(a, b);
+  if constexpr (OP == ReduceOp::prod) return Vec::mul(a, b);
+  if constexpr (OP == ReduceOp::min) return Vec::min(b, a);
+  if constexpr (OP == ReduceOp::max) return Vec::max(b, a);
 }
 
 // dst[i] = a[i] op b[i] over the whole vectors of [0, n) (dst may be a); returns how far it got.
-template <ReduceOp OP>
-size_t f16_reduce_vec(uint16_t* dst, const uint16_t* a, const uint16_t* b, size_t n) {
+template <ReduceOp OP, typename E>
+size_t half_reduce_vec(uint16_t* dst, const uint16_t* a, const uint16_t* b, size_t n) {
   size_t i = 0;
-  for (; i + HalfVec::lanes <= n; i += HalfVec::lanes)
-    HalfVec::store(dst + i, combine_vec<OP>(HalfVec::load(a + i), HalfVec::load(b + i)));
+  for (; i + Vec::lanes <= n; i += Vec::lanes)
+    store_vec<E>(dst + i, combine_vec<OP>(load_vec<E>(a + i), load_vec<E>(b + i)));
   return i;
 }
 
-inline size_t f16_divide_vec(uint16_t* dst, size_t n, float divisor) {
+template <typename E>
+size_t half_divide_vec(uint16_t* dst, size_t n, float divisor) {
   size_t i = 0;
-  const HalfVec::V d = HalfVec::set1(divisor);
-  for (; i + HalfVec::lanes <= n; i += HalfVec::lanes) HalfVec::store(dst + i, HalfVec::div(HalfVec::load(dst + i), d));
+  const Vec::V d = Vec::set1(divisor);
+  for (; i + Vec::lanes <= n; i += Vec::lanes) store_vec<E>(dst + i, Vec::div(load_vec<E>(dst + i), d));
   return i;
 }
 #else
-template <ReduceOp OP>
-size_t f16_reduce_vec(uint16_t*, const uint16_t*, const uint16_t*, size_t) { return 0; }
-inline size_t f16_divide_vec(uint16_t*, size_t, float) { return 0; }
+template <ReduceOp OP, typename E>
+size_t half_reduce_vec(uint16_t*, const uint16_t*, const uint16_t*, size_t) { return 0; }
+template <typename E>
+size_t half_divide_vec(uint16_t*, size_t, float) { return 0; }
 #endif
 
+template <typename E>
+constexpr bool is_half = !std::is_same_v<typename E::Storage, typename E::Compute>;
+
 // The loops: serial over one span, written for the auto-vectorizer (restrict, no calls);
-// float16 starts with its hand-vectorized part where there is one.
+// half types start with their hand-vectorized part where there is one.
 // dst[i] = dst[i] op src[i]
 template <ReduceOp OP, typename E>
 void reduce_into_span(typename E::Storage* __restrict dst, const typename E::Storage* __restrict src, size_t n) {
   size_t i = 0;
-  if constexpr (std::is_same_v<E, F16>) i = f16_reduce_vec<OP>(dst, dst, src, n);
+  if constexpr (is_half<E>) i = half_reduce_vec<OP, E>(dst, dst, src, n);
   for (; i < n; ++i) dst[i] = apply<OP, E>(dst[i], src[i]);
 }
 
@@ -145,7 +192,7 @@ template <ReduceOp OP, typename E>
 void reduce_to_span(typename E::Storage* __restrict dst, const typename E::Storage* __restrict a,
                     const typename E::Storage* __restrict b, size_t n) {
   size_t i = 0;
-  if constexpr (std::is_same_v<E, F16>) i = f16_reduce_vec<OP>(dst, a, b, n);
+  if constexpr (is_half<E>) i = half_reduce_vec<OP, E>(dst, a, b, n);
   for (; i < n; ++i) dst[i] = apply<OP, E>(a[i], b[i]);
 }
 
@@ -153,7 +200,7 @@ void reduce_to_span(typename E::Storage* __restrict dst, const typename E::Stora
 template <typename E>
 void divide_span(typename E::Storage* __restrict dst, size_t n, typename E::Compute divisor) {
   size_t i = 0;
-  if constexpr (std::is_same_v<E, F16>) i = f16_divide_vec(dst, n, divisor);
+  if constexpr (is_half<E>) i = half_divide_vec<E>(dst, n, divisor);
   for (; i < n; ++i) dst[i] = E::store(E::load(dst[i]) / divisor);
 }
 
