@@ -495,7 +495,9 @@ def summary(rows: list[dict], n: int) -> dict:
 
     avg = {name: float(np.mean([r["busbw"] for r in measured(name)]))
            for name in dict.fromkeys(r["impl"] for r in rows) if measured(name)}
-    out: dict[str, Any] = {"avg_busbw": avg, "wrong": sum(r["wrong"] or 0 for r in rows)}
+    out: dict[str, Any] = {"avg_busbw": avg, "wrong": sum(r["wrong"] or 0 for r in rows),
+                           "unsupported": {f"{r['impl']} {r['type']}": r["unsupported"]
+                                           for r in rows if r.get("unsupported")}}
     by_key = {(r["impl"], r["type"], r["redop"], r["size"]): r for r in rows}
     for peer in ("sendrecv", "mpi", "horovod"):
         ratios = []
@@ -522,6 +524,7 @@ def footer_lines(summ: dict, impls: list[Impl], n: int, t: dict, s: Settings) ->
     for impl in impls:
         lines.append(f"# {impl.name:9s} {impl.about}")
     lines += [f"# note: {note}" for note in s.notes]
+    lines += [f"# n/a: {what}: {why}" for what, why in summ["unsupported"].items()]
     lines.append("# Avg bus bandwidth (GB/s): " + "  ".join(f"{k} {v:.2f}" for k, v in summ["avg_busbw"].items()))
     for peer, title in (("sendrecv", "sendrecv (the ring's bound)"), ("mpi", "mpi"), ("horovod", "horovod")):
         ratio = summ.get(f"ring_vs_{peer}")
