@@ -128,17 +128,17 @@ void bind_comm(py::module_& m) {
   m.def(
       "ring_allreduce",
       [](uintptr_t send, uintptr_t recv, size_t count, const std::string& dtype, const std::string& op,
-         long long comm, size_t segment_bytes, int depth, int threads) {
+         long long comm, size_t segment_bytes, int depth, int threads, int lag) {
         DType t = parse_dtype(dtype);
         AllreduceOp o = parse_allreduce_op(op);
-        RingOptions opt{segment_bytes, depth, threads};
+        RingOptions opt{segment_bytes, depth, threads, lag};
         py::gil_scoped_release release;
         ring_allreduce(reinterpret_cast<const void*>(send), reinterpret_cast<void*>(recv), count, t, o,
                        mpi::from_fortran(comm), opt);
       },
       py::arg("send"), py::arg("recv"), py::arg("count"), py::arg("dtype"), py::arg("op"), py::arg("comm"),
       py::arg("segment_bytes") = defaults.segment_bytes, py::arg("depth") = defaults.depth,
-      py::arg("threads") = defaults.threads,
+      py::arg("threads") = defaults.threads, py::arg("lag") = defaults.lag,
       "Pipelined ring allreduce of `count` elements at raw addresses (send == recv: in place) over the "
       "communicator with Fortran handle `comm`. Unchecked: use hpclm.probe.ring_allreduce.");
   m.def(

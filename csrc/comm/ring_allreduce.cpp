@@ -1,11 +1,13 @@
 // Pipelined ring allreduce over MPI point-to-point.
 //
-// Work is a sequence of units u = step * nseg + k: step 0..n-2 reduce-scatter, n-1..2n-3
-// allgather; k = segment of the step's chunk. Every chunk is cut into the same number of segments
-// (nseg), so unit numbers mean the same thing on every rank and the message of unit u that
-// rank-1 sends is the one this rank receives as unit u. Send u (u >= nseg) forwards what
-// receive u - nseg brought in. The loop only ever blocks on the oldest receive, whose matching
-// send the left neighbour has always posted by then; this keeps it deadlock-free for any n.
+// Work is a sequence of units (step, k): steps 0..n-2 reduce-scatter, n-1..2n-3 allgather; k is a
+// segment of the step's chunk. Every chunk is cut into the same number of segments (nseg), so a
+// unit means the same message on every rank: what rank-1 sends as (s, k) is what this rank
+// receives as (s, k), and send (s, k) forwards what receive (s-1, k) brought in. Units run in
+// wavefront order, (s, k) `lag` places after (s-1, k), so a segment moves on while it is still in
+// cache (lag >= nseg would be step by step). Each rank posts its sends and the next receives, then
+// blocks only on its oldest receive, whose send the left neighbour has always posted by then
+// (it comes earlier in the same order); this keeps the ring deadlock-free for any n.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -51,28 +53,52 @@ class Ring {
     size_t max_chunk = count / n_ + (count % n_ != 0);
     size_t seg_elems = std::max<size_t>(1, opt.segment_bytes / esize_);
     nseg_ = std::max<size_t>(1, (max_chunk + seg_elems - 1) / seg_elems);
-    units_ = 2 * static_cast<size_t>(n_ - 1) * nseg_;
+    steps_ = 2 * (n_ - 1);
     depth_ = static_cast<size_t>(std::max(1, opt.depth));
     slot_bytes_ = (max_chunk + nseg_ - 1) / nseg_ * esize_;  // the longest segment
     tmp_ = scratch(depth_ * slot_bytes_);
-    recv_req_.assign(units_, MPI_REQUEST_NULL);
-    send_req_.assign(units_, MPI_REQUEST_NULL);
+    order_units(static_cast<size_t>(std::max(1, opt.lag)));
+    recv_req_.assign(order_.size(), MPI_REQUEST_NULL);
+    send_req_.assign(order_.size(), MPI_REQUEST_NULL);
   }
 
   void run() {
+    const size_t units = order_.size();
     size_t recvs_posted = 0, sends_posted = 0;
-    for (size_t done = 0; done < units_; ++done) {
-      while (recvs_posted < units_ && recvs_posted < done + depth_) post_recv(recvs_posted++);
-      // send u is ready once receive u - nseg is done (always true for u = done)
-      while (sends_posted < units_ && sends_posted < done + depth_ && (sends_posted < nseg_ || sends_posted - nseg_ < done))
+    for (size_t done = 0; done < units; ++done) {
+      // sends first (they never block): each is ready once the receive it forwards is done
+      while (sends_posted < units && sends_posted < done + depth_ && ready_to_send(sends_posted, done))
         post_send(sends_posted++);
+      while (recvs_posted < units && recvs_posted < done + depth_) post_recv(recvs_posted++);
       finish_recv(done);
     }
-    mpi::check(MPI_Waitall(static_cast<int>(units_), send_req_.data(), MPI_STATUSES_IGNORE), "ring: MPI_Waitall");
+    mpi::check(MPI_Waitall(static_cast<int>(units), send_req_.data(), MPI_STATUSES_IGNORE), "ring: MPI_Waitall");
   }
 
  private:
-  int step_of(size_t u) const { return static_cast<int>(u / nseg_); }
+  struct Unit {
+    int step;
+    size_t k;
+  };
+
+  // Wavefront order: unit (s, k) gets key s * lag + k; by key, then newest step first.
+  void order_units(size_t lag) {
+    position_.assign(static_cast<size_t>(steps_) * nseg_, 0);
+    size_t last_key = (steps_ - 1) * lag + nseg_ - 1;
+    for (size_t key = 0; key <= last_key; ++key)
+      for (int s = std::min<long long>(steps_ - 1, key / lag); s >= 0; --s) {
+        size_t k = key - s * lag;
+        if (k >= nseg_) break;  // older steps of this key are past the last segment too
+        position_[s * nseg_ + k] = order_.size();
+        order_.push_back({s, k});
+      }
+  }
+  size_t position(int step, size_t k) const { return position_[step * nseg_ + k]; }
+  bool ready_to_send(size_t u, size_t recvs_done) const {
+    const Unit& x = order_[u];
+    return x.step == 0 || position(x.step - 1, x.k) < recvs_done;
+  }
+
   bool reduce_scatter(int step) const { return step < n_ - 1; }
   int mod(long long x) const { return static_cast<int>(((x % n_) + n_) % n_); }
 
@@ -94,28 +120,27 @@ class Ring {
   }
 
   void post_send(size_t u) {
-    int step = step_of(u);
-    Span s = segment(send_chunk(step), u % nseg_);
+    const Unit& x = order_[u];
+    Span s = segment(send_chunk(x.step), x.k);
     if (s.count == 0) return;
     // Step 0 sends this rank's own data; later steps forward what the previous step produced.
-    const char* src = (step == 0 ? in_ : out_) + s.offset * esize_;
+    const char* src = (x.step == 0 ? in_ : out_) + s.offset * esize_;
     int right = mod(rank_ + 1);
     mpi::check(MPI_Isend(src, static_cast<int>(s.count * esize_), MPI_BYTE, right, kRingTag, comm_, &send_req_[u]),
                "ring: MPI_Isend");
   }
 
   void post_recv(size_t u) {
-    int step = step_of(u);
-    Span s = segment(recv_chunk(step), u % nseg_);
+    const Unit& x = order_[u];
+    Span s = segment(recv_chunk(x.step), x.k);
     if (s.count == 0) return;
     char* dst;
-    if (reduce_scatter(step)) {
+    if (reduce_scatter(x.step)) {
       dst = slot(u);
     } else {
       // Allgather writes the final chunk in place: the reduce-scatter send of this same segment
-      // (unit u - (n-1)*nseg) must have left the buffer first.
-      size_t earlier = u - static_cast<size_t>(n_ - 1) * nseg_;
-      mpi::check(MPI_Wait(&send_req_[earlier], MPI_STATUS_IGNORE), "ring: MPI_Wait");
+      // (step - (n-1), k), earlier in the order, must have left the buffer first.
+      mpi::check(MPI_Wait(&send_req_[position(x.step - (n_ - 1), x.k)], MPI_STATUS_IGNORE), "ring: MPI_Wait");
       dst = out_ + s.offset * esize_;
     }
     int left = mod(rank_ - 1);
@@ -124,15 +149,15 @@ class Ring {
   }
 
   void finish_recv(size_t u) {
-    int step = step_of(u);
-    Span s = segment(recv_chunk(step), u % nseg_);
+    const Unit& x = order_[u];
+    Span s = segment(recv_chunk(x.step), x.k);
     if (s.count == 0) return;
     mpi::check(MPI_Wait(&recv_req_[u], MPI_STATUS_IGNORE), "ring: MPI_Wait");
-    if (!reduce_scatter(step)) return;
+    if (!reduce_scatter(x.step)) return;
     // out = this rank's input (op) the partial result of the ranks before it
     char* dst = out_ + s.offset * esize_;
     reduce_to(dst, in_ + s.offset * esize_, slot(u), s.count, dtype_, op_.reduce, opt_.threads);
-    if (op_.average && step == n_ - 2) divide_by(dst, s.count, dtype_, static_cast<double>(n_), opt_.threads);
+    if (op_.average && x.step == n_ - 2) divide_by(dst, s.count, dtype_, static_cast<double>(n_), opt_.threads);
   }
 
   // Reduce-scatter receives land in one of `depth` scratch slots, reused round-robin.
@@ -146,9 +171,11 @@ class Ring {
   AllreduceOp op_;
   MPI_Comm comm_;
   RingOptions opt_;
-  int n_ = 1, rank_ = 0;
-  size_t nseg_ = 1, units_ = 0, depth_ = 2, slot_bytes_ = 0;
+  int n_ = 1, rank_ = 0, steps_ = 0;
+  size_t nseg_ = 1, depth_ = 2, slot_bytes_ = 0;
   char* tmp_ = nullptr;
+  std::vector<Unit> order_;
+  std::vector<size_t> position_;  // (step, k) -> place in order_
   std::vector<MPI_Request> recv_req_, send_req_;
 };
 
