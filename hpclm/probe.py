@@ -247,6 +247,7 @@ class Impl:
     in_place: bool | None = None                      # None: as the run asks; True/False: always
     per_op: bool = True                               # False: the op does not change what is measured
     unsupported: Callable[[str, str], str | None] = lambda dtype, op: None
+    session: bool = False                             # True: start() begins a runtime that stop() ends
     start: Callable[[], None] = lambda: None
     stop: Callable[[], None] = lambda: None
 
@@ -307,7 +308,7 @@ def _horovod_impl(comm) -> Impl:
     return Impl("horovod", "hvd.allreduce_ (in place, as DistributedOptimizer uses it; 1 tensor per call)",
                 allreduce_bus_factor, bind, in_place=True,
                 unsupported=lambda dtype, op: "Horovod has no bfloat16 allreduce" if dtype == "bfloat16" else None,
-                start=start, stop=hvd.shutdown)
+                session=True, start=start, stop=hvd.shutdown)
 
 
 # --- measuring --------------------------------------------------------------------------------
@@ -368,33 +369,35 @@ def _measure(MPI, comm, impl: Impl, pattern: Pattern, dtype: str, op: str, size:
 
 
 def run(comm, impls: list[Impl], s: Settings, progress: Callable[[str], None] = lambda line: None) -> list[dict]:
-    """Every implementation over every (dtype, op, size); one implementation at a time, so that
-    e.g. Horovod's background thread runs only while Horovod is measured."""
+    """Every implementation over every (dtype, op, size). Those that need no session are measured
+    side by side, size by size, so that a change in the machine's load hits them alike; one that
+    runs a session (Horovod: a background thread polling MPI) gets a phase of its own, so it never
+    disturbs the others."""
     MPI = _mpi()
     n = comm.Get_size()
     patterns = {dtype: Pattern(dtype, n) for dtype in s.dtypes}
-    rows = []
-    for impl in impls:
-        impl.start()
+    plain = [impl for impl in impls if not impl.session]
+    phases = ([plain] if plain else []) + [[impl] for impl in impls if impl.session]
+    measured = {}
+    for phase in phases:
+        for impl in phase:
+            impl.start()
         try:
-            measured = {}
             for dtype in s.dtypes:
                 esize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-                for op in s.ops if impl.per_op else [None]:
-                    progress(f"{impl.name} {dtype}" + (f" {op}" if op else ""))
-                    for size in s.sizes:
-                        if size >= esize:
-                            measured[dtype, op, size] = _measure(MPI, comm, impl, patterns[dtype], dtype,
-                                                                 op or "sum", size, s)
-            for dtype in s.dtypes:  # table order: dtype, op, size
                 for op in s.ops:
-                    for size in s.sizes:
-                        key = (dtype, op if impl.per_op else None, size)
-                        if key in measured:
-                            rows.append({**measured[key], "redop": op})
+                    progress(f"{','.join(impl.name for impl in phase)} {dtype} {op}")
+                    for size in (size for size in s.sizes if size >= esize):
+                        for impl in phase:
+                            key = (impl.name, dtype, op if impl.per_op else None, size)
+                            if key not in measured:
+                                measured[key] = _measure(MPI, comm, impl, patterns[dtype], dtype, op, size, s)
         finally:
-            impl.stop()
-    return rows
+            for impl in phase:
+                impl.stop()
+    return [{**measured[impl.name, dtype, op if impl.per_op else None, size], "redop": op}
+            for impl in impls for dtype in s.dtypes for op in s.ops for size in s.sizes
+            if (impl.name, dtype, op if impl.per_op else None, size) in measured]
 
 
 # --- latency/bandwidth model of the ring --------------------------------------------------------
@@ -509,13 +512,17 @@ def summary(rows: list[dict], n: int) -> dict:
             low, at = min(ratios, key=lambda p: p[0])
             out[f"ring_vs_{peer}"] = {"mean": float(np.mean([x for x, _ in ratios])), "min": low,
                                       "min_at": {"size": at["size"], "type": at["type"], "redop": at["redop"]}}
-    model = fit_ring_model([(r["size"], r["time_us"] * 1e-6) for r in measured("ring")], n)
+    ring_rows = measured("ring")
+    model = fit_ring_model([(r["size"], r["time_us"] * 1e-6) for r in ring_rows], n)
     if model:
-        sizes = sorted({r["size"] for r in measured("ring")})
+        sizes = sorted({r["size"] for r in ring_rows})
+        smallest = min(r["time_us"] for r in ring_rows if r["size"] == sizes[0]) * 1e-6
         ref = sorted({2**20, sizes[-1]})
         out["model"] = {**model, "alpha_us": model["alpha_s"] * 1e6, "link_GBps": model["link_bytes_per_s"] / 1e9,
-                        "crossover_bytes": crossover_bytes(model, n), "reference_sizes": ref,
-                        "predictions": predictions(model, ref)}
+                        # latency is only known when it is a visible part of the smallest size's time
+                        "latency_resolved": 2 * (n - 1) * model["alpha_s"] >= 0.05 * smallest,
+                        "smallest_size": sizes[0], "crossover_bytes": crossover_bytes(model, n),
+                        "reference_sizes": ref, "predictions": predictions(model, ref)}
     return out
 
 
@@ -534,7 +541,11 @@ def footer_lines(summ: dict, impls: list[Impl], n: int, t: dict, s: Settings) ->
             lines.append(f"# ring vs {title}: busbw {fmt(ratio['mean'])} on average, lowest {fmt(ratio['min'])} "
                          f"at {format_size(at['size'])} {at['type']} {at['redop']}")
     model = summ.get("model")
-    if model:
+    if model and not model["latency_resolved"]:
+        lines.append(f"# Ring model: B = {model['link_GBps']:.2f} GB/s per link; the latency is not resolved (from "
+                     f"{format_size(model['smallest_size'])} up every size is bandwidth-bound): add smaller sizes "
+                     "(e.g. -b 4K) for alpha, S* and predictions for larger rings")
+    elif model:
         s_star = model["crossover_bytes"]
         threshold = os.environ.get("HOROVOD_FUSION_THRESHOLD")
         current = format_size(int(threshold)) if threshold and threshold.isdigit() else "128 MiB (default)"

@@ -323,3 +323,23 @@ def test_reduce_to_and_divide_by_kernels():
             want = (torch.arange(1, 200, dtype=torch.float64) / 3).to(tdtype)
             assert torch.equal(x, want), (path, dtype)
     ext.set_cpu_path("auto")
+
+
+def test_footer_model_lines():
+    """Resolved latency: S* and predictions; sizes that are all bandwidth-bound: it says so instead."""
+    def rows(alpha, sizes, n=2, bandwidth=4e9):
+        return [{"impl": "ring", "size": x, "count": x // 4, "type": "float32", "redop": "sum", "in_place": False,
+                 "time_us": (2 * (n - 1) * alpha + 2 * (n - 1) / n * x / bandwidth) * 1e6,
+                 "algbw": 1.0, "busbw": 1.0, "wrong": 0} for x in sizes]
+    settings = probe.Settings(sizes=[], dtypes=["float32"], ops=["sum"], impls=["ring"])
+    where = {"library": "Open MPI v4.1.4", "says": {"pml selected": "ob1"}, "nodes": 1, "ranks_per_node": [2]}
+    small = probe.summary(rows(20e-6, [4096, 65536, 2**20, 2**24]), 2)
+    text = "\n".join(probe.footer_lines(small, [], 2, where, settings))
+    assert small["model"]["latency_resolved"] and small["model"]["alpha_us"] == pytest.approx(20)
+    assert "S* = n*alpha*B = 156 KiB on 2 ranks" in text and "#    1024" in text
+    big = probe.summary(rows(1e-6, [2**24, 2**26, 2**28]), 2)
+    text = "\n".join(probe.footer_lines(big, [], 2, where, settings))
+    assert not big["model"]["latency_resolved"]
+    assert "the latency is not resolved (from 16 MiB up every size is bandwidth-bound)" in text
+    assert "Predicted ring" not in text
+    assert "# MPI: Open MPI v4.1.4; pml selected ob1; 2 rank(s) on 1 node" in text
