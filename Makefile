@@ -4,7 +4,7 @@ NP ?= 2
 MPIRUN ?= mpirun $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)
 export PYTHON
 
-.PHONY: setup build demo test bench info clean
+.PHONY: setup build demo test bench bench-allreduce info clean
 
 setup:
 	bash scripts/setup.sh
@@ -23,9 +23,14 @@ demo: setup
 test: setup
 	$(PYTHON) -m pytest -q tests
 
-bench: setup
+bench: setup bench-allreduce
 	$(PYTHON) benchmarks/reduce.py --json runs/bench/reduce.json
 	$(PYTHON) benchmarks/train_shakespeare.py --json runs/bench/train_shakespeare.json
+
+# Ring allreduce vs MPI_Allreduce vs Horovod vs sendrecv on $(NP) ranks, short sizes (1-16 MiB).
+bench-allreduce: setup
+	$(MPIRUN) -np $(NP) $(PYTHON) -m hpclm probe allreduce -b 1M -e 16M -f 4 -n 10 -w 2 \
+		--json runs/bench/allreduce.json --plot runs/bench/allreduce.png
 
 info:
 	$(PYTHON) -m hpclm info

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "build_config.h"
+#include "comm/allreduce.h"
 #include "comm/reduce.h"
 #include "common/cpu_features.h"
 #include "common/dtype.h"
@@ -14,6 +15,8 @@
 
 #ifdef HPCLM_WITH_MPI
 #include <mpi.h>
+
+#include "comm/mpi_util.h"
 #endif
 #ifdef HPCLM_WITH_CUDA
 #include "cuda/device.h"
@@ -165,6 +168,58 @@ SoftmaxBackward softmax_backward_args(uintptr_t y, uintptr_t dy, uintptr_t dx, c
 
 }  // namespace
 
+// --- ring allreduce and MPI baselines (hpclm.probe) -----------------------------
+namespace {
+
+#ifdef HPCLM_WITH_MPI
+void bind_comm(py::module_& m) {
+  RingOptions defaults;
+  m.def(
+      "ring_allreduce",
+      [](uintptr_t send, uintptr_t recv, size_t count, const std::string& dtype, const std::string& op,
+         long long comm, size_t segment_bytes, int depth, int threads, int lag) {
+        DType t = parse_dtype(dtype);
+        AllreduceOp o = parse_allreduce_op(op);
+        RingOptions opt{segment_bytes, depth, threads, lag};
+        py::gil_scoped_release release;
+        ring_allreduce(reinterpret_cast<const void*>(send), reinterpret_cast<void*>(recv), count, t, o,
+                       mpi::from_fortran(comm), opt);
+      },
+      py::arg("send"), py::arg("recv"), py::arg("count"), py::arg("dtype"), py::arg("op"), py::arg("comm"),
+      py::arg("segment_bytes") = defaults.segment_bytes, py::arg("depth") = defaults.depth,
+      py::arg("threads") = defaults.threads, py::arg("lag") = defaults.lag,
+      "Pipelined ring allreduce of `count` elements at raw addresses (send == recv: in place) over the "
+      "communicator with Fortran handle `comm`. Unchecked: use hpclm.probe.ring_allreduce.");
+  m.def(
+      "mpi_allreduce",
+      [](uintptr_t send, uintptr_t recv, size_t count, const std::string& dtype, const std::string& op, long long comm) {
+        DType t = parse_dtype(dtype);
+        AllreduceOp o = parse_allreduce_op(op);
+        py::gil_scoped_release release;
+        library_allreduce(reinterpret_cast<const void*>(send), reinterpret_cast<void*>(recv), count, t, o,
+                          mpi::from_fortran(comm));
+      },
+      py::arg("send"), py::arg("recv"), py::arg("count"), py::arg("dtype"), py::arg("op"), py::arg("comm"),
+      "The MPI library's MPI_Allreduce with ring_allreduce's contract (avg = sum / ranks; half types via a "
+      "user-defined op in float32).");
+  m.def(
+      "mpi_sendrecv",
+      [](uintptr_t send, uintptr_t recv, size_t bytes, long long comm) {
+        py::gil_scoped_release release;
+        neighbor_sendrecv(reinterpret_cast<const void*>(send), reinterpret_cast<void*>(recv), bytes,
+                          mpi::from_fortran(comm));
+      },
+      py::arg("send"), py::arg("recv"), py::arg("bytes"), py::arg("comm"),
+      "MPI_Sendrecv of `bytes` to rank+1 from rank-1 (one ring link's traffic).");
+  m.def("mpi_transport", &mpi::transport_report,
+        "What the MPI library says about its transport: [(name, value)], e.g. the selected PML and MCA settings.");
+  m.attr("RING_SEGMENT_BYTES") = defaults.segment_bytes;
+  m.attr("RING_DEPTH") = defaults.depth;
+}
+#endif
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "hpclm native kernels (CPU paths dispatched at run time, optional MPI and CUDA parts)";
   m.def("build_info", &build_info, "How this extension was built and which CPU path it uses here.");
@@ -232,4 +287,29 @@ PYBIND11_MODULE(_C, m) {
       py::arg("causal") = false, py::arg("device") = 0, py::arg("stream") = 0,
       "CUDA softmax_backward on `device`, enqueued on the cudaStream_t `stream` (an integer).");
 #endif
+
+#ifdef HPCLM_WITH_MPI
+  bind_comm(m);
+#endif
+  m.def(
+      "divide_by",
+      [](uintptr_t dst, size_t count, const std::string& dtype, double divisor, int threads) {
+        DType t = parse_dtype(dtype);
+        py::gil_scoped_release release;
+        divide_by(reinterpret_cast<void*>(dst), count, t, divisor, threads);
+      },
+      py::arg("dst"), py::arg("count"), py::arg("dtype"), py::arg("divisor"), py::arg("threads") = 1,
+      "dst[i] = dst[i] / divisor (correctly rounded; half types via float32).");
+  m.def(
+      "reduce_to",
+      [](uintptr_t dst, uintptr_t a, uintptr_t b, size_t count, const std::string& dtype, const std::string& op,
+         int threads) {
+        DType t = parse_dtype(dtype);
+        ReduceOp o = parse_reduce_op(op);
+        py::gil_scoped_release release;
+        reduce_to(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(b),
+                  count, t, o, threads);
+      },
+      py::arg("dst"), py::arg("a"), py::arg("b"), py::arg("count"), py::arg("dtype"), py::arg("op") = "sum",
+      py::arg("threads") = 1, "dst[i] = a[i] op b[i] (dst may be a or b).");
 }

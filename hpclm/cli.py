@@ -104,10 +104,42 @@ def _add_report(sub):
     p.set_defaults(func=run)
 
 
+def _add_probe(sub):
+    p = sub.add_parser("probe", help="interconnect probes (run under mpirun/srun: every rank runs the command)")
+    kinds = p.add_subparsers(dest="probe", required=True, metavar="PROBE")
+    a = kinds.add_parser(
+        "allreduce", help="ring allreduce vs MPI_Allreduce vs Horovod vs sendrecv: bandwidth, correctness, cost model",
+        description="Bus bandwidth of hpclm's ring allreduce next to the MPI library's MPI_Allreduce, Horovod and "
+                    "point-to-point sendrecv (nccl-tests style). Rank 0 prints one table; exit code 1 if any "
+                    "result is wrong.")
+    a.add_argument("-b", "--minbytes", default="64K", help="smallest message, bytes with K/M/G suffix (default 64K)")
+    a.add_argument("-e", "--maxbytes", default="256M", help="largest message (default 256M)")
+    a.add_argument("-f", "--stepfactor", type=float, default=4.0, help="size multiplier between rows (default 4)")
+    a.add_argument("-n", "--iters", type=int, default=20, help="timed iterations per size (default 20)")
+    a.add_argument("-w", "--warmup", type=int, default=5, help="untimed iterations first (default 5)")
+    a.add_argument("-c", "--check", type=int, choices=(0, 1), default=1, help="check every result exactly (default 1)")
+    a.add_argument("-d", "--datatype", default="float32",
+                   help="float32, float64, float16, bfloat16, comma-separated, or all (default float32)")
+    a.add_argument("-o", "--op", default="sum", help="sum, avg, min, max, comma-separated, or all (default sum)")
+    a.add_argument("--impl", default=None,
+                   help="comma-separated from ring, mpi, horovod, sendrecv (default: all that are usable here)")
+    a.add_argument("--in-place", action="store_true", help="reduce in place (default: out of place)")
+    a.add_argument("--segment", default="1M", help="ring pipeline segment, bytes (default 1M)")
+    a.add_argument("--depth", type=int, default=2, help="ring segments in flight per direction (default 2)")
+    a.add_argument("--threads", type=int, default=1, help="reduction threads per rank in the ring (default 1)")
+    a.add_argument("--json", metavar="PATH", help="also write the rows and summary as JSON")
+    a.add_argument("--plot", metavar="PNG", help="also plot busbw against size (matplotlib)")
+
+    def run(args):
+        from hpclm import probe
+        return probe.main(args)
+    a.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpclm", description="High-performance language-model training on HPC clusters.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_info, _add_prepare, _add_train, _add_generate, _add_eval, _add_report, _add_bench):
+    for add in (_add_info, _add_prepare, _add_train, _add_generate, _add_eval, _add_report, _add_bench, _add_probe):
         add(sub)
     return parser
 

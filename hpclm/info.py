@@ -12,6 +12,8 @@ import platform
 import shutil
 import sys
 
+from hpclm.harness import cpu_model
+
 
 def _probe(fn):
     try:
@@ -87,7 +89,7 @@ def collect() -> dict:
     return {
         "hpclm": {"ok": True, "version": hpclm.__version__, "path": os.path.dirname(hpclm.__file__)},
         "python": {"ok": True, "version": platform.python_version(), "executable": sys.executable},
-        "host": {"ok": True, "hostname": platform.node(), "machine": platform.machine(), "cpu": _cpu_model()},
+        "host": {"ok": True, "hostname": platform.node(), "machine": platform.machine(), "cpu": cpu_model()},
         "packages": {name: _package(name) for name in ("torch", "numpy", "mpi4py", "horovod")},
         "torch": _probe(_torch_runtime),
         "mpi": _probe(_mpi),
@@ -96,17 +98,6 @@ def collect() -> dict:
         "threads": _threads(),
         "launch": _probe(_launch),
     }
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _mark(ok):

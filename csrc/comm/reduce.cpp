@@ -14,17 +14,37 @@ ReduceOp parse_reduce_op(const std::string& s) {
   throw std::invalid_argument("unsupported reduce op '" + s + "': use sum, prod, min or max");
 }
 
-void reduce_into(void* dst, const void* src, size_t count, DType dtype, ReduceOp op, int threads) {
-  if (threads < 1) threads = 1;
-  switch (selected_isa()) {
+// Calls the same-named kernel of the CPU path in use.
 #ifdef HPCLM_WITH_AVX512
-    case Isa::avx512: return avx512::reduce_into(dst, src, count, dtype, op, threads);
+#define HPCLM_CASE_AVX512(call) case Isa::avx512: return avx512::call;
+#else
+#define HPCLM_CASE_AVX512(call)
 #endif
 #ifdef HPCLM_WITH_AVX2
-    case Isa::avx2: return avx2::reduce_into(dst, src, count, dtype, op, threads);
+#define HPCLM_CASE_AVX2(call) case Isa::avx2: return avx2::call;
+#else
+#define HPCLM_CASE_AVX2(call)
 #endif
-    default: return scalar::reduce_into(dst, src, count, dtype, op, threads);
+#define HPCLM_DISPATCH(call)       \
+  switch (selected_isa()) {        \
+    HPCLM_CASE_AVX512(call)        \
+    HPCLM_CASE_AVX2(call)          \
+    default: return scalar::call;  \
   }
+
+void reduce_into(void* dst, const void* src, size_t count, DType dtype, ReduceOp op, int threads) {
+  if (threads < 1) threads = 1;
+  HPCLM_DISPATCH(reduce_into(dst, src, count, dtype, op, threads))
+}
+
+void reduce_to(void* dst, const void* a, const void* b, size_t count, DType dtype, ReduceOp op, int threads) {
+  if (threads < 1) threads = 1;
+  HPCLM_DISPATCH(reduce_to(dst, a, b, count, dtype, op, threads))
+}
+
+void divide_by(void* dst, size_t count, DType dtype, double divisor, int threads) {
+  if (threads < 1) threads = 1;
+  HPCLM_DISPATCH(divide_by(dst, count, dtype, divisor, threads))
 }
 
 }  // namespace hpclm

@@ -1,11 +1,16 @@
 // Compiled once per ISA (CMake sets HPCLM_ISA and the matching -m flags); plain loops
 // that the compiler vectorizes for that ISA.
 #include <algorithm>
-#if defined(__F16C__) && defined(__AVX__)
-#include <immintrin.h>
-#endif
+#include <type_traits>
 
 #include "comm/reduce.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #ifndef HPCLM_ISA
 #error "compile this file through CMake's per-ISA object libraries"
@@ -15,6 +20,29 @@ namespace hpclm {
 namespace HPCLM_ISA {
 namespace {
 
+// How an element type is stored and computed: native types as themselves, half types in float32.
+template <typename T>
+struct Native {
+  using Storage = T;
+  using Compute = T;
+  static T load(T x) { return x; }
+  static T store(T x) { return x; }
+};
+struct F16 {
+  using Storage = uint16_t;
+  using Compute = float;
+  static float load(uint16_t h) { return f16_to_float(h); }
+  static uint16_t store(float f) { return float_to_f16(f); }
+};
+struct BF16 {
+  using Storage = uint16_t;
+  using Compute = float;
+  static float load(uint16_t h) { return bf16_to_float(h); }
+  static uint16_t store(float f) { return float_to_bf16(f); }
+};
+
+constexpr size_t kParallelMin = size_t(1) << 16;  // below this, threads cost more than they save
+
 template <ReduceOp OP, typename T>
 inline T combine(T a, T b) {
   if constexpr (OP == ReduceOp::sum) return a + b;
@@ -23,81 +51,241 @@ inline T combine(T a, T b) {
   if constexpr (OP == ReduceOp::max) return b > a ? b : a;
 }
 
-template <ReduceOp OP, typename T>
-void reduce_native(T* __restrict dst, const T* __restrict src, size_t n) {
-  for (size_t i = 0; i < n; ++i) dst[i] = combine<OP>(dst[i], src[i]);
-}
-
-template <ReduceOp OP, float (*Load)(uint16_t), uint16_t (*Store)(float)>
-void reduce_half(uint16_t* __restrict dst, const uint16_t* __restrict src, size_t n) {
-  for (size_t i = 0; i < n; ++i) dst[i] = Store(combine<OP>(Load(dst[i]), Load(src[i])));
-}
-
-#if defined(__F16C__) && defined(__AVX__)
-// GCC does not vectorize _Float16 conversions without AVX512-FP16: convert 8 at a time with F16C.
-template <ReduceOp OP>
-void reduce_f16(uint16_t* __restrict dst, const uint16_t* __restrict src, size_t n) {
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dst + i)));
-    __m256 b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-    __m256 r;
-    if constexpr (OP == ReduceOp::sum) r = _mm256_add_ps(a, b);
-    if constexpr (OP == ReduceOp::prod) r = _mm256_mul_ps(a, b);
-    if constexpr (OP == ReduceOp::min) r = _mm256_min_ps(b, a);  // b < a ? b : a, as combine()
-    if constexpr (OP == ReduceOp::max) r = _mm256_max_ps(b, a);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT));
+// a op b on stored values. min and max pick one input, so for half types they select the stored
+// bits (no rounding involved), which the compiler vectorizes where a float select is not.
+template <ReduceOp OP, typename E>
+inline typename E::Storage apply(typename E::Storage a, typename E::Storage b) {
+  constexpr bool picks = OP == ReduceOp::min || OP == ReduceOp::max;
+  if constexpr (picks && !std::is_same_v<typename E::Storage, typename E::Compute>) {  // half types
+    typename E::Compute x = E::load(a), y = E::load(b);
+    return (OP == ReduceOp::min ? y < x : y > x) ? b : a;
+  } else {
+    return E::store(combine<OP>(E::load(a), E::load(b)));
   }
-  reduce_half<OP, f16_to_float, float_to_f16>(dst + i, src + i, n - i);
 }
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__))
+#define HPCLM_HALF_VECTORS 1
+// GCC leaves _Float16 conversions scalar and vectorizes bfloat16 rounding poorly, so half-type
+// spans convert 16 (AVX-512) or 8 (AVX2) elements at a time by hand; the tail goes element by
+// element. Same arithmetic as the scalar code: float32, rounded to nearest even once (bfloat16
+// NaNs quieted the same way as float_to_bf16).
+#if defined(__AVX512F__)
+struct Vec {
+  using V = __m512;
+  using I = __m512i;
+  static constexpr size_t lanes = 16;
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static void store_f16(uint16_t* p, V v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static V load_bf16(const uint16_t* p) {
+    I wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static void store_bf16(uint16_t* p, V v) {
+    I u = _mm512_castps_si512(v);
+    I lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    I rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    I quiet = _mm512_or_si512(u, _mm512_set1_epi32(0x400000));
+    I r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, quiet);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+  }
+};
 #else
-template <ReduceOp OP>
-void reduce_f16(uint16_t* __restrict dst, const uint16_t* __restrict src, size_t n) {
-  reduce_half<OP, f16_to_float, float_to_f16>(dst, src, n);
-}
+struct Vec {
+  using V = __m256;
+  using I = __m256i;
+  static constexpr size_t lanes = 8;
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static void store_f16(uint16_t* p, V v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static V load_bf16(const uint16_t* p) {
+    I wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  static void store_bf16(uint16_t* p, V v) {
+    I u = _mm256_castps_si256(v);
+    I lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    I rounded = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    I quiet = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+    V nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    I r = _mm256_srli_epi32(_mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded),
+                                                                 _mm256_castsi256_ps(quiet), nan)), 16);
+    I packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);  // 8 x u16 in the low half
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+};
 #endif
 
-// Serial loops stay free of OpenMP so they vectorize cleanly; threads split the range into blocks.
-template <typename T, typename Kernel>
-void in_blocks(T* dst, const T* src, size_t n, int threads, Kernel kernel) {
-  constexpr size_t kMinPerThread = size_t(1) << 15;
-  if (threads <= 1 || n < 2 * kMinPerThread) return kernel(dst, src, n);
-  size_t parts = std::min<size_t>(threads, n / kMinPerThread);
-  size_t block = (n + parts - 1) / parts;
-#pragma omp parallel for num_threads(static_cast<int>(parts)) schedule(static, 1)
-  for (size_t p = 0; p < parts; ++p) {
-    size_t begin = p * block, end = std::min(n, begin + block);
-    if (begin < end) kernel(dst + begin, src + begin, end - begin);
+template <typename E>
+inline Vec::V load_vec(const uint16_t* p) {
+  if constexpr (std::is_same_v<E, F16>) return Vec::load_f16(p);
+  else return Vec::load_bf16(p);
+}
+template <typename E>
+inline void store_vec(uint16_t* p, Vec::V v) {
+  if constexpr (std::is_same_v<E, F16>) Vec::store_f16(p, v);
+  else Vec::store_bf16(p, v);
+}
+
+// MINPS(x, y) = x < y ? x : y, so (b, a) matches combine's b < a ? b : a (likewise MAXPS).
+template <ReduceOp OP>
+inline Vec::V combine_vec(Vec::V a, Vec::V b) {
+  if constexpr (OP == ReduceOp::sum) return Vec::add(a, b);
+  if constexpr (OP == ReduceOp::prod) return Vec::mul(a, b);
+  if constexpr (OP == ReduceOp::min) return Vec::min(b, a);
+  if constexpr (OP == ReduceOp::max) return Vec::max(b, a);
+}
+
+// dst[i] = a[i] op b[i] over the whole vectors of [0, n) (dst may be a); returns how far it got.
+template <ReduceOp OP, typename E>
+size_t half_reduce_vec(uint16_t* dst, const uint16_t* a, const uint16_t* b, size_t n) {
+  size_t i = 0;
+  for (; i + Vec::lanes <= n; i += Vec::lanes)
+    store_vec<E>(dst + i, combine_vec<OP>(load_vec<E>(a + i), load_vec<E>(b + i)));
+  return i;
+}
+
+template <typename E>
+size_t half_divide_vec(uint16_t* dst, size_t n, float divisor) {
+  size_t i = 0;
+  const Vec::V d = Vec::set1(divisor);
+  for (; i + Vec::lanes <= n; i += Vec::lanes) store_vec<E>(dst + i, Vec::div(load_vec<E>(dst + i), d));
+  return i;
+}
+#else
+template <ReduceOp OP, typename E>
+size_t half_reduce_vec(uint16_t*, const uint16_t*, const uint16_t*, size_t) { return 0; }
+template <typename E>
+size_t half_divide_vec(uint16_t*, size_t, float) { return 0; }
+#endif
+
+template <typename E>
+constexpr bool is_half = !std::is_same_v<typename E::Storage, typename E::Compute>;
+
+// The loops: serial over one span, written for the auto-vectorizer (restrict, no calls);
+// half types start with their hand-vectorized part where there is one.
+// dst[i] = dst[i] op src[i]
+template <ReduceOp OP, typename E>
+void reduce_into_span(typename E::Storage* __restrict dst, const typename E::Storage* __restrict src, size_t n) {
+  size_t i = 0;
+  if constexpr (is_half<E>) i = half_reduce_vec<OP, E>(dst, dst, src, n);
+  for (; i < n; ++i) dst[i] = apply<OP, E>(dst[i], src[i]);
+}
+
+// dst[i] = a[i] op b[i], three distinct buffers
+template <ReduceOp OP, typename E>
+void reduce_to_span(typename E::Storage* __restrict dst, const typename E::Storage* __restrict a,
+                    const typename E::Storage* __restrict b, size_t n) {
+  size_t i = 0;
+  if constexpr (is_half<E>) i = half_reduce_vec<OP, E>(dst, a, b, n);
+  for (; i < n; ++i) dst[i] = apply<OP, E>(a[i], b[i]);
+}
+
+// dst[i] = dst[i] / divisor, a true division so the result is the correctly rounded quotient
+template <typename E>
+void divide_span(typename E::Storage* __restrict dst, size_t n, typename E::Compute divisor) {
+  size_t i = 0;
+  if constexpr (is_half<E>) i = half_divide_vec<E>(dst, n, divisor);
+  for (; i < n; ++i) dst[i] = E::store(E::load(dst[i]) / divisor);
+}
+
+// span(begin, end) over [0, n), cut into `threads` contiguous pieces when that pays off.
+template <typename Span>
+void split(size_t n, int threads, Span&& span) {
+#ifdef _OPENMP
+  if (threads > 1 && n >= kParallelMin) {
+#pragma omp parallel num_threads(threads)
+    {
+      size_t t = static_cast<size_t>(omp_get_thread_num()), T = static_cast<size_t>(omp_get_num_threads());
+      span(n * t / T, n * (t + 1) / T);
+    }
+    return;
+  }
+#endif
+  (void)threads;
+  span(size_t(0), n);
+}
+
+template <ReduceOp OP, typename E>
+void reduce_into_t(typename E::Storage* dst, const typename E::Storage* src, size_t n, int threads) {
+  split(n, threads, [&](size_t b, size_t e) { reduce_into_span<OP, E>(dst + b, src + b, e - b); });
+}
+
+template <ReduceOp OP, typename E>
+void reduce_to_t(typename E::Storage* dst, const typename E::Storage* a, const typename E::Storage* b, size_t n,
+                 int threads) {
+  split(n, threads, [&](size_t lo, size_t hi) { reduce_to_span<OP, E>(dst + lo, a + lo, b + lo, hi - lo); });
+}
+
+template <typename E>
+void divide_t(typename E::Storage* dst, size_t n, typename E::Compute divisor, int threads) {
+  split(n, threads, [&](size_t b, size_t e) { divide_span<E>(dst + b, e - b, divisor); });
+}
+
+// Calls fn(E{}) with the element policy of dtype.
+template <typename Fn>
+void with_element(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::f32: return fn(Native<float>{});
+    case DType::f64: return fn(Native<double>{});
+    case DType::f16: return fn(F16{});
+    case DType::bf16: return fn(BF16{});
   }
 }
 
 template <ReduceOp OP>
-void reduce_typed(void* dst, const void* src, size_t n, DType dtype, int threads) {
-  switch (dtype) {
-    case DType::f32:
-      return in_blocks(static_cast<float*>(dst), static_cast<const float*>(src), n, threads,
-                       reduce_native<OP, float>);
-    case DType::f64:
-      return in_blocks(static_cast<double*>(dst), static_cast<const double*>(src), n, threads,
-                       reduce_native<OP, double>);
-    case DType::f16:
-      return in_blocks(static_cast<uint16_t*>(dst), static_cast<const uint16_t*>(src), n, threads,
-                       reduce_f16<OP>);
-    case DType::bf16:
-      return in_blocks(static_cast<uint16_t*>(dst), static_cast<const uint16_t*>(src), n, threads,
-                       reduce_half<OP, bf16_to_float, float_to_bf16>);
+void reduce_typed(void* dst, const void* a, const void* b, size_t n, DType dtype, int threads) {
+  with_element(dtype, [&](auto e) {
+    using E = decltype(e);
+    using S = typename E::Storage;
+    if (a == dst)
+      reduce_into_t<OP, E>(static_cast<S*>(dst), static_cast<const S*>(b), n, threads);
+    else if (b == dst)  // every op here is commutative
+      reduce_into_t<OP, E>(static_cast<S*>(dst), static_cast<const S*>(a), n, threads);
+    else
+      reduce_to_t<OP, E>(static_cast<S*>(dst), static_cast<const S*>(a), static_cast<const S*>(b), n, threads);
+  });
+}
+
+void reduce_any(void* dst, const void* a, const void* b, size_t count, DType dtype, ReduceOp op, int threads) {
+  switch (op) {
+    case ReduceOp::sum: return reduce_typed<ReduceOp::sum>(dst, a, b, count, dtype, threads);
+    case ReduceOp::prod: return reduce_typed<ReduceOp::prod>(dst, a, b, count, dtype, threads);
+    case ReduceOp::min: return reduce_typed<ReduceOp::min>(dst, a, b, count, dtype, threads);
+    case ReduceOp::max: return reduce_typed<ReduceOp::max>(dst, a, b, count, dtype, threads);
   }
 }
 
 }  // namespace
 
 void reduce_into(void* dst, const void* src, size_t count, DType dtype, ReduceOp op, int threads) {
-  switch (op) {
-    case ReduceOp::sum: return reduce_typed<ReduceOp::sum>(dst, src, count, dtype, threads);
-    case ReduceOp::prod: return reduce_typed<ReduceOp::prod>(dst, src, count, dtype, threads);
-    case ReduceOp::min: return reduce_typed<ReduceOp::min>(dst, src, count, dtype, threads);
-    case ReduceOp::max: return reduce_typed<ReduceOp::max>(dst, src, count, dtype, threads);
-  }
+  reduce_any(dst, dst, src, count, dtype, op, threads);
+}
+
+void reduce_to(void* dst, const void* a, const void* b, size_t count, DType dtype, ReduceOp op, int threads) {
+  reduce_any(dst, a, b, count, dtype, op, threads);
+}
+
+void divide_by(void* dst, size_t count, DType dtype, double divisor, int threads) {
+  with_element(dtype, [&](auto e) {
+    using E = decltype(e);
+    divide_t<E>(static_cast<typename E::Storage*>(dst), count, static_cast<typename E::Compute>(divisor), threads);
+  });
 }
 
 }  // namespace HPCLM_ISA

@@ -1,0 +1,54 @@
+// Allreduce over MPI: our pipelined ring, and the MPI library's own collectives as baselines.
+#pragma once
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+
+#include "comm/reduce.h"
+#include "common/dtype.h"
+
+namespace hpclm {
+
+// An allreduce op: an elementwise reduction, optionally followed by division by the rank count.
+struct AllreduceOp {
+  ReduceOp reduce;
+  bool average;
+};
+
+inline AllreduceOp parse_allreduce_op(const std::string& s) {
+  if (s == "avg" || s == "average") return {ReduceOp::sum, true};
+  if (s == "sum" || s == "prod" || s == "product" || s == "min" || s == "max") return {parse_reduce_op(s), false};
+  throw std::invalid_argument("unsupported allreduce op '" + s + "': use sum, avg, min, max or prod");
+}
+
+struct RingOptions {
+  size_t segment_bytes = size_t(1) << 20;  // pipeline unit: one message, one reduction call
+  int depth = 2;                           // segments in flight per direction (2 = double buffering)
+  int threads = 1;                         // OpenMP threads for the reduction of a segment
+  int lag = 2;                             // units between a segment's steps (wavefront order)
+};
+
+}  // namespace hpclm
+
+#ifdef HPCLM_WITH_MPI
+#include <mpi.h>
+
+namespace hpclm {
+
+// recv[i] = op over ranks of send[i], for `count` elements; send == recv means in place;
+// otherwise the two must not overlap. Every rank of `comm` calls it with the same count, dtype
+// and op (hpclm.probe.ring_allreduce checks that first). Reduce-scatter then allgather around
+// the ring rank -> rank+1; each of the n chunks is cut into segments that are received while the
+// previous one is reduced. Throws std::runtime_error on MPI errors.
+void ring_allreduce(const void* send, void* recv, size_t count, DType dtype, AllreduceOp op, MPI_Comm comm,
+                    const RingOptions& options = {});
+
+// The same contract through the library's MPI_Allreduce (half types: a user-defined MPI_Op that
+// computes in float32, since MPI has no 16-bit float types).
+void library_allreduce(const void* send, void* recv, size_t count, DType dtype, AllreduceOp op, MPI_Comm comm);
+
+// MPI_Sendrecv of `bytes` to rank+1 from rank-1: the traffic of one ring link.
+void neighbor_sendrecv(const void* send, void* recv, size_t bytes, MPI_Comm comm);
+
+}  // namespace hpclm
+#endif

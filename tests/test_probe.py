@@ -1,0 +1,345 @@
+"""The ring allreduce (hpclm.probe.ring_allreduce) and `hpclm probe allreduce`, under real mpirun."""
+import json
+import os
+import re
+import stat
+import subprocess
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, child_env, horovod_available, mpirun, run_python
+from hpclm import harness, probe
+from hpclm.cli import build_parser
+from hpclm.errors import HpclmError
+
+
+# Waiting ranks yield the core: these tests check results, not speed, on a small shared machine.
+YIELD = {"OMPI_MCA_mpi_yield_when_idle": "1"}
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3, 4])
+def ring_run(request, tmp_path_factory):
+    """tests/ring_cases.py under mpirun -np N; each rank's findings."""
+    n = request.param
+    out = tmp_path_factory.mktemp(f"ring{n}")
+    proc = mpirun(n, [str(REPO / "tests" / "ring_cases.py"), str(out)], env=YIELD, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
+    for r in rows:
+        assert "crash" not in r, r.get("crash")
+    return n, rows
+
+
+def test_ring_equals_mpi_allreduce(ring_run):
+    """Every dtype and op, counts 0, 1, n-1, n, odd, long; in place and out of place; numpy and torch."""
+    n, rows = ring_run
+    for r in rows:
+        assert r["failures"] == []
+        counts = {0, 1, max(1, n - 1), n, 7, 1001}
+        assert r["checked"] == 4 * 5 * 2 * (len(counts) + 1) + 8  # the whole grid ran
+    assert {r["size"] for r in rows} == {n}
+
+
+def test_ring_runs_on_the_given_communicator(ring_run):
+    _, rows = ring_run
+    assert all(r["communicators"] for r in rows)
+
+
+def test_bad_arguments_raise_clear_errors_on_every_rank(ring_run):
+    n, rows = ring_run
+    expect = {
+        "noncontig_numpy": ("ValueError", "buf is not C-contiguous"),
+        "noncontig_torch": ("ValueError", "buf is not contiguous"),
+        "readonly_in_place": ("ValueError", "buf is read-only"),
+        "readonly_out": ("ValueError", "out is read-only"),
+        "int_dtype": ("ValueError", "buf has dtype int32"),
+        "not_a_buffer": ("TypeError", "numpy array or a CPU torch tensor, not list"),
+        "out_mismatch": ("ValueError", "out (11 x float32) must match buf (10 x float32)"),
+        "out_dtype": ("ValueError", "must match"),
+        "out_overlaps": ("ValueError", "out overlaps buf"),
+        "bad_op": ("ValueError", "unknown op 'mean'"),
+        "bad_comm": ("TypeError", "mpi4py intracommunicator"),
+        "bad_segment": ("ValueError", "segment_bytes must be a positive integer"),
+    }
+    for r in rows:
+        errors = r["errors"]
+        for case, (kind, text) in expect.items():
+            assert errors[case] is not None and errors[case][0] == kind and text in errors[case][1], (case, errors[case])
+        assert errors["works_after_errors"]
+        last = r["rank"] == n - 1
+        if n == 1:
+            assert errors["counts_differ"] is None and errors["dtypes_differ"] is None
+        else:
+            assert "ranks pass different element counts (10 to 11" in errors["counts_differ"][1]
+            assert "ranks pass different dtypes" in errors["dtypes_differ"][1]
+        bad = errors["one_rank_bad"]
+        assert bad[0] == "ValueError"
+        assert ("not C-contiguous" in bad[1]) if last else (f"rank {n - 1} passed invalid arguments" in bad[1])
+
+
+# --- the probe command ----------------------------------------------------------------------
+
+def _table(stdout):
+    """{(type, redop, size): {impl: [time, algbw, busbw, wrong]}} from the printed table."""
+    lines = stdout.splitlines()
+    group_line = next(line for line in lines if line.startswith("#") and "ring" in line and "size" not in line)
+    impls = group_line[1:].split()
+    table = {}
+    for line in lines:
+        if line.startswith("#") or not line.strip() or not line.split()[0].isdigit():
+            continue
+        cells = line.split()
+        size, count, dtype, op = int(cells[0]), int(cells[1]), cells[2], cells[3]
+        table[dtype, op, size] = {"count": count}
+        for i, impl in enumerate(impls):
+            table[dtype, op, size][impl] = cells[4 + 4 * i: 8 + 4 * i]
+    return impls, table
+
+
+def _assert_json_matches_table(doc, impls, table):
+    assert len(doc["rows"]) == len(table) * len(impls)
+    for row in doc["rows"]:
+        cells = table[row["type"], row["redop"], row["size"]]
+        assert cells["count"] == row["count"]
+        time, algbw, busbw, wrong = cells[row["impl"]]
+        if row["time_us"] is None:
+            assert [time, algbw, busbw, wrong] == ["n/a"] * 4
+            continue
+        assert time == f"{row['time_us']:.1f}" and algbw == f"{row['algbw']:.2f}" and busbw == f"{row['busbw']:.2f}"
+        assert wrong == str(row["wrong"])
+
+
+def test_probe_table_json_and_plot(tmp_path):
+    impl = "ring,mpi,horovod,sendrecv" if horovod_available() else "ring,mpi,sendrecv"
+    out_json, out_png = tmp_path / "probe.json", tmp_path / "probe.png"
+    proc = mpirun(2, ["-m", "hpclm", "probe", "allreduce", "-b", "4", "-e", "64K", "-f", "16", "-n", "2", "-w", "1",
+                      "-d", "all", "-o", "all", "--impl", impl, "--segment", "1K",
+                      "--json", str(out_json), "--plot", str(out_png)], env=YIELD, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    impls, table = _table(proc.stdout)
+    assert impls == impl.split(",")
+    # sizes 4 B .. 64 KiB by 16, every dtype and op (float64 has no 4-byte row)
+    assert len(table) == 4 * 4 * 4 - 4
+    for key, cells in table.items():
+        for name in impls:
+            if name == "horovod" and key[0] == "bfloat16":
+                assert cells[name] == ["n/a"] * 4  # Horovod has no bfloat16 allreduce
+            else:
+                assert cells[name][3] == "0", (key, name, cells[name])
+    doc = json.loads(out_json.read_text())
+    _assert_json_matches_table(doc, impls, table)
+    assert doc["tool"] == "hpclm probe allreduce" and doc["host"]["ranks"] == 2 and doc["host"]["cores"] >= 1
+    assert doc["mpi"]["nodes"] == 1 and doc["summary"]["wrong"] == 0
+    model = doc["summary"]["model"]
+    assert model["link_GBps"] > 0 and model["alpha_us"] >= 0
+    assert [p["ranks"] for p in model["predictions"]] == [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    assert "# Out of bounds values : 0 OK" in proc.stdout
+    assert re.search(r"# Avg bus bandwidth \(GB/s\): ring [\d.]+ +mpi [\d.]+", proc.stdout)
+    assert "Bandwidth dominates above S*" in proc.stdout and "# MPI: Open MPI" in proc.stdout
+    assert "pml selected ob1" in proc.stdout  # what Open MPI itself says it runs
+    if "horovod" in impls:
+        assert "# n/a: horovod bfloat16: Horovod has no bfloat16 allreduce" in proc.stdout
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "MPI_THREAD_MULTIPLE" not in proc.stderr  # reading MPI_T must not lower MPI's thread level
+
+
+def test_probe_reports_a_corrupted_result_and_fails(tmp_path):
+    """Three ranks in place; one element of the ring's checked result is overwritten on the last rank."""
+    out_json = tmp_path / "bad.json"
+    proc = mpirun(3, ["-m", "hpclm", "probe", "allreduce", "-b", "1K", "-e", "16K", "-f", "4", "-n", "2", "-w", "0",
+                      "-d", "float32,bfloat16", "-o", "sum,avg", "--in-place", "--impl", "ring,mpi,sendrecv",
+                      "--json", str(out_json)], env={probe.CORRUPT_ENV: "ring", **YIELD}, timeout=180)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    impls, table = _table(proc.stdout)
+    assert len(table) == 2 * 2 * 3
+    for cells in table.values():
+        assert cells["ring"][3] == "1" and cells["mpi"][3] == "0" and cells["sendrecv"][3] == "0"
+    doc = json.loads(out_json.read_text())
+    _assert_json_matches_table(doc, impls, table)
+    assert doc["summary"]["wrong"] == len(table)
+    assert f"# Out of bounds values : {len(table)} WRONG" in proc.stdout
+
+
+def test_probe_single_process_and_cli_errors():
+    """No launcher: one rank (busbw 0 by definition, no model); bad flags: one line, exit code 2."""
+    proc = run_python(["-m", "hpclm", "probe", "allreduce", "-b", "1K", "-e", "4K", "-n", "1", "-w", "0",
+                       "--impl", "ring,mpi"])
+    assert proc.returncode == 0, proc.stderr
+    _, table = _table(proc.stdout)
+    assert [cells["ring"][2] for cells in table.values()] == ["0.00", "0.00"]
+    assert "Ring model: needs at least 2 ranks" in proc.stdout
+    bad = run_python(["-m", "hpclm", "probe", "allreduce", "-b", "12Q"])
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == ("hpclm probe: error: '12Q' is not a size: use a number of bytes with an optional "
+                                  "K, M, G or T suffix (e.g. 64K, 256M)")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-b", "1M", "-e", "1K"], "-b 1M must be at least 1 byte and at most -e 1K"),
+    (["-f", "1"], "-f 1.0 must be greater than 1"),
+    (["-n", "0"], "-n must be at least 1"),
+    (["-d", "int8"], "unknown dtype 'int8'"),
+    (["-o", "sum,mean"], "unknown op 'mean'"),
+    (["--impl", "ring,nccl"], "unknown implementation 'nccl'"),
+    (["--segment", "0"], "--segment must be at least 1"),
+])
+def test_probe_flag_errors(argv, message):
+    args = build_parser().parse_args(["probe", "allreduce", *argv])
+    with pytest.raises(HpclmError, match=re.escape(message)):
+        probe.settings_from_args(args)
+
+
+def test_probe_flags_to_settings():
+    args = build_parser().parse_args(["probe", "allreduce", "-b", "1K", "-e", "1M", "-f", "4", "-d", "all",
+                                      "-o", "avg,max", "--impl", "mpi,ring", "--segment", "256K", "--in-place"])
+    s = probe.settings_from_args(args)
+    assert s.sizes == [1024, 4096, 16384, 65536, 262144, 1048576]
+    assert s.dtypes == list(probe.DTYPES) and s.ops == ["avg", "max"] and s.impls == ["mpi", "ring"]
+    assert s.segment_bytes == 256 * 1024 and s.in_place and s.check
+
+
+def test_sbatch_script_runs_the_probe(tmp_path):
+    """slurm/probe.sbatch end to end, with `srun` standing in as mpirun (a real cluster tests srun itself)."""
+    script = REPO / "slurm" / "probe.sbatch"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    srun = fake / "srun"
+    srun.write_text(textwrap.dedent("""\
+        #!/bin/bash
+        echo "srun $*" >> "$FAKE_SRUN_LOG"
+        while [[ "$1" == --* ]]; do shift; done
+        exec mpirun -np "$SLURM_NTASKS" --oversubscribe --allow-run-as-root "$@"
+    """))
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "runs"
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "FAKE_SRUN_LOG": str(tmp_path / "srun.log"),
+           "SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "HPCLM_PROBE_OUT": str(out),
+           "HPCLM_PROBE_ARGS": "-b 1K -e 4K -n 1 -w 0 --impl ring,mpi,sendrecv", **YIELD}
+    proc = subprocess.run(["bash", str(script)], env=child_env(env), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "srun --mpi=pmix" in (tmp_path / "srun.log").read_text()
+    doc = json.loads((out / "77" / "allreduce.json").read_text())
+    assert doc["host"]["ranks"] == 2 and doc["summary"]["wrong"] == 0
+    assert (out / "77" / "allreduce.png").stat().st_size > 0
+    assert "# Out of bounds values : 0 OK" in proc.stdout
+
+
+# --- pure pieces ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", probe.DTYPES)
+@pytest.mark.parametrize("ranks", [1, 2, 3, 7, 100, 1024, 3000])
+def test_pattern_is_exact_in_any_reduction_order(dtype, ranks):
+    """Accumulating the ranks' inputs in the dtype, forwards and backwards (as a ring would, with
+    half types rounded after every step), gives exactly the pattern's expected sum/min/max."""
+    pattern = probe.Pattern(dtype, ranks)
+    tdtype = getattr(torch, dtype)
+    start, stop = 12345, 12345 + 2000
+    inputs = np.stack([pattern.inputs(r, start, stop) for r in range(ranks)])
+    assert np.array_equal(torch.from_numpy(inputs).to(tdtype).double().numpy(), inputs)  # representable
+    distinct = min(ranks, 3, pattern.m)  # rank r + m repeats rank r's values (m residues)
+    assert len({inputs[r].tobytes() for r in range(distinct)}) == distinct
+    for order in (range(ranks), reversed(range(ranks))):
+        acc = None
+        for r in order:
+            x = torch.from_numpy(inputs[r]).to(tdtype)
+            acc = x if acc is None else (acc.float() + x.float()).to(tdtype) if dtype in ("float16", "bfloat16") \
+                else acc + x
+        assert np.array_equal(acc.double().numpy(), pattern.reduced("sum", start, stop))
+    assert np.array_equal(inputs.min(axis=0), pattern.reduced("min", start, stop))
+    assert np.array_equal(inputs.max(axis=0), pattern.reduced("max", start, stop))
+    assert np.array_equal(pattern.reduced("avg", start, stop), inputs.sum(axis=0) / ranks)
+
+
+def test_pattern_counts_wrong_elements():
+    pattern = probe.Pattern("float16", 3)
+    t = torch.empty(5000, dtype=torch.float16)
+    t[:] = torch.from_numpy(pattern.reduced("sum", 0, 5000)).half()
+    assert pattern.count_wrong(t, lambda a, b: pattern.reduced("sum", a, b)) == 0
+    t[17] += 1
+    t[4000] = float("nan")
+    assert pattern.count_wrong(t, lambda a, b: pattern.reduced("sum", a, b)) == 2
+
+
+def test_ring_model_fit_recovers_alpha_and_bandwidth():
+    n, alpha, bandwidth = 4, 7e-6, 3e9
+    sizes = [2**k for k in range(10, 28, 2)]
+    points = [(s, 2 * (n - 1) * alpha + 2 * (n - 1) / n * s / bandwidth) for s in sizes]
+    model = probe.fit_ring_model(points, n)
+    assert model["alpha_s"] == pytest.approx(alpha, rel=1e-6)
+    assert model["link_bytes_per_s"] == pytest.approx(bandwidth, rel=1e-6)
+    assert probe.crossover_bytes(model, n) == pytest.approx(n * alpha * bandwidth)
+    big = probe.predictions(model, [2**30])[-1]
+    assert big["ranks"] == 1024 and big[str(2**30)]["busbw"] < bandwidth / 1e9
+    # times that shrink faster than linear would give a negative latency: clamped to 0
+    clamped = probe.fit_ring_model([(1000, 1e-7), (2000, 1e-6)], 2)
+    assert clamped["alpha_s"] == 0 and clamped["link_bytes_per_s"] > 0
+    assert probe.fit_ring_model(points, 1) is None and probe.fit_ring_model(points[:1], n) is None
+
+
+def test_sizes_and_units():
+    assert [harness.parse_size(x) for x in ("8", "64K", "1.5M", "2G", "4KiB", "16mb")] == \
+        [8, 65536, 1572864, 2**31, 4096, 16 * 2**20]
+    with pytest.raises(ValueError, match="'1X' is not a size"):
+        harness.parse_size("1X")
+    assert harness.format_size(2**20) == "1 MiB" and harness.format_size(1536) == "1.5 KiB" and \
+        harness.format_size(100) == "100 B"
+    assert probe.size_series(4, 64, 2) == [4, 8, 16, 32, 64] and probe.size_series(5, 5, 1) == [5]
+
+
+def test_write_json_is_atomic(tmp_path):
+    path = tmp_path / "sub" / "out.json"
+    harness.write_json(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    with pytest.raises(TypeError):
+        harness.write_json(path, {"a": object()})  # not serializable: the old file stays whole
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in path.parent.iterdir()] == ["out.json"]
+
+
+def test_reduce_to_and_divide_by_kernels():
+    """The per-ISA kernels the ring adds: three-operand reduce (out of place) and the avg division."""
+    from hpclm import native
+    ext = native.require()
+    for path in ext.build_info()["cpu_paths_supported"]:
+        ext.set_cpu_path(path)
+        for dtype in probe.DTYPES:
+            tdtype = getattr(torch, dtype)
+            a = torch.arange(-50, 51, dtype=tdtype) / 8  # 101 elements: vector body and tail
+            b = torch.flip(a, [0]) * 3
+            refs = {"sum": a.float() + b.float(), "prod": a.float() * b.float(),
+                    "min": torch.minimum(a, b).float(), "max": torch.maximum(a, b).float()}
+            for op, ref in refs.items():
+                dst = torch.empty_like(a)
+                ext.reduce_to(dst.data_ptr(), a.data_ptr(), b.data_ptr(), a.numel(), dtype, op)
+                assert torch.equal(dst, ref.to(tdtype)), (path, dtype, op)
+            ext.reduce_to(dst.data_ptr(), dst.data_ptr(), a.data_ptr(), a.numel(), dtype, "sum")  # dst is a
+            assert torch.equal(dst, (refs["max"] + a.float()).to(tdtype)), (path, dtype)
+            x = torch.arange(1, 200, dtype=tdtype)
+            ext.divide_by(x.data_ptr(), x.numel(), dtype, 3.0)
+            want = (torch.arange(1, 200, dtype=torch.float64) / 3).to(tdtype)
+            assert torch.equal(x, want), (path, dtype)
+    ext.set_cpu_path("auto")
+
+
+def test_footer_model_lines():
+    """Resolved latency: S* and predictions; sizes that are all bandwidth-bound: it says so instead."""
+    def rows(alpha, sizes, n=2, bandwidth=4e9):
+        return [{"impl": "ring", "size": x, "count": x // 4, "type": "float32", "redop": "sum", "in_place": False,
+                 "time_us": (2 * (n - 1) * alpha + 2 * (n - 1) / n * x / bandwidth) * 1e6,
+                 "algbw": 1.0, "busbw": 1.0, "wrong": 0} for x in sizes]
+    settings = probe.Settings(sizes=[], dtypes=["float32"], ops=["sum"], impls=["ring"])
+    where = {"library": "Open MPI v4.1.4", "says": {"pml selected": "ob1"}, "nodes": 1, "ranks_per_node": [2]}
+    small = probe.summary(rows(20e-6, [4096, 65536, 2**20, 2**24]), 2)
+    text = "\n".join(probe.footer_lines(small, [], 2, where, settings))
+    assert small["model"]["latency_resolved"] and small["model"]["alpha_us"] == pytest.approx(20)
+    assert "S* = n*alpha*B = 156 KiB on 2 ranks" in text and "#    1024" in text
+    big = probe.summary(rows(1e-6, [2**24, 2**26, 2**28]), 2)
+    text = "\n".join(probe.footer_lines(big, [], 2, where, settings))
+    assert not big["model"]["latency_resolved"]
+    assert "the latency is not resolved (from 16 MiB up every size is bandwidth-bound)" in text
+    assert "Predicted ring" not in text
+    assert "# MPI: Open MPI v4.1.4; pml selected ob1; 2 rank(s) on 1 node" in text
