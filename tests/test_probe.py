@@ -1,16 +1,12 @@
 """The ring allreduce (hpclm.probe.ring_allreduce) and `hpclm probe allreduce`, under real mpirun."""
 import json
-import os
 import re
-import stat
-import subprocess
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, child_env, horovod_available, mpirun, run_python
+from conftest import REPO, horovod_available, mpirun, run_python
 from hpclm import harness, probe
 from hpclm.cli import build_parser
 from hpclm.errors import HpclmError
@@ -199,33 +195,6 @@ def test_probe_flags_to_settings():
     assert s.sizes == [1024, 4096, 16384, 65536, 262144, 1048576]
     assert s.dtypes == list(probe.DTYPES) and s.ops == ["avg", "max"] and s.impls == ["mpi", "ring"]
     assert s.segment_bytes == 256 * 1024 and s.in_place and s.check
-
-
-def test_sbatch_script_runs_the_probe(tmp_path):
-    """slurm/probe.sbatch end to end, with `srun` standing in as mpirun (a real cluster tests srun itself)."""
-    script = REPO / "slurm" / "probe.sbatch"
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    srun = fake / "srun"
-    srun.write_text(textwrap.dedent("""\
-        #!/bin/bash
-        echo "srun $*" >> "$FAKE_SRUN_LOG"
-        while [[ "$1" == --* ]]; do shift; done
-        exec mpirun -np "$SLURM_NTASKS" --oversubscribe --allow-run-as-root "$@"
-    """))
-    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
-    out = tmp_path / "runs"
-    env = {"PATH": f"{fake}:{os.environ['PATH']}", "FAKE_SRUN_LOG": str(tmp_path / "srun.log"),
-           "SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "HPCLM_PROBE_OUT": str(out),
-           "HPCLM_PROBE_ARGS": "-b 1K -e 4K -n 1 -w 0 --impl ring,mpi,sendrecv", **YIELD}
-    proc = subprocess.run(["bash", str(script)], env=child_env(env), cwd=tmp_path, capture_output=True, text=True,
-                          timeout=180)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "srun --mpi=pmix" in (tmp_path / "srun.log").read_text()
-    doc = json.loads((out / "77" / "allreduce.json").read_text())
-    assert doc["host"]["ranks"] == 2 and doc["summary"]["wrong"] == 0
-    assert (out / "77" / "allreduce.png").stat().st_size > 0
-    assert "# Out of bounds values : 0 OK" in proc.stdout
 
 
 # --- pure pieces ------------------------------------------------------------------------------

@@ -118,3 +118,18 @@ def test_bad_config_fails_fast_with_one_line(slurm, tmp_path):
     assert len(errors) == 1 and errors[0].startswith("hpclm train: error: unknown key in [model] 'n_layr'"), text
     assert "Traceback" not in text
     assert time.time() - t0 < 60
+
+
+def test_probe_sbatch_prints_a_correct_table(slurm, tmp_path):
+    out = tmp_path / "probe"
+    log = tmp_path / "probe-%j.out"
+    job_id = slurm.sbatch("-N", "1", "--ntasks-per-node=2", "-o", str(log), str(REPO / "slurm" / "probe.sbatch"),
+                          cwd=REPO, env=job_env(HPCLM_PROBE_OUT=str(out), OMPI_MCA_mpi_yield_when_idle="1",
+                                                HPCLM_PROBE_ARGS="-b 1K -e 64K -f 8 -n 2 -w 1 --impl ring,mpi,sendrecv"))
+    info = slurm.wait(job_id, timeout=180)
+    text = Path(str(log).replace("%j", str(job_id))).read_text()
+    assert info["JobState"] == "COMPLETED", text
+    doc = json.loads((out / str(job_id) / "allreduce.json").read_text())
+    assert doc["host"]["ranks"] == 2 and doc["summary"]["wrong"] == 0 and doc["rows"], doc["summary"]
+    assert "# Out of bounds values : 0 OK" in text
+    assert (out / str(job_id) / "allreduce.png").stat().st_size > 0
