@@ -123,18 +123,13 @@ CHOICES = {
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def _section_fields(section: str) -> dict[str, dataclasses.Field]:
-    cls = {f.name: f.type for f in dataclasses.fields(Config)}[section]
-    cls = globals()[cls] if isinstance(cls, str) else cls
-    return {f.name: f for f in dataclasses.fields(cls)}
+_DEFAULTS = Config()
 
 
-def _field_type(f: dataclasses.Field) -> type:
-    return {"int": int, "float": float, "bool": bool, "str": str}[f.type] if isinstance(f.type, str) else f.type
-
-
-def valid_keys(section: str) -> list[str]:
-    return sorted(_section_fields(section))
+def _key_types(section: str) -> dict[str, type]:
+    """Key -> type (int, float, bool or str: the type of its default) of one section."""
+    body = getattr(_DEFAULTS, section)
+    return {f.name: type(getattr(body, f.name)) for f in dataclasses.fields(body)}
 
 
 def _unknown(kind: str, name: str, valid, where: str) -> ConfigError:
@@ -159,10 +154,10 @@ def _coerce(key: str, value, want: type, where: str):
 def _apply(cfg: Config, section: str, key: str, value, where: str) -> None:
     if section not in SECTIONS:
         raise _unknown("section", section, SECTIONS, where)
-    fields = _section_fields(section)
-    if key not in fields:
-        raise _unknown(f"key in [{section}]", key, sorted(fields), where)
-    setattr(getattr(cfg, section), key, _coerce(f"{section}.{key}", value, _field_type(fields[key]), where))
+    types = _key_types(section)
+    if key not in types:
+        raise _unknown(f"key in [{section}]", key, sorted(types), where)
+    setattr(getattr(cfg, section), key, _coerce(f"{section}.{key}", value, types[key], where))
 
 
 def apply_dict(cfg: Config, data: dict, where: str = "") -> Config:

@@ -9,6 +9,7 @@ can be recomputed: a resumed run continues the exact batch sequence of an uninte
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -40,7 +41,7 @@ class Corpus:
     text: str
     skipped: list[str]  # binary or non-UTF-8 files left out of a directory/glob
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 

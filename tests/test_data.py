@@ -157,3 +157,21 @@ def test_batches_are_a_function_of_seed_stream_rank_and_index():
 def test_token_dtype_fits_the_vocabulary():
     assert data.token_dtype(65) is np.uint16 and data.token_dtype(65536) is np.uint16
     assert data.token_dtype(65537) is np.uint32
+
+
+def test_shakespeare_download_is_checked(tmp_path, monkeypatch, capsys):
+    import io
+    import urllib.error
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    assert _prepare_cli("shakespeare", "--out", tmp_path / "a") == 2
+    assert f"cannot download {data.SHAKESPEARE_URL}" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"tampered text\n" * 100))
+    assert _prepare_cli("shakespeare", "--out", tmp_path / "b") == 2
+    assert f"{data.SHAKESPEARE_URL} is not Tiny Shakespeare" in capsys.readouterr().err
+    if SHAKESPEARE.is_file():
+        monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(SHAKESPEARE.read_bytes()))
+        assert _prepare_cli("shakespeare", "--out", tmp_path / "c") == 0
+        assert json.loads((tmp_path / "c" / "meta.json").read_text())["train_tokens"] == 1003854

@@ -227,3 +227,29 @@ def test_two_ranks_under_mpirun(shakespeare_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from" in resumed.stdout and "iter_0000040" in resumed.stdout
     assert [r["step"] for r in records(out, "train")][-1] == 50
+
+
+def test_gru_trains_and_generates(shakespeare_dir, tmp_path):
+    out = tmp_path / "gru"
+    _train(shakespeare_dir, out, "model.arch=gru", "model.n_embd=16", "model.hidden_size=32", "model.n_layer=1",
+           "train.max_iters=60", "train.eval_interval=30", "train.batch_size=8")
+    evals = records(out, "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    from hpclm.generate import generate_text, load_trained
+    trained = load_trained(out)
+    assert trained.cfg.model.arch == "gru" and trained.step == 60
+    assert len(generate_text(trained, "KING", max_new_tokens=40, seed=3)) == 44
+
+
+def test_precision_bf16_runs_and_fp16_needs_the_loss_scaler(shakespeare_dir, tmp_path):
+    _train(shakespeare_dir, tmp_path / "bf16", "precision.dtype=bf16", "train.max_iters=30", "train.eval_interval=15")
+    evals = records(tmp_path / "bf16", "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
+    try:
+        import hpclm.amp  # noqa: F401  (fp16 training is tested with it, in test_amp.py)
+    except ImportError:
+        with pytest.raises(HpclmError, match="precision.dtype = 'fp16' needs dynamic loss scaling"):
+            _train(shakespeare_dir, tmp_path / "fp16", "precision.dtype=fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(HpclmError, match="train.device = 'cuda' but torch sees no CUDA device"):
+            _train(shakespeare_dir, tmp_path / "cuda", "train.device=cuda")
