@@ -241,15 +241,11 @@ def test_gru_trains_and_generates(shakespeare_dir, tmp_path):
     assert len(generate_text(trained, "KING", max_new_tokens=40, seed=3)) == 44
 
 
-def test_precision_bf16_runs_and_fp16_needs_the_loss_scaler(shakespeare_dir, tmp_path):
+def test_precision_bf16_runs_and_cuda_needs_a_device(shakespeare_dir, tmp_path):
+    """(fp16 with loss scaling: tests/test_data_parallel.py)"""
     _train(shakespeare_dir, tmp_path / "bf16", "precision.dtype=bf16", "train.max_iters=30", "train.eval_interval=15")
     evals = records(tmp_path / "bf16", "eval")
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
-    try:
-        import hpclm.amp  # noqa: F401  (fp16 training is tested with it, in test_amp.py)
-    except ImportError:
-        with pytest.raises(HpclmError, match="precision.dtype = 'fp16' needs dynamic loss scaling"):
-            _train(shakespeare_dir, tmp_path / "fp16", "precision.dtype=fp16")
     if not torch.cuda.is_available():
         with pytest.raises(HpclmError, match="train.device = 'cuda' but torch sees no CUDA device"):
             _train(shakespeare_dir, tmp_path / "cuda", "train.device=cuda")
