@@ -82,6 +82,23 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def save_from_rank0(run_dir: str | Path, step: int, make_files, keep_last: int = 3) -> Path | None:
+    """Every rank enters; rank 0 builds the files (make_files()) and saves them; an OSError there stops
+    every rank with the same one-line HpclmError. Returns the checkpoint's path on rank 0."""
+    import hpclm.dist as dist
+    error, path = None, None
+    if dist.is_main():
+        try:
+            path = save(run_dir, step, make_files(), keep_last)
+        except OSError as e:
+            error = f"cannot write checkpoint {name(step)} in {run_dir}: {e}"
+    if dist.is_distributed():
+        error = dist.broadcast_object(error, 0)
+    if error:
+        raise HpclmError(error)
+    return path
+
+
 def save(run_dir: str | Path, step: int, files: dict[str, bytes | str], keep_last: int = 3) -> Path:
     """Write files as checkpoint `step`, point `latest` at it, then prune to the newest keep_last (0: all)."""
     r = root(run_dir)

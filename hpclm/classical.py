@@ -85,24 +85,13 @@ def converged(state: dict, cfg: Config) -> bool:
 
 def save(cfg: Config, out: Path, data: Dataset, model, state: dict) -> Path:
     """Every rank enters; rank 0 writes the checkpoint; a write error stops every rank."""
-    error, path = None, None
-    if dist.is_main():
-        try:
-            files = {
-                "model.pt": checkpoint.tensor_bytes(model.state_dict()),
-                "state.pt": checkpoint.tensor_bytes({"format": STATE_FORMAT, **state}),
-                "config.toml": config_mod.to_toml(cfg),
-                "meta.json": (data.path / "meta.json").read_text(encoding="utf-8"),
-                "tokenizer.json": (data.path / "tokenizer.json").read_text(encoding="utf-8"),
-            }
-            path = checkpoint.save(out, state["step"], files, cfg.checkpoint.keep_last)
-        except OSError as e:
-            error = f"cannot write checkpoint {checkpoint.name(state['step'])} in {out}: {e}"
-    if dist.is_distributed():
-        error = dist.broadcast_object(error, 0)
-    if error:
-        raise HpclmError(error)
-    return path
+    return checkpoint.save_from_rank0(out, state["step"], lambda: {
+        "model.pt": checkpoint.tensor_bytes(model.state_dict()),
+        "state.pt": checkpoint.tensor_bytes({"format": STATE_FORMAT, **state}),
+        "config.toml": config_mod.to_toml(cfg),
+        "meta.json": (data.path / "meta.json").read_text(encoding="utf-8"),
+        "tokenizer.json": (data.path / "tokenizer.json").read_text(encoding="utf-8"),
+    }, cfg.checkpoint.keep_last)
 
 
 def fit(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool = False,

@@ -268,9 +268,9 @@ def save_checkpoint(run: Run, step: int) -> Path | None:
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
     gathered = dist.allgather_object(rng) if dist.is_distributed() else [rng]
     rngs = {kind: [r[kind] for r in gathered] for kind in rng}
-    error, path = None, None
-    if dist.is_main():
-        o = run.cfg.optim
+    o = run.cfg.optim
+
+    def files():
         state = {
             "format": STATE_FORMAT, "step": step, "tokens": step * run.tokens_per_step, "world_size": dist.size(),
             "rng": rngs, "loss_scaler": run.scaler.state_dict(), "lr_step": run.lr_step,
@@ -279,23 +279,15 @@ def save_checkpoint(run: Run, step: int) -> Path | None:
             "data": {"sampler": "seeded (seed, rank, step * grad_accum + micro)", "seed": run.cfg.train.seed,
                      "next_step": step, "grad_accum": run.cfg.train.grad_accum},
         }
-        try:
-            files = {
-                "model.pt": checkpoint.tensor_bytes(run.model.state_dict()),
-                "optimizer.pt": checkpoint.tensor_bytes(run.optimizer.state_dict()),
-                "state.pt": checkpoint.tensor_bytes(state),
-                "config.toml": config_mod.to_toml(run.cfg),
-                "meta.json": json.dumps(run.data.meta, indent=2) + "\n",
-                "tokenizer.json": (run.data.path / "tokenizer.json").read_text(encoding="utf-8"),
-            }
-            path = checkpoint.save(run.out, step, files, run.cfg.checkpoint.keep_last)
-        except OSError as e:
-            error = f"cannot write checkpoint {checkpoint.name(step)} in {run.out}: {e}"
-    if dist.is_distributed():
-        error = dist.broadcast_object(error, 0)
-    if error:
-        raise HpclmError(error)
-    return path
+        return {
+            "model.pt": checkpoint.tensor_bytes(run.model.state_dict()),
+            "optimizer.pt": checkpoint.tensor_bytes(run.optimizer.state_dict()),
+            "state.pt": checkpoint.tensor_bytes(state),
+            "config.toml": config_mod.to_toml(run.cfg),
+            "meta.json": json.dumps(run.data.meta, indent=2) + "\n",
+            "tokenizer.json": (run.data.path / "tokenizer.json").read_text(encoding="utf-8"),
+        }
+    return checkpoint.save_from_rank0(run.out, step, files, run.cfg.checkpoint.keep_last)
 
 
 # --- the loop --------------------------------------------------------------------------------------
