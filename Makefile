@@ -43,3 +43,10 @@ clean:
 bench: bench-softmax
 bench-softmax: setup
 	$(PYTHON) benchmarks/softmax.py --quick --threads 1 --json runs/bench/softmax.json --plot runs/bench/softmax.png
+
+# Data-parallel scaling (issue 6): tokens/s per ranks x threads and precision, allreduce share,
+# time to val loss 1.88; --quick: a few iterations per cell (the full run: python benchmarks/train_scaling.py).
+.PHONY: bench-scaling
+bench: bench-scaling
+bench-scaling: setup
+	$(PYTHON) benchmarks/train_scaling.py --quick --json runs/bench/train_scaling.json --plot runs/bench/train_scaling.png
