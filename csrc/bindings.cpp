@@ -183,7 +183,7 @@ void bind_comm(py::module_& m) {
         RingOptions opt{segment_bytes, depth, threads, lag};
         py::gil_scoped_release release;
         ring_allreduce(reinterpret_cast<const void*>(send), reinterpret_cast<void*>(recv), count, t, o,
-                       mpi::from_fortran(comm), opt);
+                       mpi::from_fortran(comm, "ring_allreduce"), opt);
       },
       py::arg("send"), py::arg("recv"), py::arg("count"), py::arg("dtype"), py::arg("op"), py::arg("comm"),
       py::arg("segment_bytes") = defaults.segment_bytes, py::arg("depth") = defaults.depth,
@@ -197,7 +197,7 @@ void bind_comm(py::module_& m) {
         AllreduceOp o = parse_allreduce_op(op);
         py::gil_scoped_release release;
         library_allreduce(reinterpret_cast<const void*>(send), reinterpret_cast<void*>(recv), count, t, o,
-                          mpi::from_fortran(comm));
+                          mpi::from_fortran(comm, "mpi_allreduce"));
       },
       py::arg("send"), py::arg("recv"), py::arg("count"), py::arg("dtype"), py::arg("op"), py::arg("comm"),
       "The MPI library's MPI_Allreduce with ring_allreduce's contract (avg = sum / ranks; half types via a "
@@ -207,7 +207,7 @@ void bind_comm(py::module_& m) {
       [](uintptr_t send, uintptr_t recv, size_t bytes, long long comm) {
         py::gil_scoped_release release;
         neighbor_sendrecv(reinterpret_cast<const void*>(send), reinterpret_cast<void*>(recv), bytes,
-                          mpi::from_fortran(comm));
+                          mpi::from_fortran(comm, "mpi_sendrecv"));
       },
       py::arg("send"), py::arg("recv"), py::arg("bytes"), py::arg("comm"),
       "MPI_Sendrecv of `bytes` to rank+1 from rank-1 (one ring link's traffic).");

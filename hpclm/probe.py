@@ -323,8 +323,8 @@ class Settings:
     warmup: int = 5
     check: bool = True
     in_place: bool = False
-    segment_bytes: int = 1 << 20
-    depth: int = 2
+    segment_bytes: int | None = None  # None: the ring's defaults (hpclm._C.RING_SEGMENT_BYTES, RING_DEPTH)
+    depth: int | None = None
     threads: int = 1
     notes: list[str] = field(default_factory=list)
 
@@ -618,7 +618,7 @@ def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 def settings_from_args(args) -> Settings:
     try:
         lo, hi = parse_size(args.minbytes), parse_size(args.maxbytes)
-        segment = parse_size(args.segment)
+        segment = None if args.segment is None else parse_size(args.segment)
     except ValueError as e:
         raise HpclmError(str(e)) from None
     if lo < 1 or lo > hi:
@@ -627,7 +627,7 @@ def settings_from_args(args) -> Settings:
         raise HpclmError(f"-f {args.stepfactor} must be greater than 1")
     for flag, value, low in (("-n", args.iters, 1), ("-w", args.warmup, 0), ("--depth", args.depth, 1),
                              ("--threads", args.threads, 1), ("--segment", segment, 1)):
-        if value < low:
+        if value is not None and value < low:
             raise HpclmError(f"{flag} must be at least {low}, got {value}")
     s = Settings(sizes=size_series(lo, hi, args.stepfactor), dtypes=_choices(args.datatype, DTYPES, "dtype"),
                  ops=_choices(args.op, OPS, "op"), impls=[], iters=args.iters, warmup=args.warmup,
@@ -658,6 +658,8 @@ def main(args) -> int:
     comm = MPI.COMM_WORLD
     rank, n = comm.Get_rank(), comm.Get_size()
     t = transport(MPI, comm)
+    s.segment_bytes = s.segment_bytes or ext.RING_SEGMENT_BYTES
+    s.depth = s.depth or ext.RING_DEPTH
     makers = {"ring": lambda: _ring_impl(ext, comm, s.segment_bytes, s.depth, s.threads),
               "mpi": lambda: _mpi_impl(ext, comm, t["library"]),
               "horovod": lambda: _horovod_impl(comm),

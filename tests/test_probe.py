@@ -312,3 +312,28 @@ def test_footer_model_lines():
     assert "the latency is not resolved (from 16 MiB up every size is bandwidth-bound)" in text
     assert "Predicted ring" not in text
     assert "# MPI: Open MPI v4.1.4; pml selected ob1; 2 rank(s) on 1 node" in text
+
+
+def test_native_calls_before_mpi_init_raise():
+    """hpclm._C never initializes MPI: called before mpi4py has, it raises instead of aborting."""
+    script = textwrap.dedent("""
+        import numpy as np
+        from hpclm import native
+        ext = native.require()
+        x = np.ones(4, np.float32)
+        for name, call in [("ring_allreduce", lambda: ext.ring_allreduce(x.ctypes.data, x.ctypes.data, 4, "float32", "sum", 0)),
+                           ("mpi_allreduce", lambda: ext.mpi_allreduce(x.ctypes.data, x.ctypes.data, 4, "float32", "sum", 0)),
+                           ("mpi_sendrecv", lambda: ext.mpi_sendrecv(x.ctypes.data, x.ctypes.data, 16, 0)),
+                           ("mpi_transport", ext.mpi_transport)]:
+            try:
+                call()
+                print(name, "no error")
+            except RuntimeError as e:
+                print(e)
+    """)
+    proc = run_python(["-c", script])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4
+    for name, line in zip(["ring_allreduce", "mpi_allreduce", "mpi_sendrecv", "mpi_transport"], lines):
+        assert line.startswith(f"{name}: MPI is not initialized; import mpi4py first"), line

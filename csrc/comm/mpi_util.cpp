@@ -26,7 +26,8 @@ void check(int rc, const char* what) {
   throw std::runtime_error(std::string(what) + " failed: " + std::string(text, len));
 }
 
-MPI_Comm from_fortran(long long handle) {
+MPI_Comm from_fortran(long long handle, const char* what) {
+  require_initialized(what);
   return MPI_Comm_f2c(static_cast<MPI_Fint>(handle));
 }
 
@@ -125,6 +126,7 @@ std::string read_cvar(const char* wanted) {
 }  // namespace
 
 std::vector<std::pair<std::string, std::string>> transport_report() {
+  require_initialized("mpi_transport");
   std::vector<std::pair<std::string, std::string>> out;
   std::string pml = openmpi_selected_pml();
   if (!pml.empty()) out.emplace_back("pml selected", pml);

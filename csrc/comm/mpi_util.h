@@ -15,8 +15,8 @@ void require_initialized(const char* what);
 // Throws std::runtime_error "<what> failed: <MPI's error string>" unless rc is MPI_SUCCESS.
 void check(int rc, const char* what);
 
-// The communicator behind a Fortran handle (mpi4py: comm.py2f()).
-MPI_Comm from_fortran(long long handle);
+// The communicator behind a Fortran handle (mpi4py: comm.py2f()); require_initialized(what) first.
+MPI_Comm from_fortran(long long handle, const char* what);
 
 // A duplicate of `comm` private to hpclm (its messages never match the caller's), with
 // MPI_ERRORS_RETURN. Created collectively on first use and cached as an attribute of `comm`,
