@@ -121,6 +121,25 @@ def _popen_mpirun(args):
                             start_new_session=True)
 
 
+def _descendants(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def _kill_job(proc):
+    """SIGKILL mpirun and every rank: Open MPI puts ranks in process groups of their own, so
+    killing mpirun's group alone would leave them running as orphans."""
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _wait_for(predicate, timeout, what):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -138,8 +157,11 @@ def test_killed_two_rank_run_resumes_to_the_same_losses(shakespeare_dir, tmp_pat
     out = tmp_path / "killed"
     proc = _popen_mpirun(_train_cmd(out, shakespeare_dir, *extra))
     _wait_for(lambda: (out / "checkpoints" / "latest").is_file(), 120, "a first checkpoint")
-    os.killpg(proc.pid, signal.SIGKILL)
+    ranks = _descendants(proc.pid)
+    _kill_job(proc)
     proc.communicate(timeout=30)
+    _wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"
+                              for p in ranks), 30, "the killed ranks to be gone")
     killed_at = int((out / "checkpoints" / "latest").read_text().split("_")[-1].strip() or 0)
     assert killed_at < 150, "the run finished before it could be killed: the test proves nothing"
 
@@ -153,27 +175,18 @@ def test_killed_two_rank_run_resumes_to_the_same_losses(shakespeare_dir, tmp_pat
     assert [r["val_loss"] for r in records(out, "eval")] == [r["val_loss"] for r in records(tmp_path / "whole", "eval")]
 
 
-def _children(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-
-
 def test_killing_one_rank_ends_the_job_quickly(shakespeare_dir, tmp_path):
     out = tmp_path / "run"
     proc = _popen_mpirun(_train_cmd(out, shakespeare_dir, "train.max_iters=100000", "checkpoint.every_iters=0"))
     try:
         _wait_for(lambda: records(out, "train") if (out / "metrics.jsonl").is_file() else False, 120, "training to start")
-        ranks = [c for c in _children(proc.pid) if "python" in open(f"/proc/{c}/cmdline").read()]
+        ranks = [c for c in _descendants(proc.pid) if "python" in open(f"/proc/{c}/cmdline").read()]
         assert len(ranks) == 2, ranks
         t0 = time.time()
         os.kill(ranks[1], signal.SIGKILL)
         output, _ = proc.communicate(timeout=60)
         elapsed = time.time() - t0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_job(proc)
     assert proc.returncode != 0
     assert elapsed < 60, f"the job took {elapsed:.1f} s to end"
