@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import SHARED_DATA
 from hpclm import config, data
@@ -24,6 +25,15 @@ def shakespeare_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "shakespeare-char"
     data.prepare("shakespeare", out, local=str(SHAKESPEARE), log=lambda *_: None)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from more threads, and OpenMP threads stall when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_config(data_dir: Path, *overrides: str) -> config.Config:

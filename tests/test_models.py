@@ -8,6 +8,9 @@ from hpclm import config
 from hpclm.errors import HpclmError
 from hpclm.models import GPT, GRULM, build_model, count_parameters
 from hpclm.trainer import lr_at, make_optimizer
+from lm_fixtures import one_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer_norm(x, w, b):

@@ -11,7 +11,9 @@ from conftest import mpirun, requires_horovod, run_python
 from hpclm import checkpoint, cli, config, trainer
 from hpclm.errors import HpclmError
 from hpclm.metrics import Prometheus
-from lm_fixtures import TINY, records, shakespeare_dir, tiny_config  # noqa: F401 (fixture)
+from lm_fixtures import TINY, one_thread, records, shakespeare_dir, tiny_config  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(data_dir, out, *overrides, **kwargs):
