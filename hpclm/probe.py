@@ -593,6 +593,7 @@ def plot(rows: list[dict], summ: dict, n: int, path: str, host: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(8, 5))
     series: dict[tuple, list] = {}
@@ -609,7 +610,8 @@ def plot(rows: list[dict], summ: dict, n: int, path: str, host: dict) -> None:
         model_bw = [x / ring_time(model, n, x) / 1e9 * allreduce_bus_factor(n) for x in sizes]
         ax.plot(sizes, model_bw, "--", color="gray", label="ring model (alpha-beta fit)")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("message size (bytes)")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_size(x).replace(" ", "")))
+    ax.set_xlabel("message size")
     ax.set_ylabel("bus bandwidth (GB/s)")
     ax.set_title(f"allreduce bus bandwidth, {n} ranks ({host['cpu']})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
