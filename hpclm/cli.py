@@ -124,8 +124,10 @@ def _add_probe(sub):
     a.add_argument("--impl", default=None,
                    help="comma-separated from ring, mpi, horovod, sendrecv (default: all that are usable here)")
     a.add_argument("--in-place", action="store_true", help="reduce in place (default: out of place)")
+    a.add_argument("--hugepages", action="store_true",
+                   help="back the buffers with transparent huge pages (madvise) instead of torch's allocator")
     a.add_argument("--segment", default=None, help="ring pipeline segment, bytes (default: the ring's own, 512K)")
-    a.add_argument("--depth", type=int, default=None, help="ring segments in flight per direction (default: 4)")
+    a.add_argument("--depth", type=int, default=None, help="ring segments in flight per direction (default: 2)")
     a.add_argument("--threads", type=int, default=1, help="reduction threads per rank in the ring (default 1)")
     a.add_argument("--json", metavar="PATH", help="also write the rows and summary as JSON")
     a.add_argument("--plot", metavar="PNG", help="also plot busbw against size (matplotlib)")

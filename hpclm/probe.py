@@ -11,7 +11,7 @@ after that and adopts the same MPI.
 """
 from __future__ import annotations
 
-import math
+import mmap
 import os
 import sys
 from dataclasses import dataclass, field
@@ -326,6 +326,7 @@ class Settings:
     segment_bytes: int | None = None  # None: the ring's defaults (hpclm._C.RING_SEGMENT_BYTES, RING_DEPTH)
     depth: int | None = None
     threads: int = 1
+    hugepages: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -335,6 +336,19 @@ def size_series(minbytes: int, maxbytes: int, factor: float) -> list[int]:
         sizes.append(size)
         size = max(size + 1, int(size * factor))
     return sizes
+
+
+def _buffer(count: int, dtype: str, hugepages: bool) -> torch.Tensor:
+    """A tensor for the collective: torch's own allocation (what training code hands over), or
+    anonymous memory advised to use transparent huge pages (fewer pages for the kernel to pin in
+    single-copy transfers such as Open MPI's CMA)."""
+    tdtype = getattr(torch, dtype)
+    if not hugepages or count == 0:
+        return torch.empty(count, dtype=tdtype)
+    nbytes = count * torch.empty(0, dtype=tdtype).element_size()
+    memory = mmap.mmap(-1, nbytes)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(memory, dtype=tdtype, count=count)  # the tensor keeps the mapping alive
 
 
 def _measure(MPI, comm, impl: Impl, pattern: Pattern, dtype: str, op: str, size: int, s: Settings) -> dict:
@@ -347,8 +361,8 @@ def _measure(MPI, comm, impl: Impl, pattern: Pattern, dtype: str, op: str, size:
     reason = impl.unsupported(dtype, op)
     if reason:
         return {**row, "time_us": None, "algbw": None, "busbw": None, "wrong": None, "unsupported": reason}
-    send = torch.empty(count, dtype=getattr(torch, dtype))
-    recv = send if in_place else torch.zeros_like(send)
+    send = _buffer(count, dtype, s.hugepages)
+    recv = send if in_place else _buffer(count, dtype, s.hugepages).zero_()
     pattern.fill(send, rank)
     call = impl.bind(send, recv, dtype, op)
     seconds = time_calls(call, s.iters, s.warmup, sync=comm.Barrier)
@@ -579,6 +593,7 @@ def plot(rows: list[dict], summ: dict, n: int, path: str, host: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(8, 5))
     series: dict[tuple, list] = {}
@@ -595,7 +610,8 @@ def plot(rows: list[dict], summ: dict, n: int, path: str, host: dict) -> None:
         model_bw = [x / ring_time(model, n, x) / 1e9 * allreduce_bus_factor(n) for x in sizes]
         ax.plot(sizes, model_bw, "--", color="gray", label="ring model (alpha-beta fit)")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("message size (bytes)")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_size(x).replace(" ", "")))
+    ax.set_xlabel("message size")
     ax.set_ylabel("bus bandwidth (GB/s)")
     ax.set_title(f"allreduce bus bandwidth, {n} ranks ({host['cpu']})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
@@ -632,7 +648,7 @@ def settings_from_args(args) -> Settings:
     s = Settings(sizes=size_series(lo, hi, args.stepfactor), dtypes=_choices(args.datatype, DTYPES, "dtype"),
                  ops=_choices(args.op, OPS, "op"), impls=[], iters=args.iters, warmup=args.warmup,
                  check=bool(args.check), in_place=args.in_place, segment_bytes=segment, depth=args.depth,
-                 threads=args.threads)
+                 threads=args.threads, hugepages=args.hugepages)
     problem = horovod_problem()
     if args.impl is None:
         s.impls = [name for name in IMPLS if name != "horovod" or problem is None]
@@ -671,7 +687,8 @@ def main(args) -> int:
     if rank == 0:
         host = host_info(n, nodes=t["nodes"])
         print(f"# hpclm probe allreduce: {n} ranks, {host['cpu']} ({host['cores']} cores on {host['hostname']}); "
-              f"{'in place' if s.in_place else 'out of place'}, {s.iters} iterations after {s.warmup} warm-up, "
+              f"{'in place' if s.in_place else 'out of place'}, "
+              f"{'huge-page' if s.hugepages else 'torch-allocated'} buffers, {s.iters} iterations after {s.warmup} warm-up, "
               f"check {'on' if s.check else 'off'}; time = mean over iterations, max over ranks")
         print("\n".join(table_lines(rows, s.impls)))
         print("\n".join(footer_lines(summ, impls, n, t, s)))

@@ -146,7 +146,7 @@ def test_probe_reports_a_corrupted_result_and_fails(tmp_path):
     """Three ranks in place; one element of the ring's checked result is overwritten on the last rank."""
     out_json = tmp_path / "bad.json"
     proc = mpirun(3, ["-m", "hpclm", "probe", "allreduce", "-b", "1K", "-e", "16K", "-f", "4", "-n", "2", "-w", "0",
-                      "-d", "float32,bfloat16", "-o", "sum,avg", "--in-place", "--impl", "ring,mpi,sendrecv",
+                      "-d", "float32,bfloat16", "-o", "sum,avg", "--in-place", "--hugepages", "--impl", "ring,mpi,sendrecv",
                       "--json", str(out_json)], env={probe.CORRUPT_ENV: "ring", **YIELD}, timeout=180)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     impls, table = _table(proc.stdout)
@@ -157,6 +157,7 @@ def test_probe_reports_a_corrupted_result_and_fails(tmp_path):
     _assert_json_matches_table(doc, impls, table)
     assert doc["summary"]["wrong"] == len(table)
     assert f"# Out of bounds values : {len(table)} WRONG" in proc.stdout
+    assert "in place, huge-page buffers" in proc.stdout
 
 
 def test_probe_single_process_and_cli_errors():

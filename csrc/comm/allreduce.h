@@ -23,7 +23,7 @@ inline AllreduceOp parse_allreduce_op(const std::string& s) {
 
 struct RingOptions {
   size_t segment_bytes = size_t(512) << 10;  // pipeline unit: one message, one reduction call
-  int depth = 4;                             // segments in flight per direction (scratch slots)
+  int depth = 2;                             // segments in flight per direction (scratch slots)
   int threads = 1;                           // OpenMP threads for the reduction of a segment
   int lag = 2;                               // units between a segment's steps (wavefront order)
 };
