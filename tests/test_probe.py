@@ -1,6 +1,7 @@
 """The ring allreduce (hpclm.probe.ring_allreduce) and `hpclm probe allreduce`, under real mpirun."""
 import json
 import re
+import textwrap
 
 import numpy as np
 import pytest
