@@ -27,9 +27,9 @@ bench: setup bench-allreduce
 	$(PYTHON) benchmarks/reduce.py --json runs/bench/reduce.json
 	$(PYTHON) benchmarks/train_shakespeare.py --json runs/bench/train_shakespeare.json
 
-# Ring allreduce vs MPI_Allreduce vs Horovod vs sendrecv on $(NP) ranks, short sizes (1-16 MiB).
+# Ring allreduce vs MPI_Allreduce vs Horovod vs sendrecv on $(NP) ranks, 64 KiB-16 MiB: enough small sizes to fit the latency.
 bench-allreduce: setup
-	$(MPIRUN) -np $(NP) $(PYTHON) -m hpclm probe allreduce -b 1M -e 16M -f 4 -n 10 -w 2 \
+	$(MPIRUN) -np $(NP) $(PYTHON) -m hpclm probe allreduce -b 64K -e 16M -f 4 -n 10 -w 2 \
 		--json runs/bench/allreduce.json --plot runs/bench/allreduce.png
 
 info:

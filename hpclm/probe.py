@@ -346,7 +346,7 @@ def _buffer(count: int, dtype: str, hugepages: bool) -> torch.Tensor:
     if not hugepages or count == 0:
         return torch.empty(count, dtype=tdtype)
     nbytes = count * torch.empty(0, dtype=tdtype).element_size()
-    memory = mmap.mmap(-1, nbytes)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory gets no THP
     memory.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(memory, dtype=tdtype, count=count)  # the tensor keeps the mapping alive
 
