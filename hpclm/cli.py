@@ -60,6 +60,8 @@ def _add_train(sub):
     p.add_argument("--resume", choices=("auto", "never"), help="continue from OUT's latest checkpoint (auto, the "
                    "default: checkpoint.resume) or start fresh (never)")
     p.add_argument("--force", action="store_true", help="with --resume never: delete OUT's checkpoints and start over")
+    p.add_argument("--check", action="store_true", help="only check the config, the data and OUT (what a start would "
+                   "resume), write nothing and exit: 0 if training could start, 2 with the reason if not")
 
     def run(args):
         from hpclm import trainer

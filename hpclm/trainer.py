@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import tomllib
@@ -472,10 +473,21 @@ def reported_by_rank0():
         raise
 
 
+def check_start(cfg: Config, out: Path, resume: str, force: bool) -> str:
+    """What `train` would do first, without writing anything: raises HpclmError if it could not start."""
+    data = load_dataset(cfg.data.path, cfg.data.block_size)
+    ckpt = plan_start(out, cfg, data, resume, force, lambda msg: print(msg, file=sys.stderr))
+    start = f"resume from {ckpt}" if ckpt else f"start fresh in {out}"
+    return f"hpclm train: ok: {cfg.model.arch} on {cfg.data.path} (vocabulary {data.vocab_size}); would {start}"
+
+
 def main(args) -> int:
     with reported_by_rank0():
         cfg = config_mod.load(args.config, args.set or [])
     out = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem if args.config else "default")
+    if args.check:
+        print(check_start(cfg, out, args.resume or cfg.checkpoint.resume, args.force))
+        return 0
     summary = train(cfg, out, resume=args.resume, force=args.force)
     if dist.is_main() and summary["step"] > summary["start_step"]:
         val = f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""

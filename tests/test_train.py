@@ -130,6 +130,26 @@ def test_checkpoints_of_another_model_are_refused(shakespeare_dir, tmp_path, cap
     assert "transformer.h.1.ln_1.weight" in state
 
 
+def test_check_reports_what_a_start_would_do_and_writes_nothing(shakespeare_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--out", str(out), f"--set=data.path={json.dumps(str(shakespeare_dir))}",
+            *[f"--set={o}" for o in TINY], "--set=train.max_iters=3", "--set=train.eval_interval=0"]
+    assert cli.main(base + ["--check"]) == 0
+    assert f"would start fresh in {out}" in capsys.readouterr().out and not out.exists()
+    assert cli.main(base + ["--check", "--set=model.n_layr=2"]) == 2
+    assert "unknown key in [model] 'n_layr'" in capsys.readouterr().err
+    assert cli.main(base + ["--check", f"--set=data.path={json.dumps(str(tmp_path / 'nowhere'))}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(base) == 0
+    before = _snapshot(out)
+    assert cli.main(base + ["--check"]) == 0
+    assert f"would resume from {checkpoint.root(out) / 'iter_0000003'}" in capsys.readouterr().out
+    assert cli.main(base + ["--check", "--set=model.n_layer=2"]) == 2
+    assert "holds checkpoints of a different model" in capsys.readouterr().err
+    assert cli.main(base + ["--check", "--resume", "never", "--force"]) == 0
+    assert _snapshot(out) == before  # --force under --check deletes nothing
+
+
 def test_validation_split_shorter_than_a_block_is_refused(shakespeare_dir, tmp_path):
     tiny_data = tmp_path / "tiny"
     (tmp_path / "t.txt").write_text("to be or not to be " * 30)
