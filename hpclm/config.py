@@ -83,6 +83,7 @@ class DistConfig:
     fusion_threshold_mb: float = 0.0  # 0: Horovod's default (or HOROVOD_FUSION_THRESHOLD)
     cycle_time_ms: float = 0.0  # 0: Horovod's default (or HOROVOD_CYCLE_TIME)
     timeline: str = ""  # a Horovod timeline JSON path; empty: off
+    mpi_yield_when_idle: bool = True  # Open MPI's progress loop yields the core when idle (unless OMPI_MCA_ set)
 
 
 @dataclass

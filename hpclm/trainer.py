@@ -220,7 +220,7 @@ def _restore(run: Run, path: Path, say) -> None:
 
 def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     dist.init(fusion_threshold_mb=cfg.dist.fusion_threshold_mb or None, cycle_time_ms=cfg.dist.cycle_time_ms or None,
-              timeline=cfg.dist.timeline or None)
+              timeline=cfg.dist.timeline or None, mpi_yield_when_idle=cfg.dist.mpi_yield_when_idle)
     device = resolve_device(cfg.train.device)
     data = load_dataset(cfg.data.path, cfg.data.block_size)
     scaler = make_loss_scaler(cfg.precision)

@@ -77,6 +77,30 @@ def test_collectives_under_mpirun(n, tmp_path):
     _check_collectives(rows, n)
 
 
+YIELD_SETTING = textwrap.dedent("""
+    import json, sys
+    import hpclm.dist as dist
+    from hpclm import native
+    dist.init(mpi_yield_when_idle=sys.argv[2] == "on")
+    says = dict(native.require().mpi_transport())  # the value Open MPI itself reports through MPI_T
+    with open(f"{sys.argv[1]}/rank{dist.rank()}.json", "w") as f:
+        json.dump(says.get("mpi_yield_when_idle"), f)
+""")
+
+
+@requires_horovod
+@pytest.mark.parametrize("setting, env_value, expect", [
+    ("on", None, "true"), ("off", None, "false"), ("on", "0", "false"),  # a value in the environment wins
+])
+def test_open_mpi_yields_when_idle_by_default(setting, env_value, expect, tmp_path):
+    env = {"OMPI_MCA_mpi_yield_when_idle": env_value} if env_value else {}
+    # 2 ranks on 2 slots: not oversubscribed, so Open MPI would not turn yielding on by itself
+    proc = mpirun(2, ["-c", YIELD_SETTING, str(tmp_path), setting], env={**env, "OMPI_MCA_rmaps_base_oversubscribe": "0"},
+                  mpirun_args=["--host", "localhost:2"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [expect, expect]
+
+
 def test_several_ranks_without_horovod_is_one_line_error(tmp_path):
     fake = tmp_path / "horovod"  # shadows the real package: Horovod "not installed"
     fake.mkdir()

@@ -102,6 +102,9 @@ std::string read_cvar(const char* wanted) {
   if (type == MPI_CHAR && count > 0) {
     std::vector<char> buf(static_cast<size_t>(count) + 1, '\0');
     if (MPI_T_cvar_read(handle, buf.data()) == MPI_SUCCESS) value = buf.data();
+  } else if (type == MPI_C_BOOL && count == 1) {
+    unsigned char v[16] = {};  // Open MPI stores a C bool; room to spare for any width
+    if (MPI_T_cvar_read(handle, v) == MPI_SUCCESS) value = v[0] ? "true" : "false";
   } else if (type == MPI_INT && count == 1) {
     int v = 0;
     if (MPI_T_cvar_read(handle, &v) == MPI_SUCCESS) {
@@ -137,6 +140,7 @@ std::vector<std::pair<std::string, std::string>> transport_report() {
   if (MPI_T_init_thread(level, &provided) != MPI_SUCCESS) return out;
   // Open MPI's selection knobs and shared-memory single-copy mechanism; MPICH's netmod/shm choices.
   for (const char* name : {"pml", "btl", "mtl", "btl_vader_single_copy_mechanism", "btl_sm_single_copy_mechanism",
+                           "mpi_yield_when_idle",
                            "MPIR_CVAR_CH4_NETMOD", "MPIR_CVAR_CH4_SHM", "MPIR_CVAR_NEMESIS_NETMOD"}) {
     std::string value = read_cvar(name);
     if (!value.empty()) out.emplace_back(name, value);
