@@ -7,9 +7,10 @@ the warm-up. Layouts: 1 rank x 1 thread, 2 ranks x 1 thread, 1 rank x 2 threads
 (OMP_NUM_THREADS). Models: configs/shakespeare-char.toml and a larger GPT (6 layers, 6 heads,
 384 dims, block 256). Precisions: fp32, bf16, fp16.
 
-Two-rank runs write Horovod's timeline (dist.timeline, rank 0's view); the allreduce share is the
-union of its ALLREDUCE spans (fusion-buffer copies + MPI_ALLREDUCE) of the tensors reduced once per
-step, over the timed steps, divided by those steps' wall time from metrics.jsonl.
+Two-rank cells run twice: once timed, once writing Horovod's timeline (dist.timeline, rank 0's view;
+it slows the steps, so it never feeds tokens/s). The allreduce share is the union of the timeline's
+ALLREDUCE spans (fusion-buffer copies + MPI_ALLREDUCE) of the tensors reduced once per step, over the
+timed steps, divided by those steps' wall time in the same (timeline) run.
 
 Goals (this machine): weak-scaling efficiency (tokens/s per rank, 2x1 over 1x1) >= 0.90; bf16 >=
 2x fp32 tokens/s on the larger GPT; with the fastest shakespeare-char setting, wall time to the
@@ -151,20 +152,10 @@ def allreduce_share(path: Path, iters: int, warmup: int, timed_seconds: float) -
     return share
 
 
-def run_cell(model: str, dtype: str, layout: str, args, data_dir: Path, work: Path) -> dict:
-    ranks, threads = LAYOUTS[layout]
-    iters, warmup = (args.iters, args.warmup) if model == "shakespeare-char" else (args.big_iters, args.big_warmup)
-    log = LOG_INTERVAL
-    name = f"{model}-{dtype}-{layout}"
-    out = work / name
+def timed_run(ranks: int, threads: int, sets: list[str], out: Path, warmup: int, args, name: str) -> dict:
+    """One `hpclm train` launch; step time, tokens/s and their spread over the steps after the warm-up."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    sets = [f"data.path={json.dumps(str(data_dir))}", *MODELS[model], f"precision.dtype={json.dumps(dtype)}",
-            f"train.max_iters={iters}",
-            "train.eval_interval=0", "train.eval_iters=1", f"train.log_interval={log}", "checkpoint.every_iters=0"]
-    timeline = out / "timeline.json"
-    if ranks > 1:
-        sets.append(f"dist.timeline={json.dumps(str(timeline))}")
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     finish(launch(ranks, threads, train_args(args.config, out / "run", sets), out / "log.txt"), name, args.timeout,
@@ -172,15 +163,34 @@ def run_cell(model: str, dtype: str, layout: str, args, data_dir: Path, work: Pa
     wall = time.perf_counter() - t0
     recs = [r for r in read_records(out / "run" / "metrics.jsonl") if r["kind"] == "train" and r["step"] > warmup]
     steps = [r["step_time_s"] for r in recs]
-    timed_steps = iters - warmup
-    timed = sum(r["step_time_s"] * log for r in recs)  # every window is `log` steps long (warmup % log == 0)
+    timed_steps = recs[-1]["step"] - warmup
+    timed = sum(r["step_time_s"] * LOG_INTERVAL for r in recs)  # every window is LOG_INTERVAL steps (warmup % it == 0)
     tokens = recs[0]["tokens"] / recs[0]["step"] * timed_steps
+    return {"tokens_per_s": tokens / timed, "tokens_per_s_per_rank": tokens / timed / ranks,
+            "step_time_s": timed / timed_steps, "timed_s": timed,
+            "step_time_cv": statistics.pstdev(steps) / statistics.mean(steps) if len(steps) > 1 else 0.0,
+            "wall_s": wall, "load1_before": load_before, "load1_after": os.getloadavg()[0]}
+
+
+def run_cell(model: str, dtype: str, layout: str, args, data_dir: Path, work: Path) -> dict:
+    """Tokens/s from a run without Horovod's timeline (writing it costs step time); with two ranks, a second
+    run of the same steps writes the timeline, and the allreduce share comes from that run's own step times."""
+    ranks, threads = LAYOUTS[layout]
+    iters, warmup = (args.iters, args.warmup) if model == "shakespeare-char" else (args.big_iters, args.big_warmup)
+    name = f"{model}-{dtype}-{layout}"
+    sets = [f"data.path={json.dumps(str(data_dir))}", *MODELS[model], f"precision.dtype={json.dumps(dtype)}",
+            f"train.max_iters={iters}", "train.eval_interval=0", "train.eval_iters=1",
+            f"train.log_interval={LOG_INTERVAL}", "checkpoint.every_iters=0"]
+    timed = timed_run(ranks, threads, sets, work / name, warmup, args, name)
     row = {"model": model, "dtype": dtype, "layout": layout, "ranks": ranks, "threads": threads, "iters": iters,
-           "warmup": warmup, "tokens_per_s": tokens / timed, "tokens_per_s_per_rank": tokens / timed / ranks,
-           "step_time_s": timed / timed_steps, "step_time_cv": statistics.pstdev(steps) / statistics.mean(steps)
-           if len(steps) > 1 else 0.0, "wall_s": wall, "load1_before": load_before, "load1_after": os.getloadavg()[0]}
+           "warmup": warmup, **{k: v for k, v in timed.items() if k != "timed_s"}}
     if ranks > 1:
-        row.update(allreduce_share(timeline, iters, warmup, timed) if timeline.is_file()
+        profiled_dir = work / f"{name}-timeline"
+        timeline = profiled_dir / "timeline.json"
+        profiled = timed_run(ranks, threads, sets + [f"dist.timeline={json.dumps(str(timeline))}"], profiled_dir,
+                             warmup, args, name + " (timeline)")
+        row["timeline_run_tokens_per_s"] = profiled["tokens_per_s"]
+        row.update(allreduce_share(timeline, iters, warmup, profiled["timed_s"]) if timeline.is_file()
                    else {"allreduce_share": None, "note": "Horovod wrote no timeline"})
     return row
 
