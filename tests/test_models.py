@@ -74,6 +74,28 @@ def test_gpt_one_step_gradient_matches_float64_reference(softmax, bias):
         assert err < 1e-4, f"{name}: relative gradient error {err:.2e}"
 
 
+def test_sdpa_under_cpu_bf16_autocast_runs_in_fp32(monkeypatch):
+    """CPU autocast would run SDPA in bf16, whose backward is ~5x slower there: the model keeps it in fp32."""
+    import hpclm.models.gpt as gpt
+    seen = []
+    real = gpt.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(gpt.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    model = GPT(20, block_size=8, n_layer=1, n_head=2, n_embd=16, softmax="sdpa")
+    idx = torch.randint(0, 20, (2, 8))
+    _, want = model(idx, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(idx, idx)
+    loss.backward()
+    assert seen == [(torch.float32, False), (torch.float32, False)]
+    assert loss.item() == pytest.approx(want.item(), abs=0.05)  # still a bf16 model: close, not equal
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_gpt_matches_nanogpt_parameter_layout_and_init():
     torch.manual_seed(0)
     model = GPT(65, block_size=64, n_layer=4, n_head=4, n_embd=128)

@@ -56,7 +56,14 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         scale = 1.0 / math.sqrt(k.size(-1))
         if self.softmax == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            dropout_p = self.dropout if self.training else 0.0
+            if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+                # CPU autocast runs SDPA in bf16, whose flash-attention backward is ~5x slower than fp32's here
+                with torch.autocast("cpu", enabled=False):
+                    y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True)
+                y = y.to(q.dtype)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             scores = q @ k.transpose(-2, -1)
             if self.fused_softmax is not None:
