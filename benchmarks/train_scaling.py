@@ -249,6 +249,27 @@ def time_to_target(layout: str, dtype: str, args, data_dir: Path, work: Path) ->
             "ratio_to_nanogpt": reached["wall_s"] / NANOGPT_SECONDS if reached else None, "evals": evals}
 
 
+def nanogpt_peer(args, data_dir: Path, work: Path) -> dict:
+    """nanoGPT's run replayed on this machine now (train_shakespeare.py's plain loop: its order of random draws,
+    evals every eval_interval, 2 threads), timed like a time-to-target run: from process launch to exit."""
+    code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+            "from train_shakespeare import plain_loop; from hpclm import config; "
+            "cfg = config.load(sys.argv[2], sys.argv[4:]); "
+            "print(json.dumps(plain_loop(cfg, Path(sys.argv[3]), cfg.train.max_iters)))")
+    sets = [f"data.path={json.dumps(str(data_dir))}", f"train.max_iters={args.target_iters}", *args.set]
+    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks"), args.config, str(data_dir), *sets],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise HpclmError(f"the nanoGPT replay failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"wall_s": wall, "val_loss": result["val_loss"], "tokens_per_s": result["tokens_per_s"],
+            "threads": int(env["OMP_NUM_THREADS"])}
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -270,6 +291,9 @@ def plot(result: dict, path: Path) -> None:
     if target and target["evals"]:
         ax.plot([e["wall_s"] for e in target["evals"]], [e["val_loss"] for e in target["evals"]], "o-",
                 label=f"hpclm {target['dtype']} {target['layout']}")
+    if target and target.get("nanogpt_here"):
+        ax.axvline(target["nanogpt_here"]["wall_s"], color="orange", ls=":",
+                   label=f"nanoGPT replayed here {target['nanogpt_here']['wall_s']:.0f} s")
     ax.axhline(TARGET_VAL, color="gray", ls="--", label=f"val loss {TARGET_VAL}")
     ax.axvline(NANOGPT_SECONDS, color="red", ls=":", label=f"nanoGPT {NANOGPT_SECONDS} s")
     ax.axvline(GOALS["time_to_target_ratio_max"] * NANOGPT_SECONDS, color="green", ls=":", label="goal 0.6x")
@@ -309,6 +333,8 @@ def main(argv=None) -> int:
                     "0: skip it)")
     ap.add_argument("--eval-interval", type=int, help="its eval interval (default 100; --quick 10)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    ap.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time nanoGPT's run replayed on this machine (default: on, off with --quick)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override for every run, e.g. model.softmax='\"fused\"' (repeatable)")
     ap.add_argument("--json", default=str(ROOT / "runs" / "bench" / "train_scaling.json"))
@@ -317,7 +343,7 @@ def main(argv=None) -> int:
     q = args.quick
     for key, full, quick in (("iters", 30, 4), ("warmup", 10, 2), ("big_iters", 8, 4), ("big_warmup", 2, 2),
                              ("target_iters", 2000, 20),
-                             ("eval_interval", 100, 10)):
+                             ("eval_interval", 100, 10), ("peer", True, False)):
         if getattr(args, key) is None:
             setattr(args, key, quick if q else full)
     models, dtypes, layouts = (a.split(",") for a in (args.models, args.dtypes, args.layouts))
@@ -379,12 +405,16 @@ def main(argv=None) -> int:
         print(f"time to val loss {TARGET_VAL}: fastest shakespeare-char setting {fastest['dtype']} {fastest['layout']}")
         target = time_to_target(fastest["layout"], fastest["dtype"], args, data_dir, work)
         target["met"] = bool(target["reached"] and target["ratio_to_nanogpt"] <= GOALS["time_to_target_ratio_max"])
+        if args.peer:
+            print(f"nanoGPT's run replayed here for comparison ({args.target_iters} iterations, all cores)")
+            target["nanogpt_here"] = peer = nanogpt_peer(args, data_dir, work)
+            target["ratio_to_nanogpt_here"] = target["wall_s"] / peer["wall_s"] if target["reached"] else None
 
     result = {"tool": "train_scaling",
               "host": harness.host_info(ranks=max(LAYOUTS[lay][0] for lay in layouts), load_start=start_load,
                                         load_end=uptime()),
               "settings": {k: getattr(args, k) for k in ("config", "quick", "iters", "warmup", "big_iters", "big_warmup", "big_fp16",
-                                                         "rerun_cv", "target_iters", "eval_interval", "set")},
+                                                         "rerun_cv", "target_iters", "eval_interval", "set", "peer")},
               "goals": GOALS, "rows": rows, "ratios": ratios, "time_to_target": target}
     harness.write_json(args.json, result)
     plot(result, Path(args.plot))
@@ -410,6 +440,11 @@ def main(argv=None) -> int:
         else:
             print(f"val loss {TARGET_VAL} not reached within {target['max_iters']} iterations ({target['dtype']} "
                   f"{target['layout']}; best {fmt(target['best_val_loss'], '.4f')}, {target['run_wall_s']:.1f} s)")
+        peer = target.get("nanogpt_here")
+        if peer:
+            print(f"nanoGPT's run replayed here: {peer['wall_s']:.1f} s to val loss {fmt(peer['val_loss'], '.4f')} at "
+                  f"iteration {args.target_iters} ({peer['threads']} threads); hpclm's time to {TARGET_VAL} = "
+                  f"{fmt(target['ratio_to_nanogpt_here'], '.2f')} x that")
     print(f"load: start {start_load}; end {result['host']['load_end']}")
     print(f"wrote {args.json} and {args.plot}")
     return 0
