@@ -385,6 +385,9 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
         f"{dist.size()} rank(s) x {t.grad_accum} accumulation ({run.tokens_per_step} tokens/step); out {out}"
         + (f"; resumed from {run.resumed_from}" if run.resumed_from else "")
         + (f"; Prometheus at {prom.url}" if prom else ""))
+    if cfg.precision.dtype == "fp16" and run.device.type == "cpu":
+        say("hpclm train: note: fp16 on a CPU converts around every op (a step took ~12x fp32's on a 2-core EPYC); "
+            "precision.dtype = 'bf16' is the CPU's fast half precision")
     restarts = os.environ.get("SLURM_RESTART_COUNT")
     if restarts:
         say(f"Slurm job {os.environ.get('SLURM_JOB_ID')}: restart {restarts}")

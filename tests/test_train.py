@@ -263,9 +263,12 @@ def test_gru_trains_and_generates(shakespeare_dir, tmp_path):
     assert len(generate_text(trained, "KING", max_new_tokens=40, seed=3)) == 44
 
 
-def test_precision_bf16_runs_and_cuda_needs_a_device(shakespeare_dir, tmp_path):
+def test_precision_bf16_runs_and_cuda_needs_a_device(shakespeare_dir, tmp_path, capsys):
     """(fp16 with loss scaling: tests/test_data_parallel.py)"""
     _train(shakespeare_dir, tmp_path / "bf16", "precision.dtype=bf16", "train.max_iters=30", "train.eval_interval=15")
+    assert "fp16 on a CPU" not in capsys.readouterr().out
+    _train(shakespeare_dir, tmp_path / "fp16", "precision.dtype=fp16", "train.max_iters=1", "train.eval_interval=0")
+    assert "note: fp16 on a CPU converts around every op" in capsys.readouterr().out
     evals = records(tmp_path / "bf16", "eval")
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
     if not torch.cuda.is_available():
