@@ -28,7 +28,7 @@ from hpclm.errors import HpclmError
 from hpclm.metrics import MetricsLog, Progress, Prometheus
 from hpclm.models import build_model
 from hpclm.models.hmm import Counts
-from hpclm.trainer import estimate_loss, open_run_dir, reported_by_rank0, resolve_device
+from hpclm.trainer import close_outputs, estimate_loss, open_run_dir, reported_by_rank0, resolve_device
 
 STATE_FORMAT = 1
 
@@ -171,8 +171,5 @@ def fit(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool 
                 * (summary["step"] - summary["start_step"]) / train_time
     finally:
         if main:
-            progress.close()
-            log.close()
-            if prom:
-                prom.close()
+            close_outputs(progress, log, prom)
     return summary

@@ -458,11 +458,16 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
     finally:
         signals.__exit__()
         if main:
-            progress.close()
-            log.close()
-            if prom:
-                prom.close()
+            close_outputs(progress, log, prom)
     return summary
+
+
+def close_outputs(progress, log, prom) -> None:
+    """Rank 0's progress bar, metrics log and Prometheus endpoint (None: not started)."""
+    progress.close()
+    log.close()
+    if prom:
+        prom.close()
 
 
 @contextlib.contextmanager

@@ -153,6 +153,12 @@ class NgramLM(nn.Module):
             ctx[k] = current
         return ctx
 
+    def _seen_contexts(self, contexts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rows whose order-n context occurred in training (known, nonzero count), and those contexts."""
+        rows = np.flatnonzero(contexts >= 0)
+        rows = rows[self._S[n][contexts[rows]] > 0]
+        return rows, contexts[rows]
+
     def target_probs(self, history: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """P(target | history) for each row: [P] float64, from the targets' entries alone."""
         self._check_fitted()
@@ -160,12 +166,9 @@ class NgramLM(nn.Module):
         ctx = self.context_indices(history)
         p = np.full(len(targets), 1.0 / V)
         for n in range(1, self.order + 1):
-            c = ctx[n - 1]
-            rows = np.flatnonzero(c >= 0)
-            rows = rows[self._S[n][c[rows]] > 0]
+            rows, c = self._seen_contexts(ctx[n - 1], n)
             if not len(rows):
                 continue
-            c = c[rows]
             rowkey, value = self._rowkey[n], self._value[n]
             key = c * V + targets[rows]
             pos = np.minimum(np.searchsorted(rowkey, key), len(rowkey) - 1)
@@ -181,12 +184,9 @@ class NgramLM(nn.Module):
         ctx = self.context_indices(history)
         probs = np.full((len(history), V), 1.0 / V)
         for n in range(1, self.order + 1):
-            c = ctx[n - 1]
-            rows = np.flatnonzero(c >= 0)
-            rows = rows[self._S[n][c[rows]] > 0]
+            rows, c = self._seen_contexts(ctx[n - 1], n)
             if not len(rows):
                 continue
-            c = c[rows]
             rowkey, value = self._rowkey[n], self._value[n]
             start, end = np.searchsorted(rowkey, c * V), np.searchsorted(rowkey, (c + 1) * V)
             length = end - start
