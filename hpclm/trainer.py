@@ -485,6 +485,9 @@ def check_start(cfg: Config, out: Path, resume: str, force: bool) -> str:
     """What `train` would do first, without writing anything: raises HpclmError if it could not start."""
     data = load_dataset(cfg.data.path, cfg.data.block_size)
     ckpt = plan_start(out, cfg, data, resume, force, lambda msg: print(msg, file=sys.stderr))
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise HpclmError(f"cannot write to {out}: {existing} is not a writable directory; pick another --out")
     start = f"resume from {ckpt}" if ckpt else f"start fresh in {out}"
     return f"hpclm train: ok: {cfg.model.arch} on {cfg.data.path} (vocabulary {data.vocab_size}); would {start}"
 

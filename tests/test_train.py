@@ -140,6 +140,9 @@ def test_check_reports_what_a_start_would_do_and_writes_nothing(shakespeare_dir,
     assert "unknown key in [model] 'n_layr'" in capsys.readouterr().err
     assert cli.main(base + ["--check", f"--set=data.path={json.dumps(str(tmp_path / 'nowhere'))}"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert cli.main(base + ["--check", "--out", str(tmp_path / "a-file" / "run")]) == 2
+    assert "a-file is not a writable directory" in capsys.readouterr().err
     assert cli.main(base) == 0
     before = _snapshot(out)
     assert cli.main(base + ["--check"]) == 0
