@@ -34,7 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hpclm import data as data_mod, harness  # noqa: E402
+import shakespeare_data  # noqa: E402
+from hpclm import harness  # noqa: E402
 from hpclm.errors import HpclmError  # noqa: E402
 from hpclm.metrics import read_records  # noqa: E402
 
@@ -313,10 +314,7 @@ def fmt(x, spec: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "shakespeare-char.toml"))
-    ap.add_argument("--from", dest="local", help="a local copy of Tiny Shakespeare (default: ../shared/data if present, "
-                    "else download)")
-    ap.add_argument("--work", default=str(ROOT / "runs" / "bench" / "train_scaling"), help="data and run directory")
+    shakespeare_data.add_arguments(ap, "train_scaling")
     ap.add_argument("--quick", action="store_true", help="tiny iteration counts: checks the whole benchmark runs")
     ap.add_argument("--iters", type=int, help="iterations per shakespeare-char cell (default 30; --quick 4)")
     ap.add_argument("--warmup", type=int, help="its leading iterations not timed, even (default 10; --quick 2)")
@@ -356,12 +354,7 @@ def main(argv=None) -> int:
             ap.error(f"{flag} and the iterations must be even, the warm-up below the iterations")
 
     work = Path(args.work)
-    local = args.local
-    if local is None:
-        shared = [p / "shared" / "data" / "tinyshakespeare.txt" for p in (ROOT.parent, ROOT.parent.parent)]
-        local = next((str(p) for p in shared if p.is_file()), None)
-    data_dir = (work / "shakespeare-char").resolve()
-    data_mod.prepare("shakespeare", data_dir, local=local)
+    data_dir = shakespeare_data.prepare(args)
     start_load = uptime()
     print(f"start: {start_load}")
 

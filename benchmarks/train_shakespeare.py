@@ -32,7 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hpclm import config as config_mod, data as data_mod, harness, report, trainer  # noqa: E402
+import shakespeare_data  # noqa: E402
+from hpclm import config as config_mod, harness, report, trainer  # noqa: E402
 from hpclm.evaluate import split_loss  # noqa: E402
 from hpclm.generate import load_trained  # noqa: E402
 from hpclm.metrics import read_records  # noqa: E402
@@ -98,10 +99,7 @@ def plain_loop(cfg, data_dir: Path, iters: int, evaluate: bool = True) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "shakespeare-char.toml"))
-    ap.add_argument("--from", dest="local", help="a local copy of Tiny Shakespeare (default: ../shared/data if present, "
-                    "else download)")
-    ap.add_argument("--work", default=str(ROOT / "runs" / "bench" / "train_shakespeare"), help="data and run directory")
+    shakespeare_data.add_arguments(ap, "train_shakespeare")
     ap.add_argument("--seeds", default="", help="comma-separated train.seed values, each run by both loops "
                     "(default: the config's); the goal applies to the mean val loss")
     ap.add_argument("--recheck-iters", type=int, default=300, help="iterations of the plain loop's second "
@@ -111,12 +109,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     work = Path(args.work)
-    local = args.local
-    if local is None:
-        shared = [p / "shared" / "data" / "tinyshakespeare.txt" for p in (ROOT.parent, ROOT.parent.parent)]
-        local = next((str(p) for p in shared if p.is_file()), None)
-    data_dir = work / "shakespeare-char"
-    data_mod.prepare("shakespeare", data_dir, local=local)
+    data_dir = shakespeare_data.prepare(args)
     base = config_mod.load(args.config, [f"data.path={json.dumps(str(data_dir))}", *args.set])
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()] or [base.train.seed]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; config {args.config}; seeds {seeds}")
