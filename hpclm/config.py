@@ -35,7 +35,7 @@ class ModelConfig:
     hidden_size: int = 128  # gru only
     dropout: float = 0.0
     bias: bool = False
-    softmax: str = "sdpa"  # gpt attention: fused (hpclm.ops), torch (explicit ops), sdpa
+    softmax: str = "auto"  # gpt attention: auto (fused under CPU autocast, else sdpa), fused (hpclm.ops), torch, sdpa
     order: int = 5  # ngram: tokens per n-gram (context of order - 1)
     discount: float = 0.0  # ngram: Kneser-Ney discount for every order; 0: estimated per order, n1 / (n1 + 2 n2)
     states: int = 64  # hmm: hidden states
@@ -117,7 +117,7 @@ class Config:
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 CHOICES = {
     "model.arch": ("gpt", "gru", "ngram", "hmm"),
-    "model.softmax": ("fused", "torch", "sdpa"),
+    "model.softmax": ("auto", "fused", "torch", "sdpa"),
     "precision.dtype": ("fp32", "fp16", "bf16"),
     "checkpoint.resume": ("auto", "never"),
 }

@@ -32,7 +32,7 @@ def test_resolved_config_round_trips_through_toml():
     ("train.max_iters=abc", "train.max_iters (from --set) must be an integer, got 'abc' (str)"),
     ("train.max_iters=2.5", "train.max_iters (from --set) must be an integer, got 2.5 (float)"),
     ("model.bias=1", "model.bias (from --set) must be true or false, got 1 (int)"),
-    ("model.softmax=flash", "model.softmax (from --set) must be one of fused, torch, sdpa, got 'flash'"),
+    ("model.softmax=flash", "model.softmax (from --set) must be one of auto, fused, torch, sdpa, got 'flash'"),
     ("precision.dtype=fp8", "precision.dtype (from --set) must be one of fp32, fp16, bf16"),
     ("train.max_iters", "--set 'train.max_iters' must look like section.key=value"),
     ("model.n_head=3", "model.n_embd (128) must be a multiple of model.n_head (3)"),

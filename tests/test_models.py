@@ -48,7 +48,7 @@ def reference_loss(p: dict, idx, targets, n_layer, n_head, bias):
     return (logz - logits.gather(-1, targets[..., None])[..., 0]).mean()
 
 
-@pytest.mark.parametrize("softmax", ["torch", "sdpa"])
+@pytest.mark.parametrize("softmax", ["torch", "sdpa", "auto"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_gpt_one_step_gradient_matches_float64_reference(softmax, bias):
     torch.manual_seed(0)
@@ -94,6 +94,25 @@ def test_sdpa_under_cpu_bf16_autocast_runs_in_fp32(monkeypatch):
     assert seen == [(torch.float32, False), (torch.float32, False)]
     assert loss.item() == pytest.approx(want.item(), abs=0.05)  # still a bf16 model: close, not equal
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_auto_softmax_is_fused_under_cpu_autocast_and_sdpa_otherwise(monkeypatch):
+    import hpclm.models.gpt as gpt
+    calls = []
+    real_sdpa = gpt.F.scaled_dot_product_attention
+    monkeypatch.setattr(gpt.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append("sdpa") or real_sdpa(*a, **kw))
+    torch.manual_seed(0)
+    model = GPT(20, block_size=8, n_layer=1, n_head=2, n_embd=16, softmax="auto")
+    attn = model.transformer.h[0].attn
+    if attn.fused_softmax is not None:
+        real_fused = attn.fused_softmax
+        attn.fused_softmax = lambda *a, **kw: calls.append("fused") or real_fused(*a, **kw)
+    idx = torch.randint(0, 20, (2, 8))
+    _, fp32 = model(idx, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, bf16 = model(idx, idx)
+    assert calls == ["sdpa", "fused" if attn.fused_softmax is not None else "sdpa"]
+    assert bf16.item() == pytest.approx(fp32.item(), abs=0.05)
 
 
 def test_gpt_matches_nanogpt_parameter_layout_and_init():

@@ -2,7 +2,9 @@
 pre-LayerNorm blocks, learned positions, GELU MLP, tied input/output embeddings, optional bias.
 
 `softmax` picks the attention softmax: "fused" (hpclm.ops.fused_softmax), "torch" (explicit
-scale + causal mask + softmax, nanoGPT's slow path) or "sdpa" (torch's scaled_dot_product_attention).
+scale + causal mask + softmax, nanoGPT's slow path), "sdpa" (torch's scaled_dot_product_attention),
+or "auto": per call, fused under CPU autocast (bf16/fp16), where it was the fastest here at blocks 64
+and 256, else sdpa (fastest in fp32 at block 64); sdpa too when this build has no fused kernel.
 """
 from __future__ import annotations
 
@@ -22,6 +24,14 @@ def load_fused_softmax():
     except ImportError as e:
         raise HpclmError(f"model.softmax = 'fused' needs hpclm.ops.fused_softmax, which this build lacks ({e}); "
                          "use model.softmax = 'sdpa' or 'torch'") from None
+    return fused_softmax
+
+
+def fused_softmax_or_none():
+    try:
+        from hpclm.ops import fused_softmax
+    except ImportError:
+        return None
     return fused_softmax
 
 
@@ -45,7 +55,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.attn_dropout = nn.Dropout(dropout)
         self.resid_dropout = nn.Dropout(dropout)
-        self.fused_softmax = load_fused_softmax() if softmax == "fused" else None
+        self.fused_softmax = {"fused": load_fused_softmax, "auto": fused_softmax_or_none}.get(softmax, lambda: None)()
         if softmax == "torch":
             mask = torch.tril(torch.ones(block_size, block_size, dtype=torch.bool))
             self.register_buffer("causal_mask", mask.view(1, 1, block_size, block_size), persistent=False)
@@ -55,7 +65,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         scale = 1.0 / math.sqrt(k.size(-1))
-        if self.softmax == "sdpa":
+        mode = self.softmax
+        if mode == "auto":
+            cpu_autocast = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            mode = "fused" if cpu_autocast and self.fused_softmax is not None else "sdpa"
+        if mode == "sdpa":
             dropout_p = self.dropout if self.training else 0.0
             if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
                 # CPU autocast runs SDPA in bf16, whose flash-attention backward is ~5x slower than fp32's here
@@ -66,7 +80,7 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             scores = q @ k.transpose(-2, -1)
-            if self.fused_softmax is not None:
+            if mode == "fused":
                 att = self.fused_softmax(scores, scale=scale, causal=True)
             else:
                 att = (scores * scale).masked_fill(~self.causal_mask[:, :, :T, :T], float("-inf")).softmax(dim=-1)
@@ -104,8 +118,8 @@ class GPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int, n_layer: int = 4, n_head: int = 4, n_embd: int = 128,
                  dropout: float = 0.0, bias: bool = False, softmax: str = "sdpa"):
         super().__init__()
-        if softmax not in ("fused", "torch", "sdpa"):
-            raise HpclmError(f"model.softmax must be fused, torch or sdpa, got {softmax!r}")
+        if softmax not in ("auto", "fused", "torch", "sdpa"):
+            raise HpclmError(f"model.softmax must be auto, fused, torch or sdpa, got {softmax!r}")
         self.block_size = block_size
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(vocab_size, n_embd),
