@@ -1,13 +1,17 @@
 """hpclm train end to end: loss falls, exact resume, crash safety of checkpoints, refusals, 2 ranks."""
 import json
 import math
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 import urllib.request
 
 import pytest
 import torch
 
-from conftest import mpirun, requires_horovod, run_python
+from conftest import REPO, child_env, mpirun, requires_horovod, run_python
 from hpclm import checkpoint, cli, config, trainer
 from hpclm.errors import HpclmError
 from hpclm.metrics import Prometheus
@@ -151,6 +155,26 @@ def test_check_reports_what_a_start_would_do_and_writes_nothing(shakespeare_dir,
     assert "holds checkpoints of a different model" in capsys.readouterr().err
     assert cli.main(base + ["--check", "--resume", "never", "--force"]) == 0
     assert _snapshot(out) == before  # --force under --check deletes nothing
+
+
+def test_sigusr1_checkpoints_exits_75_and_leaves_a_marker_until_resumed(shakespeare_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "hpclm", "train", "--out", str(out), f"--set=data.path={json.dumps(str(shakespeare_dir))}",
+            *[f"--set={o}" for o in TINY], "--set=train.max_iters=100000", "--set=train.eval_interval=0",
+            "--set=checkpoint.every_iters=0"]
+    proc = subprocess.Popen(argv, env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and records(out, "train")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    stopped = checkpoint.read_latest(out)
+    assert stopped and (out / "preempted").read_text().strip() == str(stopped)  # what train.sbatch requeues on
+    assert f"stopped after step {stopped} on SIGUSR1" in err
+    resume = argv[:-3] + [f"--set=train.max_iters={stopped + 2}", "--set=train.eval_interval=0"]
+    assert subprocess.run(resume, env=child_env(), cwd=REPO, capture_output=True, timeout=120).returncode == 0
+    assert not (out / "preempted").exists() and checkpoint.read_latest(out) == stopped + 2
 
 
 def test_validation_split_shorter_than_a_block_is_refused(shakespeare_dir, tmp_path):
