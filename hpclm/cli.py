@@ -2,20 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from hpclm.errors import EXIT_PREEMPTED, HpclmError, Preempted
+
+
+def _runs(parser: argparse.ArgumentParser, module: str) -> None:
+    """The subcommand runs hpclm.<module>.main(args), imported only when chosen (torch, MPI load lazily)."""
+    parser.set_defaults(func=lambda args: importlib.import_module(f"hpclm.{module}").main(args))
 
 
 def _add_info(sub):
     p = sub.add_parser("info", help="build and runtime report: kernels, ISA, MPI, Horovod, CUDA")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--all-ranks", action="store_true", help="under mpirun/srun, every rank prints (default: rank 0)")
-
-    def run(args):
-        from hpclm import info
-        return info.main(args)
-    p.set_defaults(func=run)
+    _runs(p, "info")
 
 
 def _add_bench(sub):
@@ -28,11 +30,7 @@ def _add_bench(sub):
                     "differs from torch beyond the dtype's tolerance.")
     from hpclm.bench import add_arguments
     add_arguments(s)
-
-    def run(args):
-        from hpclm import bench
-        return bench.main(args)
-    s.set_defaults(func=run)
+    _runs(s, "bench")
 
 
 def _add_prepare(sub):
@@ -45,11 +43,7 @@ def _add_prepare(sub):
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="last fraction of tokens held out (default: 0.1)")
     p.add_argument("--from", dest="local", metavar="FILE", help="shakespeare: use this local copy instead of downloading")
     p.add_argument("--force", action="store_true", help="replace an existing dataset in --out")
-
-    def run(args):
-        from hpclm import data
-        return data.main(args)
-    p.set_defaults(func=run)
+    _runs(p, "data")
 
 
 def _add_train(sub):
@@ -62,11 +56,7 @@ def _add_train(sub):
     p.add_argument("--force", action="store_true", help="with --resume never: delete OUT's checkpoints and start over")
     p.add_argument("--check", action="store_true", help="only check the config, the data and OUT (what a start would "
                    "resume), write nothing and exit: 0 if training could start, 2 with the reason if not")
-
-    def run(args):
-        from hpclm import trainer
-        return trainer.main(args)
-    p.set_defaults(func=run)
+    _runs(p, "trainer")
 
 
 def _add_generate(sub):
@@ -77,33 +67,21 @@ def _add_generate(sub):
     p.add_argument("--temperature", type=float, default=0.8, metavar="T")
     p.add_argument("--top-k", type=int, default=200, metavar="K", help="sample among the K likeliest tokens (0: all)")
     p.add_argument("--seed", type=int, default=1337, metavar="S")
-
-    def run(args):
-        from hpclm import generate
-        return generate.main(args)
-    p.set_defaults(func=run)
+    _runs(p, "generate")
 
 
 def _add_eval(sub):
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint over a whole val.bin")
     p.add_argument("--ckpt", required=True, metavar="DIR", help="a run directory (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--data", metavar="DIR", help="a prepared directory with the same tokenizer (default: the run's data.path)")
-
-    def run(args):
-        from hpclm import evaluate
-        return evaluate.main(args)
-    p.set_defaults(func=run)
+    _runs(p, "evaluate")
 
 
 def _add_report(sub):
     p = sub.add_parser("report", help="PNG plots (loss, throughput) from a run's metrics.jsonl")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out directory of a training run")
     p.add_argument("--out", metavar="DIR", help="where to write the PNGs (default: RUN_DIR)")
-
-    def run(args):
-        from hpclm import report
-        return report.main(args)
-    p.set_defaults(func=run)
+    _runs(p, "report")
 
 
 def _add_probe(sub):
@@ -133,11 +111,7 @@ def _add_probe(sub):
     a.add_argument("--threads", type=int, default=1, help="reduction threads per rank in the ring (default 1)")
     a.add_argument("--json", metavar="PATH", help="also write the rows and summary as JSON")
     a.add_argument("--plot", metavar="PNG", help="also plot busbw against size (matplotlib)")
-
-    def run(args):
-        from hpclm import probe
-        return probe.main(args)
-    a.set_defaults(func=run)
+    _runs(a, "probe")
 
 
 def build_parser() -> argparse.ArgumentParser:
