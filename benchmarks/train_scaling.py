@@ -250,7 +250,7 @@ def time_to_target(layout: str, dtype: str, args, data_dir: Path, work: Path) ->
             "ratio_to_nanogpt": reached["wall_s"] / NANOGPT_SECONDS if reached else None, "evals": evals}
 
 
-def nanogpt_peer(args, data_dir: Path, work: Path) -> dict:
+def nanogpt_peer(args, data_dir: Path) -> dict:
     """nanoGPT's run replayed on this machine now (train_shakespeare.py's plain loop: its order of random draws,
     evals every eval_interval, 2 threads), timed like a time-to-target run: from process launch to exit."""
     code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
@@ -400,7 +400,7 @@ def main(argv=None) -> int:
         target["met"] = bool(target["reached"] and target["ratio_to_nanogpt"] <= GOALS["time_to_target_ratio_max"])
         if args.peer:
             print(f"nanoGPT's run replayed here for comparison ({args.target_iters} iterations, all cores)")
-            target["nanogpt_here"] = peer = nanogpt_peer(args, data_dir, work)
+            target["nanogpt_here"] = peer = nanogpt_peer(args, data_dir)
             target["ratio_to_nanogpt_here"] = target["wall_s"] / peer["wall_s"] if target["reached"] else None
 
     result = {"tool": "train_scaling",

@@ -34,12 +34,19 @@ sys.path.insert(0, str(ROOT))
 
 import shakespeare_data  # noqa: E402
 from hpclm import config as config_mod, harness, report, trainer  # noqa: E402
+from hpclm.data import load_dataset  # noqa: E402
 from hpclm.evaluate import split_loss  # noqa: E402
 from hpclm.generate import load_trained  # noqa: E402
 from hpclm.metrics import read_records  # noqa: E402
 from hpclm.models import build_model  # noqa: E402
 
 VAL_GOAL = 1.89
+
+
+def whole_val_loss(model, data_dir: Path, block_size: int) -> float:
+    """The model's loss over every block of the validation split (no sampling)."""
+    model.eval()
+    return split_loss(model, load_dataset(data_dir, check_tokens=False).val, block_size)[0]
 
 
 def plain_loop(cfg, data_dir: Path, iters: int, evaluate: bool = True) -> dict:
@@ -88,8 +95,7 @@ def plain_loop(cfg, data_dir: Path, iters: int, evaluate: bool = True) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - t0)
-    model.eval()
-    whole_val = split_loss(model, np.memmap(data_dir / "val.bin", dtype=np.uint16, mode="r"), T)[0]
+    whole_val = whole_val_loss(model, data_dir, T)
     chunk = cfg.train.log_interval  # the same intervals as hpclm's metrics records
     interval_means = [statistics.mean(step_times[i:i + chunk]) for i in range(0, len(step_times), chunk)]
     return {"iters": iters, "val_loss": losses.get("val"), "whole_val_loss": whole_val, "train_seconds": sum(step_times),
@@ -126,9 +132,7 @@ def main(argv=None) -> int:
         records = read_records(run_dir / "metrics.jsonl")
         val = next((r["val_loss"] for r in records if r["kind"] == "eval" and r["step"] == cfg.train.max_iters), math.nan)
         step_times = [r["step_time_s"] for r in records if r["kind"] == "train"]
-        final = load_trained(run_dir)
-        whole_val = split_loss(final.model, np.memmap(data_dir / "val.bin", dtype=np.uint16, mode="r"),
-                               cfg.data.block_size)[0]
+        whole_val = whole_val_loss(load_trained(run_dir).model, data_dir, cfg.data.block_size)
         rows.append({"case": "hpclm train", "seed": seed, "val_loss": val, "whole_val_loss": whole_val,
                      "iters": cfg.train.max_iters,
                      "tokens_per_s": summary["tokens_per_s"], "train_seconds": summary["train_time_s"],

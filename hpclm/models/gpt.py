@@ -65,13 +65,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         scale = 1.0 / math.sqrt(k.size(-1))
+        cpu_autocast = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         mode = self.softmax
         if mode == "auto":
-            cpu_autocast = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
             mode = "fused" if cpu_autocast and self.fused_softmax is not None else "sdpa"
         if mode == "sdpa":
             dropout_p = self.dropout if self.training else 0.0
-            if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            if cpu_autocast:
                 # CPU autocast runs SDPA in bf16, whose flash-attention backward is ~5x slower than fp32's here
                 with torch.autocast("cpu", enabled=False):
                     y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True)
