@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from hpclm import harness  # noqa: E402
 # The project's shared folder sits next to the checkout, or two levels up from a worktree (as in tests/conftest.py).
 SHAKESPEARE = next((p for p in (REPO.parent / "shared", REPO.parent.parent / "shared") if p.is_dir()),
                    REPO.parent / "shared") / "data" / "tinyshakespeare.txt"
@@ -40,15 +40,9 @@ ROWS = {  # name: (config, extra --set overrides)
 
 
 def host(threads: str | None) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import torch
-    return {"cpu": cpu, "cores": os.cpu_count(), "ranks": 1, "torch": torch.__version__,
-            "omp_num_threads": threads or os.environ.get("OMP_NUM_THREADS") or f"unset (torch: {torch.get_num_threads()})",
-            "load_average_at_start": os.getloadavg()[0]}
+    threads = threads or os.environ.get("OMP_NUM_THREADS") or f"unset (torch: {torch.get_num_threads()})"
+    return harness.host_info(torch=torch.__version__, omp_num_threads=threads, load_average_at_start=os.getloadavg()[0])
 
 
 def train_seconds(run_dir: Path) -> tuple[float, int]:
@@ -113,11 +107,7 @@ def main() -> int:
         report["rows"].append(row)
         print(json.dumps(row), flush=True)
     report["host"]["load_average_at_end"] = os.getloadavg()[0]
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    harness.write_json(args.json, report)
 
     print(f"\n| model | val loss (nats/token) | perplexity | train s | wall s | command |\n|---|---|---|---|---|---|")
     for r in report["rows"]:

@@ -6,14 +6,11 @@ GB/s counts the ideal traffic: read dst and src, write dst (3 x bytes).
     python benchmarks/reduce.py [--mib 64] [--repeat 20] [--json PATH]
 """
 import argparse
-import json
-import os
-import platform
 import time
 
 import numpy as np
 
-from hpclm import native
+from hpclm import harness, native
 
 
 def best_time(fn, repeat):
@@ -56,10 +53,8 @@ def main():
             print(f"{dtype:>9} {path:>7} {t * 1e3:9.3f} {nbytes / t / 1e9:7.2f} {peer / t:9.2f}")
         C.set_cpu_path("auto")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        host = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "ranks": 1}
-        with open(args.json, "w") as f:
-            json.dump({"tool": "bench reduce", "host": host, "mib": args.mib, "threads": args.threads, "rows": rows}, f, indent=1)
+        harness.write_json(args.json, {"tool": "bench reduce", "host": harness.host_info(threads=args.threads),
+                                       "mib": args.mib, "threads": args.threads, "rows": rows})
 
 
 if __name__ == "__main__":

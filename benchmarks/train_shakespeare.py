@@ -167,8 +167,7 @@ def main(argv=None) -> int:
         "pass": bool(val <= VAL_GOAL and ratio_median >= 1.0),
         "rows": rows,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    harness.write_json(args.json, result)
     plots = report.write_plots(ours[0]["run_dir"], Path(args.json).parent / "train_shakespeare")
 
     print(f"\n{'case':<42}{'seed':>6}{'val loss':>10}{'whole val':>11}{'tokens/s':>12}{'median 10-step':>16}")

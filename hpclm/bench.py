@@ -10,7 +10,6 @@ the mask and writes y, backward reads y and dy and writes dx.
 from __future__ import annotations
 
 import ctypes
-import math
 import re
 import time
 from dataclasses import dataclass

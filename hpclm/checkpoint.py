@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from hpclm import atomic
 from hpclm.errors import HpclmError
 
 DIRNAME = "checkpoints"
@@ -58,14 +59,6 @@ def tensor_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -113,7 +106,7 @@ def save(run_dir: str | Path, step: int, files: dict[str, bytes | str], keep_las
         _write(tmp / fname, data)
         manifest["files"][fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     _write(tmp / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
-    _fsync_dir(tmp)
+    atomic.fsync(tmp)
     final = r / name(step)
     if final.exists():  # e.g. a step redone after falling back from a corrupt checkpoint
         aside = r / f".old-{final.name}-{os.getpid()}"
@@ -122,10 +115,8 @@ def save(run_dir: str | Path, step: int, files: dict[str, bytes | str], keep_las
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync_dir(r)
-    _write(r / f".tmp-{LATEST}-{os.getpid()}", f"{step}\n".encode())
-    os.replace(r / f".tmp-{LATEST}-{os.getpid()}", r / LATEST)
-    _fsync_dir(r)
+    atomic.fsync(r)
+    atomic.write_text(r / LATEST, f"{step}\n", durable=True)
     prune(run_dir, keep_last)
     return final
 
@@ -148,7 +139,7 @@ def clean_leftovers(run_dir: str | Path) -> None:
     r = root(run_dir)
     if r.is_dir():
         for p in r.iterdir():
-            if _LEFTOVER.match(p.name):
+            if _LEFTOVER.match(p.name) or atomic.is_temporary(p):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 

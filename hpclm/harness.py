@@ -7,11 +7,12 @@ import json
 import os
 import platform
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from hpclm import atomic
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -102,33 +103,11 @@ def format_table(columns: Sequence[Column], rows: Sequence[Sequence[Any]], group
     return lines
 
 
-def _atomic_target(path: str | Path) -> tuple[Path, str]:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return path, tmp
-
-
 def write_json(path: str | Path, obj: Any) -> None:
     """Write `obj` as JSON to `path` through a temporary file and a rename: never half-written."""
-    path, tmp = _atomic_target(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_figure(fig, path: str | Path, **kwargs: Any) -> None:
     """matplotlib `fig.savefig` through a temporary file and a rename."""
-    path, tmp = _atomic_target(path)
-    try:
-        fig.savefig(tmp, **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic.replace_file(path, lambda tmp: fig.savefig(tmp, **kwargs))

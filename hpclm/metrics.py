@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
+from hpclm import atomic
 from hpclm.errors import HpclmError
 
 FILENAME = "metrics.jsonl"
@@ -48,9 +48,7 @@ class MetricsLog:
         """Open OUT/metrics.jsonl keeping the records up to keep_through_step (a resumed run's start)."""
         self.path = Path(run_dir) / FILENAME
         kept = [r for r in read_records(self.path) if r.get("step", 0) <= keep_through_step] if keep_through_step else []
-        tmp = self.path.with_name(f".{FILENAME}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:

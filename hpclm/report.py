@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hpclm.errors import HpclmError
+from hpclm.harness import save_figure
 from hpclm.metrics import FILENAME, read_records
 
 
@@ -46,7 +47,7 @@ def write_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> list[
     fig.suptitle(f"{title}: loss")
     fig.tight_layout()
     written.append(out_dir / "loss.png")
-    fig.savefig(written[-1], dpi=110)
+    save_figure(fig, written[-1], dpi=110)
     plt.close(fig)
 
     steps, _, tps = _series(records, "train", "tokens_per_s")
@@ -65,7 +66,7 @@ def write_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> list[
         fig.legend(loc="lower right")
         fig.tight_layout()
         written.append(out_dir / "throughput.png")
-        fig.savefig(written[-1], dpi=110)
+        save_figure(fig, written[-1], dpi=110)
         plt.close(fig)
     return written
 

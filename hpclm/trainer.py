@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import hpclm.dist as dist
-from hpclm import checkpoint, config as config_mod
+from hpclm import atomic, checkpoint, config as config_mod
 from hpclm.amp import DynamicLossScaler
 from hpclm.config import Config, OptimConfig, PrecisionConfig
 from hpclm.data import Dataset, batch_rng, get_batch, load_dataset
@@ -169,12 +169,6 @@ def plan_start(out: Path, cfg: Config, data: Dataset, resume: str, force: bool, 
 PREEMPTED_MARKER = "preempted"  # OUT/preempted: the step of the checkpoint a preempted run wrote last
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 @dataclass
 class Run:
     """What the loop needs, made once at start."""
@@ -255,7 +249,7 @@ def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool
                 checkpoint.remove_all(out)
             checkpoint.clean_leftovers(out)
             (out / PREEMPTED_MARKER).unlink(missing_ok=True)
-            _write_text_atomic(out / "config.toml", config_mod.to_toml(cfg, "resolved config of this run (hpclm train)"))
+            atomic.write_text(out / "config.toml", config_mod.to_toml(cfg, "resolved config of this run (hpclm train)"))
             plan = {"ckpt": ckpt}
         except (HpclmError, OSError) as e:
             plan = {"error": str(e) if isinstance(e, HpclmError) else f"cannot write to {out}: {e}"}
@@ -453,7 +447,7 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
             if dist.any_rank(signals.received is not None) and done < max_iters:
                 path = summary["checkpoint"] if saved else str(save_checkpoint(run, done))
                 if main:  # for a batch script whose srun reports 143 when it killed a rank still exiting with 75
-                    _write_text_atomic(out / PREEMPTED_MARKER, f"{done}\n")
+                    atomic.write_text(out / PREEMPTED_MARKER, f"{done}\n")
                 name = signal.Signals(signals.received).name if signals.received else "a signal on another rank"
                 raise Preempted(f"stopped after step {done} on {name}; checkpoint {path} written; the same command "
                                 f"resumes from it (exit code {EXIT_PREEMPTED}: requeue)")

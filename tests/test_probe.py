@@ -1,5 +1,6 @@
 """The ring allreduce (hpclm.probe.ring_allreduce) and `hpclm probe allreduce`, under real mpirun."""
 import json
+import os
 import re
 import textwrap
 
@@ -261,14 +262,31 @@ def test_sizes_and_units():
     assert probe.size_series(4, 64, 2) == [4, 8, 16, 32, 64] and probe.size_series(5, 5, 1) == [5]
 
 
-def test_write_json_is_atomic(tmp_path):
+def test_outputs_are_replaced_whole_with_the_usual_permissions(tmp_path):
+    from hpclm import atomic
     path = tmp_path / "sub" / "out.json"
     harness.write_json(path, {"a": 1})
     assert json.loads(path.read_text()) == {"a": 1}
-    with pytest.raises(TypeError):
-        harness.write_json(path, {"a": object()})  # not serializable: the old file stays whole
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes it, not mkstemp's 0600
+
+    def half_then_fail(tmp):
+        tmp.write_text('{"a": ')
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        atomic.replace_file(path, half_then_fail)  # the old file stays whole, the temporary goes
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in path.parent.iterdir()] == ["out.json"]
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig = plt.figure()
+    harness.save_figure(fig, tmp_path / "sub" / "plot.png")  # the format comes from the temporary's suffix
+    plt.close(fig)
+    assert (tmp_path / "sub" / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["out.json", "plot.png"]
 
 
 def test_reduce_to_and_divide_by_kernels():

@@ -69,17 +69,17 @@ KILL_DURING_WRITE = textwrap.dedent("""
     import os, signal, sys
     from hpclm import checkpoint, config, trainer
     where = sys.argv[2]
-    real_write, real_fsync = checkpoint._write, checkpoint._fsync_dir
+    real_write, real_fsync = checkpoint._write, checkpoint.atomic.fsync
     def write(path, data):
         if where == "file" and path.name == "optimizer.pt" and "iter_0000020" in path.parent.name:
             real_write(path, data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)  # mid-checkpoint, half a file written
         real_write(path, data)
-    def fsync_dir(path):
+    def fsync(path):
         if where == "rename" and (path / "iter_0000020").is_dir() and checkpoint.read_latest(path.parent) == 10:
             os.kill(os.getpid(), signal.SIGKILL)  # new folder complete, `latest` not yet replaced
         real_fsync(path)
-    checkpoint._write, checkpoint._fsync_dir = write, fsync_dir
+    checkpoint._write, checkpoint.atomic.fsync = write, fsync
     trainer.train(config.load(None, sys.argv[3:]), sys.argv[1], progress_bar=False)
 """)
 

@@ -1,0 +1,51 @@
+"""Files replaced whole: written beside their target under a temporary name, then renamed over it, so a
+reader (or a run killed mid-write) sees the old file or the new one, never half of one."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+
+_TEMPORARY = re.compile(r"^\..+\.tmp-\d+")
+
+
+def is_temporary(path: str | Path) -> bool:
+    """Whether path is one of replace_file's temporary files (left behind only by a killed writer)."""
+    return bool(_TEMPORARY.match(Path(path).name))
+
+
+def replace_file(path: str | Path, write: Callable[[Path], None], *, durable: bool = False) -> Path:
+    """Call write(tmp) and rename tmp over path; on any error the old file stays and tmp is removed.
+
+    tmp ends in path's suffix (matplotlib picks the format from it); durable=True fsyncs the file and
+    its folder, for files a restart depends on."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        if durable:
+            fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync(path.parent)
+    return path
+
+
+def write_text(path: str | Path, text: str, *, durable: bool = False) -> Path:
+    """path's new contents, all or nothing."""
+    return replace_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable=durable)
+
+
+def fsync(path: str | Path) -> None:
+    """Flush a file's or a folder's contents to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
