@@ -9,8 +9,9 @@ RNG, a memmap reopened per batch, AdamW with torch's default implementation), so
 replays nanoGPT's own run; a shorter second measurement after hpclm's run shows load drift on a
 shared machine; the throughput ratio compares the means. --seeds runs both loops per seed.
 Both final models are also scored over the whole validation split (`hpclm eval`'s split_loss): the
-goal's figure is nanoGPT's estimate over eval_iters random batches, which moves by about 0.01-0.02
-with the batches drawn; the whole-split loss compares the two loops without that noise.
+goal's figure is nanoGPT's estimate over eval_iters random batches, whose own sampling sd (printed,
+from 200 random val batches of hpclm's final model) is about 0.015 here; the whole-split loss, and
+its paired difference over --seeds, compares the two loops without that noise.
 
     python benchmarks/train_shakespeare.py [--from FILE] [--seeds 1337,1,2] [--json PATH]
 
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import shakespeare_data  # noqa: E402
 from hpclm import config as config_mod, harness, report, trainer  # noqa: E402
-from hpclm.data import load_dataset  # noqa: E402
+from hpclm.data import get_batch, load_dataset  # noqa: E402
 from hpclm.evaluate import split_loss  # noqa: E402
 from hpclm.generate import load_trained  # noqa: E402
 from hpclm.metrics import read_records  # noqa: E402
@@ -47,6 +48,25 @@ def whole_val_loss(model, data_dir: Path, block_size: int) -> float:
     """The model's loss over every block of the validation split (no sampling)."""
     model.eval()
     return split_loss(model, load_dataset(data_dir, check_tokens=False).val, block_size)[0]
+
+
+@torch.no_grad()
+def estimate_sd(model, data_dir: Path, cfg, batches: int = 200) -> float:
+    """Standard deviation of one eval_iters-batch val estimate of this model (the goal's figure) from
+    its sampling alone: the spread of `batches` random val batches, divided by sqrt(eval_iters)."""
+    model.eval()
+    val, rng = load_dataset(data_dir, check_tokens=False).val, np.random.default_rng(0)
+    losses = [model(*get_batch(val, cfg.train.batch_size, cfg.data.block_size, rng))[1].item() for _ in range(batches)]
+    return statistics.stdev(losses) / math.sqrt(cfg.train.eval_iters)
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and its standard error (None for a single value)."""
+    return statistics.mean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None)
+
+
+def with_se(mean: float, se: float | None) -> str:
+    return f"{mean:.4f}" + ("" if se is None else f" +- {se:.4f}")
 
 
 def plain_loop(cfg, data_dir: Path, iters: int, evaluate: bool = True) -> dict:
@@ -132,8 +152,10 @@ def main(argv=None) -> int:
         records = read_records(run_dir / "metrics.jsonl")
         val = next((r["val_loss"] for r in records if r["kind"] == "eval" and r["step"] == cfg.train.max_iters), math.nan)
         step_times = [r["step_time_s"] for r in records if r["kind"] == "train"]
-        whole_val = whole_val_loss(load_trained(run_dir).model, data_dir, cfg.data.block_size)
+        model = load_trained(run_dir).model
+        whole_val = whole_val_loss(model, data_dir, cfg.data.block_size)
         rows.append({"case": "hpclm train", "seed": seed, "val_loss": val, "whole_val_loss": whole_val,
+                     "val_loss_estimate_sd": estimate_sd(model, data_dir, cfg),
                      "iters": cfg.train.max_iters,
                      "tokens_per_s": summary["tokens_per_s"], "train_seconds": summary["train_time_s"],
                      "tokens_per_s_median_interval": cfg.train.batch_size * cfg.data.block_size / statistics.median(step_times),
@@ -148,10 +170,13 @@ def main(argv=None) -> int:
 
     ours = [r for r in rows if r["case"] == "hpclm train"]
     peers = [r for r in rows if r["case"] == "plain PyTorch loop"]  # not the throughput recheck: other iterations
-    val = statistics.mean(r["val_loss"] for r in ours)
-    peer_val = statistics.mean(r["val_loss"] for r in peers if r.get("val_loss") is not None)
-    whole_val = statistics.mean(r["whole_val_loss"] for r in ours)
-    peer_whole_val = statistics.mean(r["whole_val_loss"] for r in peers if r.get("whole_val_loss") is not None)
+    val, val_se = mean_and_se([r["val_loss"] for r in ours])
+    peer_val, peer_val_se = mean_and_se([r["val_loss"] for r in peers])
+    whole_val, whole_val_se = mean_and_se([r["whole_val_loss"] for r in ours])
+    peer_whole_val, peer_whole_val_se = mean_and_se([r["whole_val_loss"] for r in peers])
+    # same seed, same init: the paired difference cancels what the seed does to both loops
+    diff, diff_se = mean_and_se([a["whole_val_loss"] - b["whole_val_loss"] for a, b in zip(ours, peers)])
+    estimate_sd_ = statistics.mean(r["val_loss_estimate_sd"] for r in ours)
     timed_peers = [r for r in rows if r["case"].startswith("plain")]
     ratio = statistics.mean(r["tokens_per_s"] for r in ours) / statistics.mean(r["tokens_per_s"] for r in timed_peers)
     # other users' bursts on a shared machine hit whole runs unevenly: the median interval resists them
@@ -161,8 +186,11 @@ def main(argv=None) -> int:
         "tool": "train_shakespeare",
         "host": harness.host_info(threads=torch.get_num_threads(), torch=torch.__version__),
         "goal": {"val_loss_max": VAL_GOAL, "tokens_per_s_ratio_median_interval_min": 1.0},
-        "seeds": seeds, "val_loss": val, "plain_loop_val_loss": peer_val, "whole_val_loss": whole_val,
-        "plain_loop_whole_val_loss": peer_whole_val, "tokens_per_s_ratio": ratio,
+        "seeds": seeds, "val_loss": val, "val_loss_se": val_se, "plain_loop_val_loss": peer_val,
+        "plain_loop_val_loss_se": peer_val_se, "val_loss_estimate_sd": estimate_sd_,
+        "whole_val_loss": whole_val, "whole_val_loss_se": whole_val_se, "plain_loop_whole_val_loss": peer_whole_val,
+        "plain_loop_whole_val_loss_se": peer_whole_val_se,
+        "whole_val_loss_minus_plain_loop": diff, "whole_val_loss_minus_plain_loop_se": diff_se, "tokens_per_s_ratio": ratio,
         "tokens_per_s_ratio_median_interval": ratio_median,
         "pass": bool(val <= VAL_GOAL and ratio_median >= 1.0),
         "rows": rows,
@@ -177,9 +205,12 @@ def main(argv=None) -> int:
         print(f"{r['case']:<42}{r.get('seed', ''):>6}{v:>10}{w:>11}{r['tokens_per_s']:>12,.0f}"
               f"{r['tokens_per_s_median_interval']:>16,.0f}")
     n = len(seeds)
-    print(f"\nval loss at iteration {base.train.max_iters}{f' (mean of {n} seeds)' if n > 1 else ''}: hpclm {val:.4f}, "
-          f"plain loop {peer_val:.4f} (goal <= {VAL_GOAL}: {'met' if val <= VAL_GOAL else 'MISSED'}); over the whole "
-          f"val split (no sampling noise): hpclm {whole_val:.4f}, plain loop {peer_whole_val:.4f}")
+    print(f"\nval loss at iteration {base.train.max_iters}{f' (mean +- standard error over {n} seeds)' if n > 1 else ''}: "
+          f"hpclm {with_se(val, val_se)}, plain loop {with_se(peer_val, peer_val_se)} (goal <= {VAL_GOAL}: "
+          f"{'met' if val <= VAL_GOAL else 'MISSED'}); one {base.train.eval_iters}-batch estimate's own sampling sd: "
+          f"{estimate_sd_:.4f}")
+    print(f"over the whole val split (no sampling noise): hpclm {with_se(whole_val, whole_val_se)}, plain loop "
+          f"{with_se(peer_whole_val, peer_whole_val_se)}; hpclm - plain loop, same seeds: {with_se(diff, diff_se)}")
     print(f"tokens/s hpclm / plain loop: {ratio_median:.3f} over median 10-step intervals (goal >= 1: "
           f"{'met' if ratio_median >= 1.0 else 'MISSED'}), {ratio:.3f} over whole runs")
     print(f"wrote {args.json} and {', '.join(str(p) for p in plots)}")

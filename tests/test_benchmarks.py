@@ -19,4 +19,8 @@ def test_train_shakespeare_scores_both_loops_on_the_whole_val_split(tmp_path):
     assert ours["whole_val_loss"] < 3.9 and peer["whole_val_loss"] < 3.9
     assert abs(ours["whole_val_loss"] - peer["whole_val_loss"]) < 0.1
     assert doc["whole_val_loss"] == ours["whole_val_loss"] and doc["pass"] is False
-    assert "over the whole val split" in proc.stdout
+    assert doc["whole_val_loss_minus_plain_loop"] == ours["whole_val_loss"] - peer["whole_val_loss"]
+    assert doc["whole_val_loss_se"] is None  # one seed: no spread to estimate
+    # the 20-batch estimate's own noise: present, and small next to the loss itself
+    assert 0.001 < doc["val_loss_estimate_sd"] < 0.1
+    assert "over the whole val split" in proc.stdout and "hpclm - plain loop, same seeds" in proc.stdout
