@@ -6,8 +6,10 @@ training throughput is at least that of a plain PyTorch loop over the same model
 the same run. The peer is nanoGPT's train.py loop reduced to its essentials, making its random
 draws in nanoGPT's order (seed, model init, first batch, evals and batches from the global torch
 RNG, a memmap reopened per batch, AdamW with torch's default implementation), so its val loss
-replays nanoGPT's own run; a shorter second measurement after hpclm's run shows load drift on a
-shared machine; the throughput ratio compares the means. --seeds runs both loops per seed.
+replays nanoGPT's own run. Throughput: a shared machine drifts by 10-20% over the minutes of one
+full run, so the goal is judged on short runs of the two loops taken in turns (--throughput-rounds),
+each scored by its median 10-step interval; the full runs' tokens/s are reported too. --seeds runs
+both loops per seed.
 Both final models are also scored over the whole validation split (`hpclm eval`'s split_loss): the
 goal's figure is nanoGPT's estimate over eval_iters random batches, whose own sampling sd (printed,
 from 200 random val batches of hpclm's final model) is about 0.015 here; the whole-split loss, and
@@ -115,7 +117,7 @@ def plain_loop(cfg, data_dir: Path, iters: int, evaluate: bool = True) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - t0)
-    whole_val = whole_val_loss(model, data_dir, T)
+    whole_val = whole_val_loss(model, data_dir, T) if evaluate else None
     chunk = cfg.train.log_interval  # the same intervals as hpclm's metrics records
     interval_means = [statistics.mean(step_times[i:i + chunk]) for i in range(0, len(step_times), chunk)]
     return {"iters": iters, "val_loss": losses.get("val"), "whole_val_loss": whole_val, "train_seconds": sum(step_times),
@@ -123,13 +125,41 @@ def plain_loop(cfg, data_dir: Path, iters: int, evaluate: bool = True) -> dict:
             "tokens_per_s_median_interval": B * T / statistics.median(interval_means)}
 
 
+def hpclm_loop(cfg, run_dir: Path) -> dict:
+    """hpclm train in this process into a fresh run_dir; figures as plain_loop reports them."""
+    summary = trainer.train(cfg, run_dir, resume="never", force=True, progress_bar=False)
+    records = read_records(run_dir / "metrics.jsonl")
+    step_times = [r["step_time_s"] for r in records if r["kind"] == "train"]  # each the mean of a log interval
+    return {"iters": cfg.train.max_iters, "tokens_per_s": summary["tokens_per_s"], "train_seconds": summary["train_time_s"],
+            "tokens_per_s_median_interval": cfg.train.batch_size * cfg.data.block_size / statistics.median(step_times),
+            "val_loss": next((r["val_loss"] for r in records if r["kind"] == "eval" and r["step"] == cfg.train.max_iters),
+                             None)}
+
+
+def throughput_rounds(cfg, data_dir: Path, work: Path, rounds: int) -> list[dict]:
+    """Short runs of both loops in turns, the first one alternating, so that the machine's drift hits both
+    alike; each round's ratio compares its two median 10-step intervals."""
+    out = []
+    for i in range(rounds):
+        tps = {}
+        for loop in (("plain", "hpclm") if i % 2 == 0 else ("hpclm", "plain")):
+            run = (plain_loop(cfg, data_dir, cfg.train.max_iters, evaluate=False) if loop == "plain"
+                   else hpclm_loop(cfg, work / "run-throughput"))
+            tps[loop] = run["tokens_per_s_median_interval"]
+        out.append({"hpclm": tps["hpclm"], "plain": tps["plain"], "ratio": tps["hpclm"] / tps["plain"]})
+        print(f"throughput round {i + 1}/{rounds}: hpclm {tps['hpclm']:,.0f}, plain loop {tps['plain']:,.0f} tokens/s "
+              f"(median 10-step interval), ratio {out[-1]['ratio']:.3f}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shakespeare_data.add_arguments(ap, "train_shakespeare")
     ap.add_argument("--seeds", default="", help="comma-separated train.seed values, each run by both loops "
                     "(default: the config's); the goal applies to the mean val loss")
-    ap.add_argument("--recheck-iters", type=int, default=300, help="iterations of the plain loop's second "
-                    "throughput measurement, after hpclm's runs (0: none)")
+    ap.add_argument("--throughput-rounds", type=int, default=5, help="rounds of short runs of both loops in turns "
+                    "that the throughput goal is judged on (0: judge the full runs)")
+    ap.add_argument("--throughput-iters", type=int, default=200, help="iterations of each of those runs")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     ap.add_argument("--json", default=str(ROOT / "runs" / "bench" / "train_shakespeare.json"))
     args = ap.parse_args(argv)
@@ -148,28 +178,21 @@ def main(argv=None) -> int:
               f"{peer['tokens_per_s']:,.0f} tokens/s")
         t0 = time.perf_counter()
         run_dir = work / f"run-seed{seed}"
-        summary = trainer.train(cfg, run_dir, resume="never", force=True, progress_bar=False)
-        records = read_records(run_dir / "metrics.jsonl")
-        val = next((r["val_loss"] for r in records if r["kind"] == "eval" and r["step"] == cfg.train.max_iters), math.nan)
-        step_times = [r["step_time_s"] for r in records if r["kind"] == "train"]
+        ours = hpclm_loop(cfg, run_dir)
         model = load_trained(run_dir).model
-        whole_val = whole_val_loss(model, data_dir, cfg.data.block_size)
-        rows.append({"case": "hpclm train", "seed": seed, "val_loss": val, "whole_val_loss": whole_val,
-                     "val_loss_estimate_sd": estimate_sd(model, data_dir, cfg),
-                     "iters": cfg.train.max_iters,
-                     "tokens_per_s": summary["tokens_per_s"], "train_seconds": summary["train_time_s"],
-                     "tokens_per_s_median_interval": cfg.train.batch_size * cfg.data.block_size / statistics.median(step_times),
-                     "wall_seconds": time.perf_counter() - t0, "run_dir": str(run_dir)})
+        ours.update(whole_val_loss=whole_val_loss(model, data_dir, cfg.data.block_size),
+                    val_loss_estimate_sd=estimate_sd(model, data_dir, cfg), wall_seconds=time.perf_counter() - t0,
+                    run_dir=str(run_dir))
+        rows.append({"case": "hpclm train", "seed": seed, **ours})
         rows.append({"case": "plain PyTorch loop", "seed": seed, **peer})
-        print(f"seed {seed}: hpclm train: val loss {val:.4f} (whole split {whole_val:.4f}), "
-              f"{summary['tokens_per_s']:,.0f} tokens/s")
-    if args.recheck_iters:
-        recheck = plain_loop(base, data_dir, args.recheck_iters, evaluate=False)
-        rows.append({"case": "plain PyTorch loop (throughput recheck)", **recheck})
-        print(f"plain PyTorch loop again: {recheck['tokens_per_s']:,.0f} tokens/s")
+        print(f"seed {seed}: hpclm train: val loss {ours['val_loss']:.4f} (whole split {ours['whole_val_loss']:.4f}), "
+              f"{ours['tokens_per_s']:,.0f} tokens/s")
+    short = [f"data.path={json.dumps(str(data_dir))}", *args.set, f"train.max_iters={args.throughput_iters}",
+             "train.eval_interval=0", "checkpoint.every_iters=0"]
+    rounds = throughput_rounds(config_mod.load(args.config, short), data_dir, work, args.throughput_rounds)
 
     ours = [r for r in rows if r["case"] == "hpclm train"]
-    peers = [r for r in rows if r["case"] == "plain PyTorch loop"]  # not the throughput recheck: other iterations
+    peers = [r for r in rows if r["case"] == "plain PyTorch loop"]
     val, val_se = mean_and_se([r["val_loss"] for r in ours])
     peer_val, peer_val_se = mean_and_se([r["val_loss"] for r in peers])
     whole_val, whole_val_se = mean_and_se([r["whole_val_loss"] for r in ours])
@@ -177,22 +200,24 @@ def main(argv=None) -> int:
     # same seed, same init: the paired difference cancels what the seed does to both loops
     diff, diff_se = mean_and_se([a["whole_val_loss"] - b["whole_val_loss"] for a, b in zip(ours, peers)])
     estimate_sd_ = statistics.mean(r["val_loss_estimate_sd"] for r in ours)
-    timed_peers = [r for r in rows if r["case"].startswith("plain")]
-    ratio = statistics.mean(r["tokens_per_s"] for r in ours) / statistics.mean(r["tokens_per_s"] for r in timed_peers)
+    ratio = statistics.mean(r["tokens_per_s"] for r in ours) / statistics.mean(r["tokens_per_s"] for r in peers)
     # other users' bursts on a shared machine hit whole runs unevenly: the median interval resists them
     ratio_median = (statistics.median(r["tokens_per_s_median_interval"] for r in ours)
-                    / statistics.median(r["tokens_per_s_median_interval"] for r in timed_peers))
+                    / statistics.median(r["tokens_per_s_median_interval"] for r in peers))
+    ratio_rounds = statistics.median(r["ratio"] for r in rounds) if rounds else None
+    judged = ratio_rounds if rounds else ratio_median
     result = {
         "tool": "train_shakespeare",
         "host": harness.host_info(threads=torch.get_num_threads(), torch=torch.__version__),
-        "goal": {"val_loss_max": VAL_GOAL, "tokens_per_s_ratio_median_interval_min": 1.0},
+        "goal": {"val_loss_max": VAL_GOAL, "tokens_per_s_ratio_min": 1.0,
+                 "tokens_per_s_ratio_judged_on": "throughput_rounds" if rounds else "full runs' median intervals"},
         "seeds": seeds, "val_loss": val, "val_loss_se": val_se, "plain_loop_val_loss": peer_val,
         "plain_loop_val_loss_se": peer_val_se, "val_loss_estimate_sd": estimate_sd_,
         "whole_val_loss": whole_val, "whole_val_loss_se": whole_val_se, "plain_loop_whole_val_loss": peer_whole_val,
         "plain_loop_whole_val_loss_se": peer_whole_val_se,
         "whole_val_loss_minus_plain_loop": diff, "whole_val_loss_minus_plain_loop_se": diff_se, "tokens_per_s_ratio": ratio,
-        "tokens_per_s_ratio_median_interval": ratio_median,
-        "pass": bool(val <= VAL_GOAL and ratio_median >= 1.0),
+        "tokens_per_s_ratio_median_interval": ratio_median, "throughput_rounds": rounds,
+        "tokens_per_s_ratio_rounds": ratio_rounds, "pass": bool(val <= VAL_GOAL and judged >= 1.0),
         "rows": rows,
     }
     harness.write_json(args.json, result)
@@ -211,8 +236,9 @@ def main(argv=None) -> int:
           f"{estimate_sd_:.4f}")
     print(f"over the whole val split (no sampling noise): hpclm {with_se(whole_val, whole_val_se)}, plain loop "
           f"{with_se(peer_whole_val, peer_whole_val_se)}; hpclm - plain loop, same seeds: {with_se(diff, diff_se)}")
-    print(f"tokens/s hpclm / plain loop: {ratio_median:.3f} over median 10-step intervals (goal >= 1: "
-          f"{'met' if ratio_median >= 1.0 else 'MISSED'}), {ratio:.3f} over whole runs")
+    print(f"tokens/s hpclm / plain loop: " + (f"{ratio_rounds:.3f} (median of {len(rounds)} rounds in turns), " if rounds else "")
+          + f"{ratio_median:.3f} (full runs' median 10-step intervals), {ratio:.3f} (full runs, whole); goal >= 1: "
+          f"{'met' if judged >= 1.0 else 'MISSED'}")
     print(f"wrote {args.json} and {', '.join(str(p) for p in plots)}")
     return 0 if result["pass"] else 1
 

@@ -1,7 +1,9 @@
 """The training benchmarks run end to end on a few iterations and compare what they claim to compare."""
 import json
 
-from conftest import REPO, run_python
+import pytest
+
+from conftest import REPO, requires_horovod, run_python
 from lm_fixtures import SHAKESPEARE, requires_shakespeare
 
 
@@ -10,7 +12,8 @@ def test_train_shakespeare_scores_both_loops_on_the_whole_val_split(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_python([str(REPO / "benchmarks" / "train_shakespeare.py"), "--from", str(SHAKESPEARE), "--work",
                        str(tmp_path / "work"), "--set", "train.max_iters=20", "--set", "train.eval_interval=10",
-                       "--set", "train.log_interval=5", "--recheck-iters", "5", "--json", str(out)], timeout=300)
+                       "--set", "train.log_interval=5", "--throughput-rounds", "2", "--throughput-iters", "10",
+                       "--json", str(out)], timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # 20 iterations cannot meet the 1.89 goal: exit 1, no crash
     doc = json.loads(out.read_text())
     ours, peer = (next(r for r in doc["rows"] if r["case"] == case) for case in ("hpclm train", "plain PyTorch loop"))
@@ -24,3 +27,54 @@ def test_train_shakespeare_scores_both_loops_on_the_whole_val_split(tmp_path):
     # the 20-batch estimate's own noise: present, and small next to the loss itself
     assert 0.001 < doc["val_loss_estimate_sd"] < 0.1
     assert "over the whole val split" in proc.stdout and "hpclm - plain loop, same seeds" in proc.stdout
+    # throughput is judged on short runs of both loops in turns
+    rounds = doc["throughput_rounds"]
+    assert len(rounds) == 2 and all(r["ratio"] == pytest.approx(r["hpclm"] / r["plain"]) for r in rounds)
+    assert doc["tokens_per_s_ratio_rounds"] == pytest.approx(sum(r["ratio"] for r in rounds) / 2)
+    assert doc["goal"]["tokens_per_s_ratio_judged_on"] == "throughput_rounds"
+
+
+@requires_shakespeare
+@requires_horovod
+def test_train_scaling_measures_cells_ratios_and_the_allreduce_share(tmp_path):
+    out = tmp_path / "scaling.json"
+    proc = run_python([str(REPO / "benchmarks" / "train_scaling.py"), "--quick", "--from", str(SHAKESPEARE),
+                       "--work", str(tmp_path / "work"), "--models", "shakespeare-char", "--dtypes", "fp32,bf16",
+                       "--layouts", "1x1,2x1", "--json", str(out), "--plot", str(tmp_path / "scaling.png")], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    cells = {(r["dtype"], r["layout"]): r for r in doc["rows"]}
+    assert sorted(cells) == [("bf16", "1x1"), ("bf16", "2x1"), ("fp32", "1x1"), ("fp32", "2x1")]
+    for (dtype, layout), r in cells.items():
+        assert r["tokens_per_s"] > 0 and r["ranks"] == int(layout[0])
+        assert r["tokens_per_s_per_rank"] == pytest.approx(r["tokens_per_s"] / r["ranks"])
+    for dtype in ("fp32", "bf16"):  # the ratios are the cells' own figures, not measured again
+        weak = next(x for x in doc["ratios"] if x["ratio"].startswith("weak") and x["dtype"] == dtype)
+        assert weak["value"] == pytest.approx(cells[dtype, "2x1"]["tokens_per_s_per_rank"]
+                                              / cells[dtype, "1x1"]["tokens_per_s_per_rank"])
+        share = cells[dtype, "2x1"]["allreduce_share"]  # from the second run, the one with Horovod's timeline
+        assert 0 < share < 1 and "allreduce_share" not in cells[dtype, "1x1"]
+    bf16 = next(x for x in doc["ratios"] if x["ratio"] == "bf16 / fp32 tokens/s (1x1)")
+    assert bf16["value"] == pytest.approx(cells["bf16", "1x1"]["tokens_per_s"] / cells["fp32", "1x1"]["tokens_per_s"])
+    target = doc["time_to_target"]  # --quick: 20 iterations cannot reach 1.88, and says so
+    assert target["reached"] is False and target["met"] is False and target["evals"]
+    assert target["best_val_loss"] == min(e["val_loss"] for e in target["evals"]) > 1.88
+    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reduce_benchmark_times_every_cpu_path_against_numpy(tmp_path):
+    from hpclm import native
+    out = tmp_path / "reduce.json"
+    proc = run_python([str(REPO / "benchmarks" / "reduce.py"), "--mib", "0.25", "--repeat", "2", "--json", str(out)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    paths = native.require().build_info()["cpu_paths_supported"]
+    assert [(r["dtype"], r["path"]) for r in doc["rows"]] == [(d, p) for d in ("float32", "float16", "bfloat16")
+                                                              for p in ["numpy", *paths]]
+    for dtype in ("float32", "float16", "bfloat16"):
+        rows = [r for r in doc["rows"] if r["dtype"] == dtype]
+        numpy_ms = rows[0]["time_ms"]
+        for r in rows:  # speedup and GB/s are derived from the row's own time
+            assert r["speedup"] == pytest.approx(numpy_ms / r["time_ms"])
+            assert r["gbps"] == pytest.approx(3 * 0.25 * 2**20 / (r["time_ms"] / 1e3) / 1e9)
+    assert doc["host"]["threads"] == 1 and doc["host"]["cores"] >= 1
