@@ -145,7 +145,10 @@ def allreduce_share(path: Path, iters: int, warmup: int, timed_seconds: float) -
     nego = {}
     for tensor, a, b in spans.get("NEGOTIATE_ALLREDUCE", []):
         nego.setdefault(tensor, []).append(a)
-    start = min(sorted(nego[t])[warmup] for t in stepwise if len(nego.get(t, [])) == iters)
+    starts = [sorted(nego[t])[warmup] for t in stepwise if len(nego.get(t, [])) == iters]
+    if not starts:
+        return {"allreduce_share": None, "note": "no tensor negotiated once per step in the timeline"}
+    start = min(starts)
     share = {}
     for activity, key in (("ALLREDUCE", "allreduce_share"), ("MPI_ALLREDUCE", "mpi_allreduce_share"),
                           ("NEGOTIATE_ALLREDUCE", "negotiate_share")):

@@ -444,8 +444,12 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
             if saved:
                 summary["checkpoint"] = str(save_checkpoint(run, done))
             summary["step"] = done
-            if dist.any_rank(signals.received is not None) and done < max_iters:
+            # any_rank is an MPI call beside Horovod: had one rank left it and exited, Horovod's shutdown would
+            # finalize MPI under a rank still inside it (seen: exit 139). So a Horovod op follows every call on
+            # every rank before any can exit: the next step's gradient allreduce, or the barrier below.
+            if done < max_iters and dist.any_rank(signals.received is not None):
                 path = summary["checkpoint"] if saved else str(save_checkpoint(run, done))
+                dist.barrier()
                 if main:  # for a batch script whose srun reports 143 when it killed a rank still exiting with 75
                     atomic.write_text(out / PREEMPTED_MARKER, f"{done}\n")
                 name = signal.Signals(signals.received).name if signals.received else "a signal on another rank"

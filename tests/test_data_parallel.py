@@ -190,3 +190,49 @@ def test_killing_one_rank_ends_the_job_quickly(shakespeare_dir, tmp_path):
         _kill_job(proc)
     assert proc.returncode != 0
     assert elapsed < 60, f"the job took {elapsed:.1f} s to end"
+
+
+# Logs, per rank, the order of the trainer's collectives: any_rank is an MPI call beside Horovod, and a rank
+# that exits while another is still inside it has Horovod's shutdown finalize MPI under that rank (exit 139).
+CALL_ORDER = textwrap.dedent("""
+    import json, os, signal, sys
+    import hpclm.dist as dist
+    from hpclm import config, trainer
+    from hpclm.errors import Preempted
+    out, stop_at, *overrides = sys.argv[1:]
+    calls = []
+    def logged(name, fn):
+        def call(*a, **k):
+            result = fn(*a, **k)
+            calls.append(name)
+            if name == "synchronize_gradients" and calls.count(name) == int(stop_at) and dist.rank() == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)  # one rank is told to stop
+            return result
+        return call
+    for name in ("any_rank", "barrier", "allreduce", "broadcast_object", "synchronize_gradients"):
+        setattr(dist, name, logged(name, getattr(dist, name)))
+    try:
+        trainer.train(config.load(None, overrides), out, progress_bar=False)
+        ended = "done"
+    except Preempted:
+        ended = "preempted"
+    with open(f"{out}.rank{dist.rank()}.json", "w") as f:
+        json.dump({"ended": ended, "calls": calls}, f)
+""")
+
+
+# 0: run to the end; 3: SIGUSR1 on rank 1 during step 3, right after which a checkpoint is due anyway
+@pytest.mark.parametrize("stop_at", [0, 3])
+def test_no_rank_can_exit_while_another_is_inside_any_rank(shakespeare_dir, tmp_path, stop_at):
+    out = tmp_path / "run"
+    proc = mpirun(2, ["-c", CALL_ORDER, str(out), str(stop_at),
+                      *_cfg(shakespeare_dir, "train.max_iters=6", "train.eval_interval=0", "checkpoint.every_iters=3")])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ranks = _reports(out, 2)
+    assert [r["ended"] for r in ranks] == ["preempted" if stop_at else "done"] * 2
+    for r in ranks:
+        calls = r["calls"]
+        last = len(calls) - 1 - calls[::-1].index("any_rank")
+        # a Horovod collective after the last any_rank: it completes on no rank before every rank has left any_rank
+        assert set(calls[last + 1:]) & {"barrier", "allreduce", "broadcast_object", "synchronize_gradients"}, calls
+        assert calls.count("any_rank") == (stop_at if stop_at else 5)  # never after the last step
