@@ -29,10 +29,9 @@ def load_fused_softmax():
 
 def fused_softmax_or_none():
     try:
-        from hpclm.ops import fused_softmax
-    except ImportError:
+        return load_fused_softmax()
+    except HpclmError:
         return None
-    return fused_softmax
 
 
 class LayerNorm(nn.Module):
