@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from hpclm import harness  # noqa: E402
+from hpclm.bench import harness  # noqa: E402
 # The project's shared folder sits next to the checkout, or two levels up from a worktree (as in tests/conftest.py).
 SHAKESPEARE = next((p for p in (REPO.parent / "shared", REPO.parent.parent / "shared") if p.is_dir()),
                    REPO.parent / "shared") / "data" / "tinyshakespeare.txt"
@@ -47,7 +47,7 @@ def host(threads: str | None) -> dict:
 
 def train_seconds(run_dir: Path) -> tuple[float, int]:
     """(sum of logged step times, steps): each train record covers the steps since the previous one."""
-    from hpclm.metrics import read_records
+    from hpclm.train.metrics import read_records
     total, prev = 0.0, 0
     for r in read_records(run_dir / "metrics.jsonl"):
         if r.get("kind") == "train":
@@ -113,7 +113,7 @@ def main() -> int:
     for r in report["rows"]:
         print(f"| {r['name']} | {r['val_loss']:.4f} | {r['perplexity']:.3f} | {r['train_s']:.1f} | {r['wall_s']:.1f} "
               f"| `{r['command']}` |")
-    print(f"\nwrote {path}")
+    print(f"\nwrote {args.json}")
     return 0
 
 

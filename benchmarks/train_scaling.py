@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import shakespeare_data  # noqa: E402
-from hpclm import harness  # noqa: E402
+from hpclm.bench import harness  # noqa: E402
 from hpclm.errors import HpclmError  # noqa: E402
-from hpclm.metrics import read_records  # noqa: E402
+from hpclm.train.metrics import read_records  # noqa: E402
 
 NANOGPT_SECONDS = 63.6  # nanoGPT's whole process to val loss 1.886 here (../shared/notes/measured-baselines.md)
 TARGET_VAL = 1.88

@@ -1,4 +1,6 @@
-"""The `hpclm` command (also `python -m hpclm`). Each subcommand lives in its own module."""
+"""The `hpclm` command (also `python -m hpclm`): every subcommand's flags are declared here, and each
+runs the main(args) of its own module, imported only when chosen, so `hpclm --help` and argument
+errors load neither torch nor MPI."""
 from __future__ import annotations
 
 import argparse
@@ -20,17 +22,48 @@ def _add_info(sub):
     _runs(p, "info")
 
 
+SOFTMAX_SHAPES = "48x256x256,16x1024x1024,8x2048x2048"
+
+
 def _add_bench(sub):
-    p = sub.add_parser("bench", help="kernel benchmarks against torch (JSON with --json)")
+    p = sub.add_parser("bench", help="kernel benchmarks against their peers in the same run (JSON with --json)",
+                       description="Exit codes: 0 when every result checked matches its reference, 1 when one "
+                                   "does not, 2 for bad arguments.")
     kinds = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     s = kinds.add_parser(
         "softmax", help="fused scaled masked softmax vs torch: forward/backward time, GB/s, speedups",
         description="hpclm.ops.fused_softmax next to torch.softmax, the unfused torch composition and autograd's "
                     "backward of it, with copy bandwidth as the ceiling, all in one run. Exit code 1 if a result "
                     "differs from torch beyond the dtype's tolerance.")
-    from hpclm.bench import add_arguments
-    add_arguments(s)
-    _runs(s, "bench")
+    s.add_argument("--shapes", default=SOFTMAX_SHAPES, help=f"comma-separated AxBx...xSQxSK (default {SOFTMAX_SHAPES})")
+    s.add_argument("--dtypes", default="fp32,bf16", help="comma-separated from fp32, bf16, fp16, fp64 (default fp32,bf16)")
+    s.add_argument("--masks", default="causal,padding", help="comma-separated from causal, padding (default causal,padding)")
+    s.add_argument("--threads", type=int, default=None, help="torch (and kernel) threads (default: torch's current count)")
+    s.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
+                   help="cpu, cuda, or all (default: cpu, plus cuda rows where a GPU and a CUDA build exist)")
+    s.add_argument("-n", "--iters", type=int, default=5, help="timed calls per measurement (default 5)")
+    s.add_argument("-r", "--repeats", type=int, default=3, help="measurements per figure, the best is kept (default 3)")
+    s.add_argument("-w", "--warmup", type=int, default=2, help="untimed calls first (default 2)")
+    s.add_argument("--quick", action="store_true", help="2 calls, 1 measurement per figure (make bench)")
+    s.add_argument("--malloc", choices=("retain", "system"), default="retain",
+                   help="retain: glibc keeps freed memory for reuse (default); system: glibc defaults, where every "
+                        "large tensor is a fresh mmap whose pages fault in (each contender pays for what it allocates)")
+    s.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall (default), or cpu: the calling thread's CPU time, for --threads 1 on a machine shared with "
+                        "other work (preemption by other tenants does not count)")
+    s.add_argument("--json", metavar="PATH", help="also write the settings and rows as JSON")
+    s.add_argument("--plot", metavar="PNG", help="also plot the speedups (matplotlib)")
+    _runs(s, "bench.softmax")
+    r = kinds.add_parser(
+        "reduce", help="the ring's reduce kernel (dst += src) on every CPU path vs numpy: time, GB/s",
+        description="The elementwise sum the ring allreduce runs, on each CPU path this machine supports "
+                    "(scalar, avx2, avx512), next to numpy's np.add(out=) in the same run; every path's result "
+                    "is checked against numpy's (exit code 1 on a mismatch).")
+    r.add_argument("--mib", type=float, default=64, help="buffer size in MiB (default 64)")
+    r.add_argument("--repeat", type=int, default=20, help="timed calls per figure, the fastest is kept (default 20)")
+    r.add_argument("--threads", type=int, default=1, help="OpenMP threads of the kernel (default 1)")
+    r.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    _runs(r, "bench.reduce")
 
 
 def _add_prepare(sub):
@@ -43,7 +76,7 @@ def _add_prepare(sub):
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="last fraction of tokens held out (default: 0.1)")
     p.add_argument("--from", dest="local", metavar="FILE", help="shakespeare: use this local copy instead of downloading")
     p.add_argument("--force", action="store_true", help="replace an existing dataset in --out")
-    _runs(p, "data")
+    _runs(p, "data.prepare")
 
 
 def _add_train(sub):
@@ -56,7 +89,7 @@ def _add_train(sub):
     p.add_argument("--force", action="store_true", help="with --resume never: delete OUT's checkpoints and start over")
     p.add_argument("--check", action="store_true", help="only check the config, the data and OUT (what a start would "
                    "resume), write nothing and exit: 0 if training could start, 2 with the reason if not")
-    _runs(p, "trainer")
+    _runs(p, "train")
 
 
 def _add_generate(sub):
@@ -85,7 +118,9 @@ def _add_report(sub):
 
 
 def _add_probe(sub):
-    p = sub.add_parser("probe", help="interconnect probes (run under mpirun/srun: every rank runs the command)")
+    p = sub.add_parser("probe", help="interconnect probes (run under mpirun/srun: every rank runs the command)",
+                       description="Exit codes: 0 when every result checked is exact, 1 when one is not, 2 for bad "
+                                   "arguments.")
     kinds = p.add_subparsers(dest="probe", required=True, metavar="PROBE")
     a = kinds.add_parser(
         "allreduce", help="ring allreduce vs MPI_Allreduce vs Horovod vs sendrecv: bandwidth, correctness, cost model",
@@ -111,7 +146,7 @@ def _add_probe(sub):
     a.add_argument("--threads", type=int, default=1, help="reduction threads per rank in the ring (default 1)")
     a.add_argument("--json", metavar="PATH", help="also write the rows and summary as JSON")
     a.add_argument("--plot", metavar="PNG", help="also plot busbw against size (matplotlib)")
-    _runs(a, "probe")
+    _runs(a, "bench.allreduce")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +165,7 @@ def main(argv=None) -> int:
         print(f"hpclm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
-        from hpclm.dist import launch_env
+        from hpclm.comm.dist import launch_env
         if launch_env().rank == 0:  # every rank stops alike; one says why
             print(f"hpclm {args.command}: {e}", file=sys.stderr)
         return EXIT_PREEMPTED

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpclm.errors import HpclmError
+from hpclm.models import ARCHS
 
 
 class ConfigError(HpclmError):
@@ -116,7 +117,7 @@ class Config:
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 CHOICES = {
-    "model.arch": ("gpt", "gru", "ngram", "hmm"),
+    "model.arch": tuple(ARCHS),
     "model.softmax": ("auto", "fused", "torch", "sdpa"),
     "precision.dtype": ("fp32", "fp16", "bf16"),
     "checkpoint.resume": ("auto", "never"),
@@ -274,19 +275,3 @@ def to_toml(cfg: Config | dict, header: str = "") -> str:
         lines += ["" if lines else None, f"[{section}]"]
         lines += [f"{key} = {_toml_value(value)}" for key, value in body.items()]
     return "\n".join(line for line in lines if line is not None) + "\n"
-
-
-def model_signature(cfg: Config, vocab_size: int) -> dict:
-    """The settings that fix the parameter shapes: checkpoints with another signature are another model."""
-    m = cfg.model
-    if m.arch == "ngram":
-        return {"model.arch": m.arch, "model.order": m.order, "model.discount": m.discount, "vocab_size": vocab_size}
-    if m.arch == "hmm":
-        return {"model.arch": m.arch, "model.states": m.states, "vocab_size": vocab_size}
-    sig = {"model.arch": m.arch, "model.n_layer": m.n_layer, "model.n_embd": m.n_embd, "model.bias": m.bias,
-           "vocab_size": vocab_size}
-    if m.arch == "gpt":
-        sig.update({"model.n_head": m.n_head, "data.block_size": cfg.data.block_size})
-    else:
-        sig["model.hidden_size"] = m.hidden_size
-    return sig

@@ -1,6 +1,7 @@
-"""`hpclm eval`: a checkpoint's loss and perplexity over a whole validation split.
+"""A model's loss: `estimate_loss` over fixed random batches (the evals during training) and
+`split_loss` over a whole split (`hpclm eval`, which also prints the perplexity).
 
-Every position of val.bin (but the last, partial block) is predicted once, in consecutive
+`hpclm eval` predicts every position of val.bin (but the last, partial block) once, in consecutive
 blocks of data.block_size tokens; under mpirun the blocks are shared among ranks.
 """
 from __future__ import annotations
@@ -11,10 +12,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import hpclm.dist as dist
-from hpclm.data import load_dataset
+from hpclm.comm import dist
+from hpclm.data import Dataset, batch_rng, get_batch, load_dataset
 from hpclm.errors import HpclmError
 from hpclm.generate import load_trained
+
+
+@torch.no_grad()
+def estimate_loss(model, data: Dataset, cfg, device, amp) -> dict[str, float]:
+    """Mean loss over train.eval_iters fixed batches per split, averaged over ranks."""
+    model.eval()
+    means = []
+    for split in ("train", "val"):
+        total = torch.zeros((), device=device)
+        for k in range(cfg.train.eval_iters):
+            x, y = get_batch(data.split(split), cfg.train.batch_size, cfg.data.block_size,
+                             batch_rng(cfg.train.seed, f"eval_{split}", dist.rank(), k), device)
+            with amp:
+                _, loss = model(x, y)
+            total += loss.float()
+        means.append(total / cfg.train.eval_iters)
+    model.train()
+    result = torch.stack(means).cpu()
+    if dist.is_distributed():
+        result = dist.allreduce(result, "avg")
+    return {"train_loss": result[0].item(), "val_loss": result[1].item()}
 
 
 @torch.no_grad()

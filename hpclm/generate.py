@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
-from hpclm import checkpoint, config as config_mod, tokenizer as tokenizers
+from hpclm import config as config_mod
 from hpclm.config import Config
+from hpclm.data import tokenizers
 from hpclm.errors import HpclmError
 from hpclm.models import build_model
+from hpclm.train import checkpoint
 
 
 @dataclass

@@ -12,7 +12,7 @@ import platform
 import shutil
 import sys
 
-from hpclm.harness import cpu_model
+from hpclm.bench.harness import cpu_model
 
 
 def _probe(fn):
@@ -78,7 +78,7 @@ def _threads():
 
 
 def _launch():
-    from hpclm.dist import launch_env
+    from hpclm.comm.dist import launch_env
     launch = launch_env()
     return {"launched_by": launch.launcher, "rank": launch.rank, "size": launch.size,
             "local_rank": launch.local_rank, "local_size": launch.local_size}

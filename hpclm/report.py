@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from hpclm.errors import HpclmError
-from hpclm.harness import save_figure
-from hpclm.metrics import FILENAME, read_records
+from hpclm.bench.harness import save_figure
+from hpclm.train.metrics import FILENAME, read_records
 
 
 def _series(records, kind, key):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from hpclm import checkpoint
+from hpclm.train import checkpoint
 from hpclm.errors import HpclmError
 
 

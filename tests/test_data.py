@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from hpclm import cli, data, tokenizer
+from hpclm import cli, data
+from hpclm.data import corpus, tokenizers as tokenizer
 from hpclm.errors import HpclmError
-from lm_fixtures import SHAKESPEARE, requires_shakespeare, shakespeare_dir  # noqa: F401 (fixture)
+from helpers.lm_fixtures import SHAKESPEARE, requires_shakespeare, shakespeare_dir  # noqa: F401 (fixture)
 
 UNICODE = "naïve café — 東京 🚀\ttabs\r\nwindows line\n\n  indented\x0bodd\n"
 
@@ -22,7 +23,7 @@ def test_char_round_trip_and_nanogpt_split(shakespeare_dir):
     meta, (train, val) = _all_tokens(shakespeare_dir)
     text = SHAKESPEARE.read_text(encoding="utf-8")
     assert (meta["vocab_size"], meta["dtype"], len(train), len(val)) == (65, "uint16", 1003854, 111540)  # nanoGPT's
-    assert meta["source_sha256"] == data.SHAKESPEARE_SHA256
+    assert meta["source_sha256"] == corpus.SHAKESPEARE_SHA256
     tok = tokenizer.load(shakespeare_dir)
     assert tok.decode(np.concatenate([train, val])) == text
     assert tok.decode(train) == text[:1003854]
@@ -70,7 +71,7 @@ def test_directory_and_glob_sources_skip_binary_files(tmp_path):
 
 
 def test_stdlib_corpus_is_library_sources():
-    files = data.stdlib_files()
+    files = corpus.stdlib_files()
     assert {"os.py", "argparse.py", "__init__.py"} <= {p.name for p in files} and len(files) > 100
     assert all(p.suffix == ".py" and "test" not in p.parts and "site-packages" not in p.parts for p in files)
 
@@ -165,13 +166,13 @@ def test_shakespeare_download_is_checked(tmp_path, monkeypatch, capsys):
 
     def offline(url, timeout):
         raise urllib.error.URLError("no network")
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(corpus.urllib.request, "urlopen", offline)
     assert _prepare_cli("shakespeare", "--out", tmp_path / "a") == 2
-    assert f"cannot download {data.SHAKESPEARE_URL}" in capsys.readouterr().err and not (tmp_path / "a").exists()
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"tampered text\n" * 100))
+    assert f"cannot download {corpus.SHAKESPEARE_URL}" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    monkeypatch.setattr(corpus.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"tampered text\n" * 100))
     assert _prepare_cli("shakespeare", "--out", tmp_path / "b") == 2
-    assert f"{data.SHAKESPEARE_URL} is not Tiny Shakespeare" in capsys.readouterr().err
+    assert f"{corpus.SHAKESPEARE_URL} is not Tiny Shakespeare" in capsys.readouterr().err
     if SHAKESPEARE.is_file():
-        monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(SHAKESPEARE.read_bytes()))
+        monkeypatch.setattr(corpus.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(SHAKESPEARE.read_bytes()))
         assert _prepare_cli("shakespeare", "--out", tmp_path / "c") == 0
         assert json.loads((tmp_path / "c" / "meta.json").read_text())["train_tokens"] == 1003854

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import child_env, mpirun, requires_horovod, run_python
-from lm_fixtures import TINY, records, shakespeare_dir  # noqa: F401 (fixture)
+from helpers.lm_fixtures import TINY, records, shakespeare_dir  # noqa: F401 (fixture)
 
 pytestmark = requires_horovod
 
@@ -19,12 +19,13 @@ pytestmark = requires_horovod
 STEPS = textwrap.dedent("""
     import json, sys, numpy as np, torch
     import hpclm.dist as dist
-    from hpclm import config, trainer
+    from hpclm import config
+    from hpclm.train import loop, train
     from hpclm.data import get_batch
     out, mode, *overrides = sys.argv[1:]
     cfg = config.load(None, overrides)
-    run = trainer.setup(cfg, __import__("pathlib").Path(out), "never", False, lambda *a: None)
-    amp = trainer.autocast(cfg.precision, run.device)
+    run = loop.setup(cfg, __import__("pathlib").Path(out), "never", False, lambda *a: None)
+    amp = loop.autocast(cfg.precision, run.device)
     r, n, B, T = dist.rank(), dist.size(), cfg.train.batch_size, cfg.data.block_size
     report = {"rank": r, "steps": []}
     for step in range(6):
@@ -41,8 +42,8 @@ STEPS = textwrap.dedent("""
         if mode == "inject" and r == 1 and step in (2, 3):  # a non-finite gradient on rank 1 only
             hook = run.params[0].register_hook(lambda g: g * float("inf"))
         before = [p.detach().clone() for p in run.params]
-        trainer.forward_backward(run, batches, amp)
-        norm, applied = trainer.apply_update(run)
+        loop.forward_backward(run, batches, amp)
+        norm, applied = loop.apply_update(run)
         if hook:
             hook.remove()
         report["steps"].append({"applied": applied, "scale": run.scaler.scale, "lr_step": run.lr_step,
@@ -92,12 +93,13 @@ def test_injected_overflow_on_one_rank_is_skipped_by_both(shakespeare_dir, tmp_p
 def test_fp16_ends_close_to_fp32(shakespeare_dir, tmp_path):
     script = textwrap.dedent("""
         import json, sys
-        from hpclm import config, trainer
+        from hpclm import config
+        from hpclm.train import train
         out, *overrides = sys.argv[1:]
         losses = {}
         for dtype in ("fp32", "fp16"):
             cfg = config.load(None, [*overrides, f"precision.dtype={dtype}"])
-            s = trainer.train(cfg, f"{out}/{dtype}", progress_bar=False)
+            s = train(cfg, f"{out}/{dtype}", progress_bar=False)
             losses[dtype] = s["val_loss"]
         print(json.dumps(losses))
     """)
@@ -197,7 +199,8 @@ def test_killing_one_rank_ends_the_job_quickly(shakespeare_dir, tmp_path):
 CALL_ORDER = textwrap.dedent("""
     import json, os, signal, sys
     import hpclm.dist as dist
-    from hpclm import config, trainer
+    from hpclm import config
+    from hpclm.train import loop, train
     from hpclm.errors import Preempted
     out, stop_at, *overrides = sys.argv[1:]
     calls = []
@@ -212,7 +215,7 @@ CALL_ORDER = textwrap.dedent("""
     for name in ("any_rank", "barrier", "allreduce", "broadcast_object", "synchronize_gradients"):
         setattr(dist, name, logged(name, getattr(dist, name)))
     try:
-        trainer.train(config.load(None, overrides), out, progress_bar=False)
+        train(config.load(None, overrides), out, progress_bar=False)
         ended = "done"
     except Preempted:
         ended = "preempted"

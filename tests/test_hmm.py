@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from conftest import mpirun, requires_horovod, run_python
-from hpclm import checkpoint, config
+from hpclm import config
+from hpclm.train import checkpoint
 from hpclm.models.hmm import HMMLM
-from tiny_corpus import tiny_corpus  # noqa: F401 (a fixture)
+from helpers.tiny_corpus import tiny_corpus  # noqa: F401 (a fixture)
 
 F64 = torch.float64
 
@@ -125,7 +126,7 @@ def test_generation_emits_only_tokens_the_model_can_emit():
 
 
 def test_resumed_em_equals_uninterrupted(tiny_corpus, tmp_path):
-    from hpclm.classical import fit
+    from hpclm.train.classical import fit
     data, _ = tiny_corpus
     overrides = [f"data.path='{data}'", "model.arch='hmm'", "model.states=6", "model.em_tol=0.0", "data.block_size=32",
                  "train.eval_interval=0", "train.eval_iters=2", "checkpoint.every_iters=1"]
@@ -148,7 +149,7 @@ def test_resumed_em_equals_uninterrupted(tiny_corpus, tmp_path):
 
 @requires_horovod
 def test_two_ranks_sum_expected_counts_to_the_one_rank_result(tiny_corpus, tmp_path):
-    from hpclm.classical import fit
+    from hpclm.train.classical import fit
     data, _ = tiny_corpus
     overrides = [f"data.path='{data}'", "model.arch='hmm'", "model.states=6", "model.em_tol=0.0", "data.block_size=32",
                  "train.max_iters=3", "train.eval_interval=0", "train.eval_iters=2"]
@@ -194,7 +195,7 @@ def test_train_eval_generate_end_to_end(tiny_corpus, tmp_path):
     r = run_python(["-m", "hpclm", "generate", "--ckpt", str(out), "--prompt", "To ", "--max-new-tokens", "60"])
     assert r.returncode == 0, r.stderr
     text = r.stdout[:-1]
-    from hpclm.tokenizer import load
+    from hpclm.data.tokenizers import load
     assert text.startswith("To ") and len(text) == 63 and set(text) <= set(load(data).chars)
 
     r = run_python(["-m", "hpclm", "train", "--config", "configs/hmm.toml", "--out", str(out),

@@ -7,8 +7,8 @@ import torch
 from hpclm import config
 from hpclm.errors import HpclmError
 from hpclm.models import GPT, GRULM, build_model, count_parameters
-from hpclm.trainer import lr_at, make_optimizer
-from lm_fixtures import one_thread  # noqa: F401 (fixture)
+from hpclm.train.loop import lr_at, make_optimizer
+from helpers.lm_fixtures import one_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,7 +15,7 @@ import torch
 from conftest import run_python
 from hpclm.errors import HpclmError
 from hpclm.models.ngram import NgramLM
-from tiny_corpus import tiny_corpus  # noqa: F401 (a fixture)
+from helpers.tiny_corpus import tiny_corpus  # noqa: F401 (a fixture)
 
 A, B, C = 0, 1, 2
 PAD = -1

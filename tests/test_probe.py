@@ -1,4 +1,4 @@
-"""The ring allreduce (hpclm.probe.ring_allreduce) and `hpclm probe allreduce`, under real mpirun."""
+"""The ring allreduce (hpclm.ring.ring_allreduce) and `hpclm probe allreduce`, under real mpirun."""
 import json
 import os
 import re
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import REPO, horovod_available, mpirun, run_python
-from hpclm import harness, probe
+from hpclm.bench import allreduce as probe, costmodel, harness
+from hpclm.comm import ring
 from hpclm.cli import build_parser
 from hpclm.errors import HpclmError
 
@@ -20,10 +21,10 @@ YIELD = {"OMPI_MCA_mpi_yield_when_idle": "1"}
 
 @pytest.fixture(scope="module", params=[1, 2, 3, 4])
 def ring_run(request, tmp_path_factory):
-    """tests/ring_cases.py under mpirun -np N; each rank's findings."""
+    """tests/helpers/ring_cases.py under mpirun -np N; each rank's findings."""
     n = request.param
     out = tmp_path_factory.mktemp(f"ring{n}")
-    proc = mpirun(n, [str(REPO / "tests" / "ring_cases.py"), str(out)], env=YIELD, timeout=240)
+    proc = mpirun(n, [str(REPO / "tests" / "helpers" / "ring_cases.py"), str(out)], env=YIELD, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
     for r in rows:
@@ -240,16 +241,16 @@ def test_ring_model_fit_recovers_alpha_and_bandwidth():
     n, alpha, bandwidth = 4, 7e-6, 3e9
     sizes = [2**k for k in range(10, 28, 2)]
     points = [(s, 2 * (n - 1) * alpha + 2 * (n - 1) / n * s / bandwidth) for s in sizes]
-    model = probe.fit_ring_model(points, n)
+    model = costmodel.fit_ring_model(points, n)
     assert model["alpha_s"] == pytest.approx(alpha, rel=1e-6)
     assert model["link_bytes_per_s"] == pytest.approx(bandwidth, rel=1e-6)
-    assert probe.crossover_bytes(model, n) == pytest.approx(n * alpha * bandwidth)
-    big = probe.predictions(model, [2**30])[-1]
+    assert costmodel.crossover_bytes(model, n) == pytest.approx(n * alpha * bandwidth)
+    big = costmodel.predictions(model, [2**30])[-1]
     assert big["ranks"] == 1024 and big[str(2**30)]["busbw"] < bandwidth / 1e9
     # times that shrink faster than linear would give a negative latency: clamped to 0
-    clamped = probe.fit_ring_model([(1000, 1e-7), (2000, 1e-6)], 2)
+    clamped = costmodel.fit_ring_model([(1000, 1e-7), (2000, 1e-6)], 2)
     assert clamped["alpha_s"] == 0 and clamped["link_bytes_per_s"] > 0
-    assert probe.fit_ring_model(points, 1) is None and probe.fit_ring_model(points[:1], n) is None
+    assert costmodel.fit_ring_model(points, 1) is None and costmodel.fit_ring_model(points[:1], n) is None
 
 
 def test_sizes_and_units():

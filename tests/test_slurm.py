@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, child_env, mpirun, requires_horovod
-from lm_fixtures import TINY, records, shakespeare_dir  # noqa: F401 (fixture)
-from slurm_cluster import LocalSlurm, missing_tools
+from helpers.lm_fixtures import TINY, records, shakespeare_dir  # noqa: F401 (fixture)
+from helpers.slurm_cluster import LocalSlurm, missing_tools
 
 pytestmark = pytest.mark.skipif(bool(missing_tools()), reason=f"Slurm/munge not installed ({', '.join(missing_tools())}); "
                                                                "scripts/setup.sh installs them where no Slurm exists")

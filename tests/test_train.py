@@ -12,16 +12,17 @@ import pytest
 import torch
 
 from conftest import REPO, child_env, mpirun, requires_horovod, run_python
-from hpclm import checkpoint, cli, config, trainer
+from hpclm import cli, config
+from hpclm.train import checkpoint, loop, train
 from hpclm.errors import HpclmError
-from hpclm.metrics import Prometheus
-from lm_fixtures import TINY, one_thread, records, shakespeare_dir, tiny_config  # noqa: F401 (fixtures)
+from hpclm.train.metrics import Prometheus
+from helpers.lm_fixtures import TINY, one_thread, records, shakespeare_dir, tiny_config  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(data_dir, out, *overrides, **kwargs):
-    return trainer.train(tiny_config(data_dir, *overrides), out, progress_bar=False, **kwargs)
+    return train(tiny_config(data_dir, *overrides), out, progress_bar=False, **kwargs)
 
 
 def test_short_run_loss_falls_and_writes_its_outputs(shakespeare_dir, tmp_path, capsys):
@@ -38,7 +39,7 @@ def test_short_run_loss_falls_and_writes_its_outputs(shakespeare_dir, tmp_path, 
     r = train[-1]
     assert r["tokens"] == 80 * 4 * 32 * 2 and r["ranks"] == 1 and r["loss_scale"] == 1.0 and r["skipped_steps"] == 0
     assert r["tokens_per_s"] == pytest.approx(4 * 32 * 2 / r["step_time_s"])
-    assert r["lr"] == pytest.approx(trainer.lr_at(79, tiny_config(shakespeare_dir).optim, 80))
+    assert r["lr"] == pytest.approx(loop.lr_at(79, tiny_config(shakespeare_dir).optim, 80))
     assert [p.name for p in checkpoint.listing(out)] == ["iter_0000060", "iter_0000080"]
     assert config.load(out / "config.toml") == tiny_config(shakespeare_dir, "train.max_iters=80", "train.eval_interval=40",
                                                              "train.log_interval=10", "checkpoint.every_iters=20",
@@ -67,7 +68,8 @@ def test_resume_equals_uninterrupted_run_exactly(shakespeare_dir, tmp_path):
 
 KILL_DURING_WRITE = textwrap.dedent("""
     import os, signal, sys
-    from hpclm import checkpoint, config, trainer
+    from hpclm import config
+    from hpclm.train import checkpoint, train
     where = sys.argv[2]
     real_write, real_fsync = checkpoint._write, checkpoint.atomic.fsync
     def write(path, data):
@@ -80,7 +82,7 @@ KILL_DURING_WRITE = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)  # new folder complete, `latest` not yet replaced
         real_fsync(path)
     checkpoint._write, checkpoint.atomic.fsync = write, fsync
-    trainer.train(config.load(None, sys.argv[3:]), sys.argv[1], progress_bar=False)
+    train(config.load(None, sys.argv[3:]), sys.argv[1], progress_bar=False)
 """)
 
 
@@ -94,7 +96,7 @@ def test_kill_during_checkpoint_write_leaves_latest_complete(shakespeare_dir, tm
     assert checkpoint.read_latest(out) == 10
     assert checkpoint.verify(checkpoint.root(out) / "iter_0000010") is None
     assert checkpoint.find_resumable(out, pytest.fail).name == "iter_0000010"  # no warning needed
-    summary = trainer.train(config.load(None, overrides), out, progress_bar=False)
+    summary = train(config.load(None, overrides), out, progress_bar=False)
     assert summary["start_step"] == 10 and summary["step"] == 30
     assert [p.name for p in checkpoint.listing(out)] == ["iter_0000010", "iter_0000020", "iter_0000030"]
     assert all(checkpoint.verify(p) is None for p in checkpoint.listing(out))
@@ -245,14 +247,15 @@ def test_two_ranks_under_mpirun(shakespeare_dir, tmp_path):
     script = textwrap.dedent("""
         import hashlib, json, sys, torch
         import hpclm.dist as dist
-        from hpclm import config, trainer
+        from hpclm import config
+        from hpclm.train import loop, train
         captured = {}
-        real_setup = trainer.setup
+        real_setup = loop.setup
         def setup(*a, **k):
             captured["run"] = real_setup(*a, **k)
             return captured["run"]
-        trainer.setup = setup
-        summary = trainer.train(config.load(None, sys.argv[2:]), sys.argv[1], progress_bar=False)
+        loop.setup = setup
+        summary = train(config.load(None, sys.argv[2:]), sys.argv[1], progress_bar=False)
         params = b"".join(p.detach().numpy().tobytes() for p in captured["run"].model.parameters())
         with open(f"{sys.argv[1]}.rank{dist.rank()}.json", "w") as f:  # files: mpirun may interleave stdout
             json.dump({"rank": dist.rank(), "size": dist.size(), "val_loss": summary.get("val_loss"),

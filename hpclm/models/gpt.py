@@ -20,7 +20,7 @@ from hpclm.errors import HpclmError
 def load_fused_softmax():
     """hpclm.ops.fused_softmax, or a config error saying what to use instead."""
     try:
-        from hpclm.ops import fused_softmax
+        from hpclm.kernels.ops import fused_softmax
     except ImportError as e:
         raise HpclmError(f"model.softmax = 'fused' needs hpclm.ops.fused_softmax, which this build lacks ({e}); "
                          "use model.softmax = 'sdpa' or 'torch'") from None

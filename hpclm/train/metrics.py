@@ -1,6 +1,7 @@
-"""Run metrics: OUT/metrics.jsonl, progress on the terminal, an optional Prometheus endpoint.
+"""Run metrics: OUT/metrics.jsonl, progress on the terminal, an optional Prometheus endpoint, and
+RunOutputs, the three together as both training drivers (gradient loop, classical fit) use them.
 
-Only rank 0 makes these objects; the trainer hands them plain dicts.
+Only rank 0 writes; the drivers hand these objects plain dicts.
 
     {"kind": "train", "step", "tokens", "loss", "lr", "tokens_per_s", "step_time_s", "grad_norm",
      "loss_scale", "skipped_steps", "ranks"}
@@ -143,3 +144,47 @@ class Prometheus:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class RunOutputs:
+    """Rank 0's outputs of a training run besides checkpoints: OUT/metrics.jsonl (keeping the records up
+    to the step the run starts from), the progress display and, when metrics.prometheus_port is set, the
+    Prometheus endpoint. On every other rank each method does nothing, so drivers call them on all ranks."""
+
+    def __init__(self, out: str | Path, start_step: int, max_steps: int, metrics_cfg, *, main: bool,
+                 progress_bar: bool | None = None):
+        self.main = main
+        self.log = self.prom = self.progress = None
+        if not main:
+            return
+        if metrics_cfg.prometheus_port:
+            self.prom = Prometheus(metrics_cfg.prometheus_port, metrics_cfg.prometheus_host)
+        self.log = MetricsLog(out, start_step)
+        self.progress = Progress(start_step, max_steps, progress_bar)
+
+    @property
+    def prometheus_url(self) -> str | None:
+        return self.prom.url if self.prom else None
+
+    def record(self, r: dict, show: bool = True) -> None:
+        """Log one record (kind "train" or "eval"), export its gauges and, with `show`, display it."""
+        if not self.main:
+            return
+        self.log.write(r)
+        if self.prom:
+            self.prom.update(r)
+        if show:
+            self.progress.train(r) if r["kind"] == "train" else self.progress.eval(r)
+
+    def message(self, text: str) -> None:
+        if self.main:
+            self.progress.message(text)
+
+    def step(self) -> None:
+        if self.main:
+            self.progress.step()
+
+    def close(self) -> None:
+        for part in (self.progress, self.log, self.prom):
+            if part is not None:
+                part.close()

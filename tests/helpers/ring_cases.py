@@ -10,7 +10,7 @@ import torch
 from mpi4py import MPI
 
 from hpclm import native
-from hpclm.probe import DTYPES, RING_OPS, ring_allreduce
+from hpclm.comm.ring import DTYPES, RING_OPS, ring_allreduce
 
 comm = MPI.COMM_WORLD
 rank, n = comm.Get_rank(), comm.Get_size()

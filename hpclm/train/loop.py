@@ -1,4 +1,4 @@
-"""`hpclm train`: config in, loop, eval, checkpoint (the shape of nanoGPT's train.py).
+"""The gradient loop of `hpclm train` (gpt, gru): config in, loop, eval, checkpoint (nanoGPT's train.py).
 
 Every rank runs this same program. Rank 0 alone writes OUT/config.toml, OUT/metrics.jsonl and
 checkpoints, and prints progress; every collective is entered by every rank. Each step:
@@ -11,28 +11,28 @@ checkpoints, and prints progress; every collective is entered by every rank. Eac
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-import hpclm.dist as dist
-from hpclm import atomic, checkpoint, config as config_mod
-from hpclm.amp import DynamicLossScaler
-from hpclm.config import Config, OptimConfig, PrecisionConfig
+from hpclm import atomic, config as config_mod
+from hpclm.comm import dist
+from hpclm.config import Config, OptimConfig
 from hpclm.data import Dataset, batch_rng, get_batch, load_dataset
 from hpclm.errors import EXIT_PREEMPTED, HpclmError, Preempted
-from hpclm.metrics import MetricsLog, Progress, Prometheus
-from hpclm.models import CLASSICAL, build_model, count_parameters
+from hpclm.evaluate import estimate_loss
+from hpclm.models import build_model, count_parameters
+from hpclm.train import checkpoint
+from hpclm.train.amp import autocast, make_loss_scaler
+from hpclm.train.metrics import RunOutputs
+from hpclm.train.start import PREEMPTED_MARKER, open_run_dir, reported_by_rank0, resolve_device
 
 STATE_FORMAT = 1
 
@@ -62,50 +62,6 @@ def make_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimi
         return torch.optim.AdamW(groups, **kwargs)
 
 
-class NoLossScaler:
-    """fp32/bf16: nothing to scale (the interface of hpclm.amp.DynamicLossScaler, used for fp16)."""
-
-    scale = 1.0
-    skipped_steps = 0
-
-    def scale_loss(self, loss):
-        return loss
-
-    def unscale_and_check(self, params) -> bool:
-        return True
-
-    def update(self, finite: bool) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {"kind": "none", "scale": 1.0, "skipped_steps": 0}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-def make_loss_scaler(p: PrecisionConfig):
-    if p.dtype == "fp16":
-        return DynamicLossScaler(init_scale=p.init_scale, growth_interval=p.growth_interval, hysteresis=p.hysteresis,
-                                 min_scale=p.min_scale, max_consecutive_skips=p.max_consecutive_skips)
-    return NoLossScaler()
-
-
-def autocast(p: PrecisionConfig, device: torch.device):
-    if p.dtype in ("bf16", "fp16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16 if p.dtype == "bf16" else torch.float16)
-    return contextlib.nullcontext()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{dist.local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HpclmError(f"train.device = '{name}' but torch sees no CUDA device: use 'cpu' or 'auto'")
-    return device
-
-
 def grad_norm_and_clip(params, max_norm: float) -> torch.Tensor:
     """The total gradient norm before clipping; clips to max_norm unless it is 0."""
     if max_norm > 0:
@@ -113,61 +69,7 @@ def grad_norm_and_clip(params, max_norm: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
-@torch.no_grad()
-def estimate_loss(model, data: Dataset, cfg: Config, device, amp) -> dict[str, float]:
-    """Mean loss over eval_iters fixed batches per split, averaged over ranks."""
-    model.eval()
-    means = []
-    for split in ("train", "val"):
-        total = torch.zeros((), device=device)
-        for k in range(cfg.train.eval_iters):
-            x, y = get_batch(data.split(split), cfg.train.batch_size, cfg.data.block_size,
-                             batch_rng(cfg.train.seed, f"eval_{split}", dist.rank(), k), device)
-            with amp:
-                _, loss = model(x, y)
-            total += loss.float()
-        means.append(total / cfg.train.eval_iters)
-    model.train()
-    result = torch.stack(means).cpu()
-    if dist.is_distributed():
-        result = dist.allreduce(result, "avg")
-    return {"train_loss": result[0].item(), "val_loss": result[1].item()}
-
-
-# --- start: fresh or resumed ---------------------------------------------------------------------
-
-def _read_ckpt_signature(path: Path) -> tuple[dict, str]:
-    meta = json.loads(checkpoint.load(path, "meta.json"))
-    ckpt_cfg = config_mod.from_dict(tomllib.loads(checkpoint.load(path, "config.toml")))
-    return config_mod.model_signature(ckpt_cfg, int(meta["vocab_size"])), meta.get("tokenizer_sha256", "")
-
-
-def plan_start(out: Path, cfg: Config, data: Dataset, resume: str, force: bool, warn) -> str | None:
-    """Rank 0: the checkpoint to resume from (None: start fresh), after the safety checks."""
-    if force and resume != "never":
-        raise HpclmError("--force only applies with --resume never (start over, deleting OUT's checkpoints)")
-    existing = checkpoint.listing(out)
-    if resume == "never":
-        if existing and not force:
-            raise HpclmError(f"{out} already has checkpoints (newest {existing[-1].name}): resume them (--resume auto), "
-                             "pick another --out, or start over with --resume never --force (deletes them)")
-        return None
-    ckpt = checkpoint.find_resumable(out, warn)
-    if ckpt is None:
-        return None
-    theirs, tokenizer_sha = _read_ckpt_signature(ckpt)
-    ours = config_mod.model_signature(cfg, data.vocab_size)
-    diffs = [f"{k}: {theirs.get(k)} in the checkpoint, {v} now" for k, v in ours.items() if theirs.get(k) != v]
-    if not diffs and tokenizer_sha != data.meta.get("tokenizer_sha256"):
-        diffs = ["the tokenizer differs from data.path's"]
-    if diffs:
-        raise HpclmError(f"{out} holds checkpoints of a different model ({'; '.join(diffs)}): pick another --out, "
-                         "or start over with --resume never --force (deletes them)")
-    return str(ckpt)
-
-
-PREEMPTED_MARKER = "preempted"  # OUT/preempted: the step of the checkpoint a preempted run wrote last
-
+# --- start: fresh or resumed (hpclm.train.start decides) ---------------------------------------
 
 @dataclass
 class Run:
@@ -236,28 +138,6 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     if dist.is_distributed():
         dist.broadcast_training_state(run.model, run.optimizer, root=0)
     return run
-
-
-def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool, say) -> str | None:
-    """Every rank: rank 0 checks OUT, writes OUT/config.toml and picks the checkpoint to resume (None: fresh)."""
-    plan = None
-    if dist.is_main():
-        try:
-            ckpt = plan_start(out, cfg, data, resume, force, say)
-            out.mkdir(parents=True, exist_ok=True)
-            if force:
-                checkpoint.remove_all(out)
-            checkpoint.clean_leftovers(out)
-            (out / PREEMPTED_MARKER).unlink(missing_ok=True)
-            atomic.write_text(out / "config.toml", config_mod.to_toml(cfg, "resolved config of this run (hpclm train)"))
-            plan = {"ckpt": ckpt}
-        except (HpclmError, OSError) as e:
-            plan = {"error": str(e) if isinstance(e, HpclmError) else f"cannot write to {out}: {e}"}
-    if dist.is_distributed():
-        plan = dist.broadcast_object(plan, 0)
-    if "error" in plan:
-        raise HpclmError(plan["error"])
-    return plan["ckpt"]
 
 
 def save_checkpoint(run: Run, step: int) -> Path | None:
@@ -364,40 +244,30 @@ def train_step(run: Run, step: int, amp) -> tuple[torch.Tensor, float, bool]:
 
 def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool = False,
           progress_bar: bool | None = None) -> dict:
-    """Train per cfg into OUT; returns a summary (final step, losses, throughput, checkpoint)."""
-    if cfg.model.arch in CLASSICAL:
-        from hpclm.classical import fit
-        return fit(cfg, out, resume=resume, force=force, progress_bar=progress_bar)
+    """Train a gradient-fitted model (gpt, gru) per cfg into OUT; returns a summary (final step, losses,
+    throughput, checkpoint)."""
     out = Path(out)
-    main = dist.launch_env().rank == 0
-    say = print if main else (lambda *a, **k: None)
+    say = print if dist.launch_env().rank == 0 else (lambda *a, **k: None)
     with reported_by_rank0():
         run = setup(cfg, out, resume or cfg.checkpoint.resume, force, say)
     t, max_iters = cfg.train, cfg.train.max_iters
     amp = autocast(cfg.precision, run.device)
-    log = MetricsLog(out, run.start_step) if main else None
-    prom = Prometheus(cfg.metrics.prometheus_port, cfg.metrics.prometheus_host) if main and cfg.metrics.prometheus_port else None
+    outputs = RunOutputs(out, run.start_step, max_iters, cfg.metrics, main=dist.is_main(), progress_bar=progress_bar)
+    say = outputs.message
     say(f"hpclm train: {cfg.model.arch} {count_parameters(run.model) / 1e6:.2f}M parameters, {dist.size()} rank(s) "
         f"({dist.backend()}), {run.device}, {cfg.precision.dtype}; data {cfg.data.path} ({run.data.meta['tokenizer']}, "
         f"vocabulary {run.data.vocab_size}); global batch {run.global_batch} = {t.batch_size} per rank x "
         f"{dist.size()} rank(s) x {t.grad_accum} accumulation ({run.tokens_per_step} tokens/step); out {out}"
         + (f"; resumed from {run.resumed_from}" if run.resumed_from else "")
-        + (f"; Prometheus at {prom.url}" if prom else ""))
+        + (f"; Prometheus at {outputs.prometheus_url}" if outputs.prometheus_url else ""))
     if cfg.precision.dtype == "fp16" and run.device.type == "cpu":
-        say("hpclm train: note: fp16 on a CPU converts around every op (a step took ~12x fp32's on a 2-core EPYC); "
+        say("hpclm train: note: fp16 on a CPU converts around every op (an order of magnitude slower than fp32); "
             "precision.dtype = 'bf16' is the CPU's fast half precision")
     restarts = os.environ.get("SLURM_RESTART_COUNT")
     if restarts:
         say(f"Slurm job {os.environ.get('SLURM_JOB_ID')}: restart {restarts}")
-    progress = Progress(run.start_step, max_iters, progress_bar) if main else None
     summary = {"start_step": run.start_step, "step": run.start_step, "out": str(out)}
-
-    def record(r: dict) -> None:
-        if main:
-            log.write(r)
-            if prom:
-                prom.update(r)
-            progress.train(r) if r["kind"] == "train" else progress.eval(r)
+    record = outputs.record
 
     def evaluate(step: int) -> None:
         losses = estimate_loss(run.model, run.data, cfg, run.device, amp)
@@ -421,8 +291,7 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
             dt = time.perf_counter() - t0
             time_acc, steps_acc, train_time = time_acc + dt, steps_acc + 1, train_time + dt
             done = step + 1
-            if main:
-                progress.step()
+            outputs.step()
             if done % t.log_interval == 0 or done == max_iters:
                 if dist.is_distributed():  # every rank logs at the same steps: one small allreduce
                     loss_acc = dist.allreduce(loss_acc.reshape(1), "avg")[0]
@@ -450,7 +319,7 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
             if done < max_iters and dist.any_rank(signals.received is not None):
                 path = summary["checkpoint"] if saved else str(save_checkpoint(run, done))
                 dist.barrier()
-                if main:  # for a batch script whose srun reports 143 when it killed a rank still exiting with 75
+                if dist.is_main():  # for a batch script whose srun reports 143 when it killed a rank still exiting with 75
                     atomic.write_text(out / PREEMPTED_MARKER, f"{done}\n")
                 name = signal.Signals(signals.received).name if signals.received else "a signal on another rank"
                 raise Preempted(f"stopped after step {done} on {name}; checkpoint {path} written; the same command "
@@ -461,51 +330,5 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
             summary["tokens_per_s"] = run.tokens_per_step * trained / train_time
     finally:
         signals.__exit__()
-        if main:
-            close_outputs(progress, log, prom)
+        outputs.close()
     return summary
-
-
-def close_outputs(progress, log, prom) -> None:
-    """Rank 0's progress bar, metrics log and Prometheus endpoint (None: not started)."""
-    progress.close()
-    log.close()
-    if prom:
-        prom.close()
-
-
-@contextlib.contextmanager
-def reported_by_rank0():
-    """For errors every rank meets alike (config, data, the start plan): rank 0 prints, the others exit 2."""
-    try:
-        yield
-    except HpclmError:
-        if dist.launch_env().rank != 0:
-            raise SystemExit(2) from None
-        raise
-
-
-def check_start(cfg: Config, out: Path, resume: str, force: bool) -> str:
-    """What `train` would do first, without writing anything: raises HpclmError if it could not start."""
-    data = load_dataset(cfg.data.path, cfg.data.block_size)
-    ckpt = plan_start(out, cfg, data, resume, force, lambda msg: print(msg, file=sys.stderr))
-    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise HpclmError(f"cannot write to {out}: {existing} is not a writable directory; pick another --out")
-    start = f"resume from {ckpt}" if ckpt else f"start fresh in {out}"
-    return f"hpclm train: ok: {cfg.model.arch} on {cfg.data.path} (vocabulary {data.vocab_size}); would {start}"
-
-
-def main(args) -> int:
-    with reported_by_rank0():
-        cfg = config_mod.load(args.config, args.set or [])
-    out = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem if args.config else "default")
-    if args.check:
-        print(check_start(cfg, out, args.resume or cfg.checkpoint.resume, args.force))
-        return 0
-    summary = train(cfg, out, resume=args.resume, force=args.force)
-    if dist.is_main() and summary["step"] > summary["start_step"]:
-        val = f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""
-        print(f"done: step {summary['step']}{val}, {summary['tokens_per_s']:,.0f} tokens/s over "
-              f"{summary['train_time_s']:.1f} s of training; checkpoint {summary.get('checkpoint')}")
-    return 0

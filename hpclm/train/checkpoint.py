@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from hpclm import atomic
+from hpclm.comm import dist
 from hpclm.errors import HpclmError
 
 DIRNAME = "checkpoints"
@@ -78,7 +79,6 @@ def _discard(path: Path) -> None:
 def save_from_rank0(run_dir: str | Path, step: int, make_files, keep_last: int = 3) -> Path | None:
     """Every rank enters; rank 0 builds the files (make_files()) and saves them; an OSError there stops
     every rank with the same one-line HpclmError. Returns the checkpoint's path on rank 0."""
-    import hpclm.dist as dist
     error, path = None, None
     if dist.is_main():
         try:

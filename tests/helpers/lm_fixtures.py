@@ -41,5 +41,5 @@ def tiny_config(data_dir: Path, *overrides: str) -> config.Config:
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:
-    from hpclm.metrics import read_records
+    from hpclm.train.metrics import read_records
     return [r for r in read_records(Path(run_dir) / "metrics.jsonl") if r["kind"] == kind]

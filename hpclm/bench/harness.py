@@ -1,6 +1,7 @@
 """Pieces every hpclm benchmark and probe shares (nccl-tests' habit: one harness times, checks
-and prints; each case only says what to run): sizes with K/M/G suffixes, a timing loop, the
-host description, fixed-width tables and atomic JSON/figure writing."""
+and prints; each case only says what to run): sizes with K/M/G suffixes, the timing loops (wall,
+thread CPU or CUDA-event clock; best of repeats), the host description, fixed-width tables and
+atomic JSON/figure writing."""
 from __future__ import annotations
 
 import json
@@ -53,19 +54,36 @@ def host_info(ranks: int = 1, **extra: Any) -> dict:
 
 
 def time_calls(call: Callable[[], Any], iters: int, warmup: int = 0, sync: Callable[[], Any] | None = None,
-               clock: Callable[[], float] = time.perf_counter) -> float:
+               clock: Callable[[], float] = time.perf_counter, cuda: bool = False) -> float:
     """Mean seconds per call over `iters` back-to-back calls, after `warmup` untimed ones and `sync()`.
 
     `clock=time.thread_time` counts the calling thread's CPU time instead of wall time: for single-threaded
-    work on a shared machine, the time it would take without the other tenants' preemptions."""
+    work on a shared machine, the time it would take without the other tenants' preemptions.
+    `cuda=True` times the calls between two CUDA events on the current stream (the GPU's own clock)."""
     for _ in range(warmup):
         call()
     if sync is not None:
         sync()
-    start = clock()
+    if cuda:
+        import torch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(iters):
+            call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / max(1, iters)
+    begin = clock()
     for _ in range(iters):
         call()
-    return (clock() - start) / max(1, iters)
+    return (clock() - begin) / max(1, iters)
+
+
+def best_time(call: Callable[[], Any], iters: int, repeats: int, warmup: int = 0, **timing: Any) -> float:
+    """The best of `repeats` means of `iters` calls (`warmup` untimed calls before the first): on a shared
+    machine, the steady figure. `timing`: time_calls' sync, clock or cuda."""
+    return min(time_calls(call, iters, warmup if r == 0 else 0, **timing) for r in range(max(1, repeats)))
 
 
 @dataclass(frozen=True)

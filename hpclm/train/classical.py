@@ -1,8 +1,9 @@
 """`hpclm train` for the classical baselines: n-gram counting and HMM Baum-Welch.
 
-The run directory, metrics, eval and checkpoints are the neural loop's (hpclm.trainer): OUT/config.toml,
-OUT/metrics.jsonl, OUT/checkpoints/iter_NNNNNNN/ (model.pt, state.pt, config.toml, meta.json,
-tokenizer.json) and `latest`; evals use the same seeded batches (trainer.estimate_loss). A step is
+The run directory, metrics, eval and checkpoints are those of the gradient loop: the same start
+(hpclm.train.start), outputs (RunOutputs: OUT/metrics.jsonl, progress, Prometheus), checkpoints
+(OUT/checkpoints/iter_NNNNNNN/: model.pt, state.pt, config.toml, meta.json, tokenizer.json, and
+`latest`) and evals on the same seeded batches (hpclm.evaluate.estimate_loss). A step is
 one pass over the training split: the n-gram model takes one (every order counted), the HMM one per
 EM iteration, train.max_iters at most, fewer once an iteration improves the train loss by less than
 model.em_tol.
@@ -20,15 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import hpclm.dist as dist
-from hpclm import checkpoint, config as config_mod
+from hpclm import config as config_mod
+from hpclm.comm import dist
 from hpclm.config import Config
 from hpclm.data import Dataset, load_dataset
 from hpclm.errors import HpclmError
-from hpclm.metrics import MetricsLog, Progress, Prometheus
+from hpclm.evaluate import estimate_loss
 from hpclm.models import build_model
 from hpclm.models.hmm import Counts
-from hpclm.trainer import close_outputs, estimate_loss, open_run_dir, reported_by_rank0, resolve_device
+from hpclm.train import checkpoint
+from hpclm.train.metrics import RunOutputs
+from hpclm.train.start import open_run_dir, reported_by_rank0, resolve_device
 
 STATE_FORMAT = 1
 
@@ -96,7 +99,7 @@ def save(cfg: Config, out: Path, data: Dataset, model, state: dict) -> Path:
 
 def fit(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool = False,
         progress_bar: bool | None = None) -> dict:
-    """Fit an ngram or hmm model per cfg into OUT; returns the summary hpclm.trainer.train returns."""
+    """Fit an ngram or hmm model per cfg into OUT; returns the summary the gradient loop returns."""
     out, arch = Path(out), cfg.model.arch
     main = dist.launch_env().rank == 0
     say = print if main else (lambda *a, **k: None)
@@ -117,37 +120,27 @@ def fit(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool 
         unigram = torch.bincount(torch.from_numpy(np.asarray(data.train).astype(np.int64)), minlength=data.vocab_size)
         model.randomize(unigram / unigram.sum(), torch.Generator().manual_seed(cfg.train.seed))
     max_steps = 1 if arch == "ngram" else cfg.train.max_iters
-    log = MetricsLog(out, state["step"]) if main else None
-    prom = Prometheus(cfg.metrics.prometheus_port, cfg.metrics.prometheus_host) if main and cfg.metrics.prometheus_port else None
-    progress = Progress(state["step"], max_steps, progress_bar) if main else None
+    outputs = RunOutputs(out, state["step"], max_steps, cfg.metrics, main=main, progress_bar=progress_bar)
+    message = outputs.message
     what = f"order {cfg.model.order}" if arch == "ngram" else f"{cfg.model.states} states, {max_steps} EM iterations at most"
-    say(f"hpclm train: {arch} ({what}), {dist.size()} rank(s), {device}; data {cfg.data.path} "
-        f"({data.meta['tokenizer']}, vocabulary {data.vocab_size}, {len(data.train):,} train tokens); out {out}"
-        + (f"; resumed from {ckpt}" if ckpt else ""))
+    message(f"hpclm train: {arch} ({what}), {dist.size()} rank(s), {device}; data {cfg.data.path} "
+            f"({data.meta['tokenizer']}, vocabulary {data.vocab_size}, {len(data.train):,} train tokens); out {out}"
+            + (f"; resumed from {ckpt}" if ckpt else ""))
     summary = {"start_step": state["step"], "step": state["step"], "out": str(out)}
-
-    def record(r: dict) -> None:
-        if main:
-            log.write(r)
-            if prom:
-                prom.update(r)
-            if r["kind"] == "eval":
-                progress.eval(r)
 
     def evaluate(step: int, tokens: int) -> None:
         losses = estimate_loss(model, data, cfg, device, contextlib.nullcontext())
-        record({"kind": "eval", "step": step, "tokens": tokens, **losses})
+        outputs.record({"kind": "eval", "step": step, "tokens": tokens, **losses})
         summary.update(losses)
 
-    message = progress.message if main else say
     try:
         if arch == "ngram" and state["step"]:
-            say(f"already fitted ({ckpt}): nothing to do; --resume never --force fits again")
+            message(f"already fitted ({ckpt}): nothing to do; --resume never --force fits again")
         elif converged(state, cfg):
-            say(f"EM already converged at step {state['step']} (gain {state['gain']:.2e} < model.em_tol): lower "
-                "model.em_tol to continue")
+            message(f"EM already converged at step {state['step']} (gain {state['gain']:.2e} < model.em_tol): lower "
+                    "model.em_tol to continue")
         elif state["step"] >= max_steps:
-            say(f"already at step {state['step']} (train.max_iters = {max_steps}): raise train.max_iters to continue EM")
+            message(f"already at step {state['step']} (train.max_iters = {max_steps}): raise train.max_iters to continue EM")
         train_time, tokens = 0.0, 0
         while state["step"] < max_steps and not converged(state, cfg):
             if arch == "ngram":
@@ -156,9 +149,8 @@ def fit(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool 
                 r = em_iteration(model, windows, total_tokens, cfg, state, message)
             state["step"] += 1
             step, tokens, train_time = state["step"], r["tokens"], train_time + r["step_time_s"]
-            record({"kind": "train", "step": step, **r, "ranks": dist.size()})
-            if main:
-                progress.step()
+            outputs.record({"kind": "train", "step": step, **r, "ranks": dist.size()}, show=False)  # r printed its line
+            outputs.step()
             last = step == max_steps or converged(state, cfg)
             if (cfg.train.eval_interval and step % cfg.train.eval_interval == 0) or last:
                 evaluate(step, tokens)
@@ -170,6 +162,5 @@ def fit(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool 
             summary["tokens_per_s"] = (len(data.train) if arch == "ngram" else total_tokens) \
                 * (summary["step"] - summary["start_step"]) / train_time
     finally:
-        if main:
-            close_outputs(progress, log, prom)
+        outputs.close()
     return summary

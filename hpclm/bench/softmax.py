@@ -1,6 +1,6 @@
 """`hpclm bench softmax`: hpclm's fused softmax next to torch on the same inputs, in one run.
 
-nccl-tests style: hpclm/harness.py times and prints; a case (SoftmaxCase) only says how to
+nccl-tests style: hpclm.bench.harness times and prints; a case (SoftmaxCase) only says how to
 build its inputs, how many bytes an ideal kernel moves, and which calls to time. Per case:
 forward and backward of fused_softmax; torch.softmax alone; the unfused torch composition
 `(x*scale).masked_fill(mask, -inf).softmax(-1)` and autograd's backward of it; and a copy of
@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from hpclm import native
+from hpclm.bench.harness import Column, best_time, format_table, host_info, save_figure, write_json
 from hpclm.errors import HpclmError
-from hpclm.harness import Column, format_table, host_info, save_figure, time_calls, write_json
+from hpclm.kernels.ops import fused_softmax, fused_softmax_available
 
 DEFAULT_SHAPES = "48x256x256,16x1024x1024,8x2048x2048"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -97,36 +99,11 @@ def _retain_freed_memory() -> str:
     return "system (mallopt not available)"
 
 
-def _time_cuda(call, iters, warmup):
-    """Mean seconds per call between CUDA events around `iters` back-to-back calls."""
-    for _ in range(warmup):
-        call()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        call()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters
-
-
-def _timer(device, iters, warmup, repeats, clock):
-    def once(call, warm):
-        if device == "cuda":
-            return _time_cuda(call, iters, warm)
-        return time_calls(call, iters, warmup=warm, clock=clock)
-
-    def best(call):  # best of `repeats` means: the steady figure on a shared machine
-        return min(once(call, warmup if r == 0 else 0) for r in range(repeats))
-    return best
-
-
 def run_case(case: SoftmaxCase, iters: int, warmup: int, repeats: int, gen, clock=time.perf_counter) -> dict:
-    from hpclm.ops import fused_softmax, fused_softmax_available
     x, dy, mask, torch_mask = case.inputs(gen)
     causal = case.mask == "causal"
-    best = _timer(case.device, iters, warmup, repeats, clock)
+    def best(call):
+        return best_time(call, iters, repeats, warmup, clock=clock, cuda=case.device == "cuda")
 
     def composition(t):
         return (t * SCALE).masked_fill(torch_mask, float("-inf")).softmax(-1)
@@ -198,6 +175,7 @@ def _plot(rows, path):
         ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=60, ha="right")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_title(title, fontsize=10)
+        ax.set_ylabel("speedup (x, higher is better)")
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
@@ -213,7 +191,6 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     devices, notes = ["cpu"], []
     if args.device in ("cuda", "all"):
-        from hpclm import native
         ext = native.extension()
         reason = ("hpclm._C is not built" if ext is None else "hpclm._C was built without CUDA"
                   if not ext.build_info()["with_cuda"] else None if torch.cuda.is_available()
@@ -257,24 +234,3 @@ def main(args) -> int:
     if args.plot:
         _plot(rows, args.plot)
     return 1 if failed else 0
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated AxBx...xSQxSK (default {DEFAULT_SHAPES})")
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated from fp32, bf16, fp16, fp64 (default fp32,bf16)")
-    p.add_argument("--masks", default="causal,padding", help="causal, padding or both (default both)")
-    p.add_argument("--threads", type=int, default=None, help="torch (and kernel) threads (default: torch's current count)")
-    p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
-                   help="cpu, cuda, or all (default: cpu, plus cuda rows where a GPU and a CUDA build exist)")
-    p.add_argument("-n", "--iters", type=int, default=5, help="timed calls per measurement (default 5)")
-    p.add_argument("-r", "--repeats", type=int, default=3, help="measurements per figure, the best is kept (default 3)")
-    p.add_argument("-w", "--warmup", type=int, default=2, help="untimed calls first (default 2)")
-    p.add_argument("--quick", action="store_true", help="2 calls, 1 measurement per figure (make bench)")
-    p.add_argument("--malloc", choices=("retain", "system"), default="retain",
-                   help="retain: glibc keeps freed memory for reuse (default); system: glibc defaults, where every "
-                        "large tensor is a fresh mmap whose pages fault in (each contender pays for what it allocates)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall (default), or cpu: the calling thread's CPU time, for --threads 1 on a machine shared with "
-                        "other work (preemption by other tenants does not count)")
-    p.add_argument("--json", metavar="PATH", help="also write the settings and rows as JSON")
-    p.add_argument("--plot", metavar="PNG", help="also plot the speedups (matplotlib)")

@@ -1,0 +1,161 @@
+"""hpclm's ring allreduce: C++ over MPI point-to-point (csrc/comm/ring_allreduce.cpp), zero-copy on
+numpy arrays and CPU torch tensors. Public name: hpclm.probe.ring_allreduce.
+
+    from hpclm.probe import ring_allreduce
+    ring_allreduce(grad)                            # in place, sum over MPI_COMM_WORLD
+    ring_allreduce(x, op="avg", comm=sub, out=y)    # out of place, on an mpi4py communicator
+
+mpi4py initializes MPI (hpclm never calls MPI_Init).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hpclm import native
+from hpclm.errors import HpclmError
+
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+RING_OPS = ("sum", "avg", "min", "max", "prod")
+
+
+# --- MPI and the extension ------------------------------------------------------------------
+
+def mpi():
+    """mpi4py's MPI module; importing it initializes MPI (and loads libmpi for Open MPI's plugins)."""
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise HpclmError(f"mpi4py is not usable ({e}): pip install mpi4py (scripts/setup.sh installs it)") from None
+    return MPI
+
+
+def extension():
+    """hpclm._C with its MPI part, after MPI is initialized."""
+    mpi()  # MPI must be initialized before _C touches it
+    ext = native.require()
+    if not hasattr(ext, "ring_allreduce"):
+        raise HpclmError("hpclm._C was built without MPI (CMake found no MPI library): install libopenmpi-dev "
+                         "(or load your MPI module), then rebuild with `make build`")
+    return ext
+
+
+# --- ring_allreduce: the Python entry point -------------------------------------------------
+
+@dataclass(frozen=True)
+class _Memory:
+    ptr: int
+    count: int
+    dtype: str
+    nbytes: int
+    writable: bool
+
+
+def _memory(buf, what: str) -> _Memory:
+    """Address, element count and dtype of a contiguous CPU buffer, or a ValueError/TypeError saying why not."""
+    if isinstance(buf, torch.Tensor):
+        dtype = str(buf.dtype).removeprefix("torch.")
+        if buf.device.type != "cpu":
+            raise ValueError(f"{what} is on {buf.device}: ring_allreduce reduces host memory, pass a CPU tensor")
+        if dtype not in DTYPES:
+            raise ValueError(f"{what} has dtype {dtype}: ring_allreduce supports {', '.join(DTYPES)}")
+        if not buf.is_contiguous():
+            raise ValueError(f"{what} is not contiguous: ring_allreduce works on the memory in place, "
+                             "pass .contiguous() and copy the result back")
+        return _Memory(buf.data_ptr(), buf.numel(), dtype, buf.numel() * buf.element_size(), True)
+    if isinstance(buf, np.ndarray):
+        dtype = buf.dtype.name
+        if dtype not in DTYPES:
+            raise ValueError(f"{what} has dtype {dtype}: ring_allreduce supports {', '.join(DTYPES)}")
+        if not buf.flags.c_contiguous:
+            raise ValueError(f"{what} is not C-contiguous: ring_allreduce works on the memory in place, "
+                             "pass np.ascontiguousarray(...) and copy the result back")
+        return _Memory(buf.ctypes.data, buf.size, dtype, buf.nbytes, bool(buf.flags.writeable))
+    raise TypeError(f"{what} must be a numpy array or a CPU torch tensor, not {type(buf).__name__}")
+
+
+def _positive(value, name: str):
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _plan(buf, op, out, segment_bytes, depth, threads) -> tuple[_Memory, _Memory]:
+    """Local checks of one rank's arguments: (source, destination) or a ValueError/TypeError."""
+    if op not in RING_OPS:
+        raise ValueError(f"unknown op '{op}': use one of {', '.join(RING_OPS)}")
+    _positive(segment_bytes, "segment_bytes")
+    _positive(depth, "depth")
+    _positive(threads, "threads")
+    src = _memory(buf, "buf")
+    if out is None or out is buf:
+        if not src.writable:
+            raise ValueError("buf is read-only: pass a writable array, or a writable out= for the result")
+        return src, src
+    dst = _memory(out, "out")
+    if dst.dtype != src.dtype or dst.count != src.count:
+        raise ValueError(f"out ({dst.count} x {dst.dtype}) must match buf ({src.count} x {src.dtype})")
+    if not dst.writable:
+        raise ValueError("out is read-only: pass a writable array")
+    same = dst.ptr == src.ptr and src.nbytes > 0  # empty buffers may share the null address
+    if not same and src.nbytes and dst.ptr < src.ptr + src.nbytes and src.ptr < dst.ptr + dst.nbytes:
+        raise ValueError("out overlaps buf: pass out=buf (or no out) for in place, or a separate buffer")
+    return src, (src if same else dst)
+
+
+def _agree(MPI, comm, plan, error):
+    """One small MPI_Allreduce: every rank learns whether all ranks have valid, matching arguments,
+    and all raise together (instead of some entering the ring and hanging)."""
+    rank = comm.Get_rank()
+    if plan is None:
+        local = [0, 0, 0, 0, 0, 0, rank]
+    else:
+        (src, _), op = plan
+        count, dtype_code, op_code = src.count, DTYPES.index(src.dtype), RING_OPS.index(op)
+        local = [count, -count, dtype_code, -dtype_code, op_code, -op_code, -1]
+    both = np.array(local, dtype=np.int64)
+    comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
+    if error is not None:
+        raise error
+    if both[6] >= 0:
+        raise ValueError(f"ring_allreduce: rank {both[6]} passed invalid arguments (its own error says which); "
+                         "no rank reduced anything")
+    (src, _), op = plan
+    if both[0] != -both[1]:
+        raise ValueError(f"ring_allreduce: ranks pass different element counts ({-both[1]} to {both[0]}; this rank "
+                         f"{src.count}): every rank must pass a buffer of the same size")
+    if both[2] != -both[3]:
+        raise ValueError(f"ring_allreduce: ranks pass different dtypes (this rank {src.dtype}): use one dtype everywhere")
+    if both[4] != -both[5]:
+        raise ValueError(f"ring_allreduce: ranks pass different ops (this rank '{op}'): use one op everywhere")
+
+
+def ring_allreduce(buf, op: str = "sum", comm=None, out=None, *, segment_bytes: int | None = None,
+                   depth: int | None = None, threads: int | None = None):
+    """Allreduce `buf` over the ranks of `comm` (an mpi4py intracommunicator, default COMM_WORLD)
+    with hpclm's pipelined ring, zero-copy. In place unless `out` (same size and dtype) is given;
+    returns the buffer holding the result.
+
+    buf/out: contiguous numpy arrays or CPU torch tensors of float32, float64, float16 or bfloat16
+    (half types are reduced in float32). op: sum, avg, min, max or prod. Every rank of `comm` must
+    call it; ranks first agree (one small MPI_Allreduce) that counts, dtypes and ops match and that
+    no rank's buffer is unusable, and all raise ValueError otherwise. segment_bytes / depth /
+    threads tune the pipeline (message size, segments in flight, reduction threads per rank).
+    """
+    MPI = mpi()
+    ext = extension()
+    comm = MPI.COMM_WORLD if comm is None else comm
+    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
+        raise TypeError(f"comm must be an mpi4py intracommunicator such as MPI.COMM_WORLD, not {comm!r}")
+    plan, error = None, None
+    try:
+        plan = (_plan(buf, op, out, segment_bytes, depth, threads), op)
+    except (TypeError, ValueError) as e:
+        error = e
+    _agree(MPI, comm, plan, error)
+    (src, dst), _ = plan
+    if src.count:
+        ext.ring_allreduce(src.ptr, dst.ptr, src.count, src.dtype, op, comm.py2f(),
+                           segment_bytes or ext.RING_SEGMENT_BYTES, depth or ext.RING_DEPTH, threads or 1)
+    return buf if dst is src else out

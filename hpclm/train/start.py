@@ -1,0 +1,110 @@
+"""How a training run starts: fresh or resumed, decided and checked before any training.
+
+Rank 0 looks at OUT: the checkpoint to resume (the newest complete one), whether it is the same model
+as the config asks for, and whether OUT may be written; every rank learns the decision or the one-line
+error. `hpclm train --check` runs the same checks and writes nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+import torch
+
+from hpclm import atomic, config as config_mod
+from hpclm.comm import dist
+from hpclm.config import Config
+from hpclm.data import Dataset, load_dataset
+from hpclm.errors import HpclmError
+from hpclm.models import model_signature
+from hpclm.train import checkpoint
+
+PREEMPTED_MARKER = "preempted"  # OUT/preempted: the step of the checkpoint a preempted run wrote last
+
+
+def resolve_device(name: str) -> torch.device:
+    """train.device: auto (this rank's GPU when CUDA is available, else the CPU), cpu, cuda or cuda:N."""
+    if name == "auto":
+        return torch.device(f"cuda:{dist.local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HpclmError(f"train.device = '{name}' but torch sees no CUDA device: use 'cpu' or 'auto'")
+    return device
+
+
+def _read_ckpt_signature(path: Path) -> tuple[dict, str]:
+    meta = json.loads(checkpoint.load(path, "meta.json"))
+    ckpt_cfg = config_mod.from_dict(tomllib.loads(checkpoint.load(path, "config.toml")))
+    return model_signature(ckpt_cfg, int(meta["vocab_size"])), meta.get("tokenizer_sha256", "")
+
+
+def plan_start(out: Path, cfg: Config, data: Dataset, resume: str, force: bool, warn) -> str | None:
+    """Rank 0: the checkpoint to resume from (None: start fresh), after the safety checks."""
+    if force and resume != "never":
+        raise HpclmError("--force only applies with --resume never (start over, deleting OUT's checkpoints)")
+    existing = checkpoint.listing(out)
+    if resume == "never":
+        if existing and not force:
+            raise HpclmError(f"{out} already has checkpoints (newest {existing[-1].name}): resume them (--resume auto), "
+                             "pick another --out, or start over with --resume never --force (deletes them)")
+        return None
+    ckpt = checkpoint.find_resumable(out, warn)
+    if ckpt is None:
+        return None
+    theirs, tokenizer_sha = _read_ckpt_signature(ckpt)
+    ours = model_signature(cfg, data.vocab_size)
+    diffs = [f"{k}: {theirs.get(k)} in the checkpoint, {v} now" for k, v in ours.items() if theirs.get(k) != v]
+    if not diffs and tokenizer_sha != data.meta.get("tokenizer_sha256"):
+        diffs = ["the tokenizer differs from data.path's"]
+    if diffs:
+        raise HpclmError(f"{out} holds checkpoints of a different model ({'; '.join(diffs)}): pick another --out, "
+                         "or start over with --resume never --force (deletes them)")
+    return str(ckpt)
+
+
+def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool, say) -> str | None:
+    """Every rank: rank 0 checks OUT, writes OUT/config.toml and picks the checkpoint to resume (None: fresh)."""
+    plan = None
+    if dist.is_main():
+        try:
+            ckpt = plan_start(out, cfg, data, resume, force, say)
+            out.mkdir(parents=True, exist_ok=True)
+            if force:
+                checkpoint.remove_all(out)
+            checkpoint.clean_leftovers(out)
+            (out / PREEMPTED_MARKER).unlink(missing_ok=True)
+            atomic.write_text(out / "config.toml", config_mod.to_toml(cfg, "resolved config of this run (hpclm train)"))
+            plan = {"ckpt": ckpt}
+        except (HpclmError, OSError) as e:
+            plan = {"error": str(e) if isinstance(e, HpclmError) else f"cannot write to {out}: {e}"}
+    if dist.is_distributed():
+        plan = dist.broadcast_object(plan, 0)
+    if "error" in plan:
+        raise HpclmError(plan["error"])
+    return plan["ckpt"]
+
+
+@contextlib.contextmanager
+def reported_by_rank0():
+    """For errors every rank meets alike (config, data, the start plan): rank 0 prints, the others exit 2."""
+    try:
+        yield
+    except HpclmError:
+        if dist.launch_env().rank != 0:
+            raise SystemExit(2) from None
+        raise
+
+
+def check_start(cfg: Config, out: Path, resume: str, force: bool) -> str:
+    """What `train` would do first, without writing anything: raises HpclmError if it could not start."""
+    data = load_dataset(cfg.data.path, cfg.data.block_size)
+    ckpt = plan_start(out, cfg, data, resume, force, lambda msg: print(msg, file=sys.stderr))
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise HpclmError(f"cannot write to {out}: {existing} is not a writable directory; pick another --out")
+    start = f"resume from {ckpt}" if ckpt else f"start fresh in {out}"
+    return f"hpclm train: ok: {cfg.model.arch} on {cfg.data.path} (vocabulary {data.vocab_size}); would {start}"
