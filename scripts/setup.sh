@@ -16,8 +16,8 @@ say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 has_py() { "$PY" -c "$1" >/dev/null 2>&1; }
 
-command -v "$PY" >/dev/null || die "no '$PY' on PATH; install Python >= 3.10 or set PYTHON=/path/to/python"
-has_py 'import sys; assert sys.version_info >= (3, 10)' || die "$PY is older than 3.10; set PYTHON to a newer interpreter"
+command -v "$PY" >/dev/null || die "no '$PY' on PATH; install Python >= 3.11 or set PYTHON=/path/to/python"
+has_py 'import sys; assert sys.version_info >= (3, 11)' || die "$PY is older than 3.11 (hpclm reads TOML with tomllib); set PYTHON to a newer interpreter"
 
 # 1. System packages: Open MPI (runtime + headers), a C++ compiler, and, where no Slurm is
 #    installed at all (a workstation or CI, not a cluster's login node), a local Slurm + munge
@@ -26,11 +26,20 @@ apt_pkgs=()
 command -v mpirun >/dev/null && command -v mpicc >/dev/null || apt_pkgs+=(openmpi-bin libopenmpi-dev)
 command -v g++ >/dev/null || apt_pkgs+=(g++)
 command -v sbatch >/dev/null || apt_pkgs+=(slurmctld slurmd slurm-client munge)
+# apt-get runs as root, or through sudo for a user who may use it (without a password, or asked for one
+# on this terminal).
+as_root=()
+[ "$(id -u)" = 0 ] || as_root=(sudo DEBIAN_FRONTEND=noninteractive)
+can_apt() {
+  command -v apt-get >/dev/null || return 1
+  ((${#as_root[@]} == 0)) && return 0
+  command -v sudo >/dev/null && { sudo -n true 2>/dev/null || [ -t 0 ]; }
+}
 if ((${#apt_pkgs[@]})); then
-  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    say "installing ${apt_pkgs[*]} with apt-get"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null
+  if can_apt; then
+    say "installing ${apt_pkgs[*]} with ${as_root[0]:+sudo }apt-get"
+    "${as_root[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null
   else
     die "missing ${apt_pkgs[*]}: install them (Debian/Ubuntu: 'sudo apt-get install ${apt_pkgs[*]}'; clusters: 'module load openmpi gcc'), then rerun"
   fi
