@@ -150,3 +150,27 @@ def test_cuda_required_without_nvcc_fails_at_configure(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "HPCLM_CUDA=1 but nvcc was not found" in proc.stdout + proc.stderr
+
+
+def test_make_build_rebuilds_what_a_changed_option_changes():
+    """`make build` after a change of build options installs that configuration's module, and going back
+    installs the first one's again (each configuration links its own module; the chosen one is copied)."""
+    def build(extra):
+        proc = subprocess.run(["make", "build"], cwd=REPO, env={**os.environ, **extra}, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        info = run_python(["-c", "import json, hpclm._C as C; i = C.build_info(); "
+                           "print(json.dumps([i['cxx_flags'], i['with_cuda']]))"])
+        return __import__("json").loads(info.stdout)
+
+    mark = "-DHPCLM_TEST_BUILD_OPTION"
+    other = {"HPCLM_CUDA": "0", "HPCLM_CMAKE_ARGS": f"-DCMAKE_CXX_FLAGS={mark}"}
+    default = {"HPCLM_CUDA": INFO["cuda_requested"], "HPCLM_CMAKE_ARGS": ""}
+    try:
+        for _ in range(2):  # the second round finds both configurations built and up to date
+            flags, with_cuda = build(other)
+            assert mark in flags and with_cuda is False
+            flags, with_cuda = build(default)
+            assert mark not in flags and with_cuda == INFO["with_cuda"]
+    finally:
+        build(default)
