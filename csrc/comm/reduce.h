@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <string>
 
+#include "common/dispatch.h"
 #include "common/dtype.h"
 
 namespace hpclm {
@@ -20,15 +21,9 @@ void reduce_to(void* dst, const void* a, const void* b, size_t count, DType dtyp
 // dst[i] = dst[i] / divisor, correctly rounded (the "avg" of an allreduce is sum, then this).
 void divide_by(void* dst, size_t count, DType dtype, double divisor, int threads = 1);
 
-#define HPCLM_DECLARE_REDUCE(isa)                                                                               \
-  namespace isa {                                                                                               \
-  void reduce_into(void* dst, const void* src, size_t count, DType dtype, ReduceOp op, int threads);            \
-  void reduce_to(void* dst, const void* a, const void* b, size_t count, DType dtype, ReduceOp op, int threads); \
-  void divide_by(void* dst, size_t count, DType dtype, double divisor, int threads);                           \
-  }
-HPCLM_DECLARE_REDUCE(scalar)
-HPCLM_DECLARE_REDUCE(avx2)
-HPCLM_DECLARE_REDUCE(avx512)
-#undef HPCLM_DECLARE_REDUCE
+HPCLM_DECLARE_PER_ISA(
+    void reduce_into(void* dst, const void* src, size_t count, DType dtype, ReduceOp op, int threads);
+    void reduce_to(void* dst, const void* a, const void* b, size_t count, DType dtype, ReduceOp op, int threads);
+    void divide_by(void* dst, size_t count, DType dtype, double divisor, int threads);)
 
 }  // namespace hpclm

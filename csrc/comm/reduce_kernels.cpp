@@ -1,15 +1,14 @@
 // Compiled once per ISA (CMake sets HPCLM_ISA and the matching -m flags); plain loops
 // that the compiler vectorizes for that ISA.
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 #include "comm/reduce.h"
+#include "common/simd.h"
 
 #ifdef _OPENMP
 #include <omp.h>
-#endif
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
 #endif
 
 #ifndef HPCLM_ISA
@@ -65,97 +64,39 @@ inline typename E::Storage apply(typename E::Storage a, typename E::Storage b) {
 }
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__))
-#define HPCLM_HALF_VECTORS 1
-// GCC leaves _Float16 conversions scalar and vectorizes bfloat16 rounding poorly, so half-type
-// spans convert 16 (AVX-512) or 8 (AVX2) elements at a time by hand; the tail goes element by
-// element. Same arithmetic as the scalar code: float32, rounded to nearest even once (bfloat16
-// NaNs quieted the same way as float_to_bf16).
-#if defined(__AVX512F__)
-struct Vec {
-  using V = __m512;
-  using I = __m512i;
-  static constexpr size_t lanes = 16;
-  static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static V min(V a, V b) { return _mm512_min_ps(a, b); }
-  static V max(V a, V b) { return _mm512_max_ps(a, b); }
-  static V div(V a, V b) { return _mm512_div_ps(a, b); }
-  static V set1(float x) { return _mm512_set1_ps(x); }
-  static V load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-  static void store_f16(uint16_t* p, V v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-  static V load_bf16(const uint16_t* p) {
-    I wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-  }
-  static void store_bf16(uint16_t* p, V v) {
-    I u = _mm512_castps_si512(v);
-    I lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    I rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    I quiet = _mm512_or_si512(u, _mm512_set1_epi32(0x400000));
-    I r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, quiet);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-  }
-};
-#else
-struct Vec {
-  using V = __m256;
-  using I = __m256i;
-  static constexpr size_t lanes = 8;
-  static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static V min(V a, V b) { return _mm256_min_ps(a, b); }
-  static V max(V a, V b) { return _mm256_max_ps(a, b); }
-  static V div(V a, V b) { return _mm256_div_ps(a, b); }
-  static V set1(float x) { return _mm256_set1_ps(x); }
-  static V load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-  static void store_f16(uint16_t* p, V v) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-  static V load_bf16(const uint16_t* p) {
-    I wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-  }
-  static void store_bf16(uint16_t* p, V v) {
-    I u = _mm256_castps_si256(v);
-    I lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    I rounded = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-    I quiet = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
-    V nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-    I r = _mm256_srli_epi32(_mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded),
-                                                                 _mm256_castsi256_ps(quiet), nan)), 16);
-    I packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);  // 8 x u16 in the low half
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-  }
-};
-#endif
+// GCC leaves _Float16 conversions scalar and auto-vectorizes bfloat16 rounding poorly, so half-type
+// spans go through the shared vector layer (common/simd.h), kLanesF elements at a time; the tail goes
+// element by element. Same arithmetic as the scalar code: float32, rounded to nearest even once.
+using simd::kLanesF;
+using simd::vf;
 
 template <typename E>
-inline Vec::V load_vec(const uint16_t* p) {
-  if constexpr (std::is_same_v<E, F16>) return Vec::load_f16(p);
-  else return Vec::load_bf16(p);
+inline vf load_vec(const uint16_t* p) {
+  if constexpr (std::is_same_v<E, F16>) return simd::load_f16(p);
+  else return simd::load_bf16(p);
 }
 template <typename E>
-inline void store_vec(uint16_t* p, Vec::V v) {
-  if constexpr (std::is_same_v<E, F16>) Vec::store_f16(p, v);
-  else Vec::store_bf16(p, v);
+inline void store_vec(uint16_t* p, vf v) {
+  simd::vu16 h;
+  if constexpr (std::is_same_v<E, F16>) h = simd::pack_f16(v);
+  else h = simd::pack_bf16(v);
+  std::memcpy(p, &h, sizeof h);
 }
 
-// MINPS(x, y) = x < y ? x : y, so (b, a) matches combine's b < a ? b : a (likewise MAXPS).
+// Lane by lane what combine() does for one pair (min/max: b < a ? b : a, b > a ? b : a).
 template <ReduceOp OP>
-inline Vec::V combine_vec(Vec::V a, Vec::V b) {
-  if constexpr (OP == ReduceOp::sum) return Vec::add(a, b);
-  if constexpr (OP == ReduceOp::prod) return Vec::mul(a, b);
-  if constexpr (OP == ReduceOp::min) return Vec::min(b, a);
-  if constexpr (OP == ReduceOp::max) return Vec::max(b, a);
+inline vf combine_vec(vf a, vf b) {
+  if constexpr (OP == ReduceOp::sum) return a + b;
+  if constexpr (OP == ReduceOp::prod) return a * b;
+  if constexpr (OP == ReduceOp::min) return b < a ? b : a;
+  if constexpr (OP == ReduceOp::max) return b > a ? b : a;
 }
 
 // dst[i] = a[i] op b[i] over the whole vectors of [0, n) (dst may be a); returns how far it got.
 template <ReduceOp OP, typename E>
 size_t half_reduce_vec(uint16_t* dst, const uint16_t* a, const uint16_t* b, size_t n) {
   size_t i = 0;
-  for (; i + Vec::lanes <= n; i += Vec::lanes)
+  for (; i + kLanesF <= n; i += kLanesF)
     store_vec<E>(dst + i, combine_vec<OP>(load_vec<E>(a + i), load_vec<E>(b + i)));
   return i;
 }
@@ -163,8 +104,8 @@ size_t half_reduce_vec(uint16_t* dst, const uint16_t* a, const uint16_t* b, size
 template <typename E>
 size_t half_divide_vec(uint16_t* dst, size_t n, float divisor) {
   size_t i = 0;
-  const Vec::V d = Vec::set1(divisor);
-  for (; i + Vec::lanes <= n; i += Vec::lanes) store_vec<E>(dst + i, Vec::div(load_vec<E>(dst + i), d));
+  const vf d = vf{} + divisor;
+  for (; i + kLanesF <= n; i += kLanesF) store_vec<E>(dst + i, load_vec<E>(dst + i) / d);
   return i;
 }
 #else

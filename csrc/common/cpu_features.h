@@ -1,6 +1,6 @@
 // Run-time choice among the CPU code paths compiled into _C.
 // Kernels are built once per ISA (CMake: HPCLM_ISA_SOURCES) into namespace hpclm::<isa>;
-// callers switch on selected_isa(). HPCLM_CPU_PATH=scalar|avx2|avx512 asks for a path.
+// callers reach them through HPCLM_DISPATCH (common/dispatch.h). HPCLM_CPU_PATH=scalar|avx2|avx512 asks for a path.
 #pragma once
 #include <string>
 #include <vector>

@@ -44,13 +44,18 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
+// float32 bits -> bfloat16 bits (in the low 16 bits): round to nearest even; a NaN stays NaN (quieted).
+// U is uint32_t, or a GCC vector of uint32_t (the same expression, lane by lane: common/simd.h).
+template <typename U>
+inline U bf16_bits_rounded(U u) {
+  U rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded;  // branch-free select: vectorizes
+}
+
 inline uint16_t float_to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
-  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
-  uint32_t quiet_nan = (u >> 16) | 0x40u;
-  // Branch-free select so that loops over it vectorize.
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+  return static_cast<uint16_t>(bf16_bits_rounded(u));
 }
 
 // IEEE binary16 via the compiler's _Float16 (F16C instructions where the ISA has them).

@@ -3,7 +3,6 @@
 #include <stdexcept>
 #include <string>
 
-#include "common/cpu_features.h"
 
 namespace hpclm {
 
@@ -27,30 +26,14 @@ void softmax_forward(const SoftmaxForward& a, int threads) {
   check_softmax_shape(a.shape);
   check_pointers({a.x, a.y}, a.shape);
   if (threads < 1) threads = 1;
-  switch (selected_isa()) {
-#ifdef HPCLM_WITH_AVX512
-    case Isa::avx512: return avx512::softmax_forward(a, threads);
-#endif
-#ifdef HPCLM_WITH_AVX2
-    case Isa::avx2: return avx2::softmax_forward(a, threads);
-#endif
-    default: return scalar::softmax_forward(a, threads);
-  }
+  HPCLM_DISPATCH(softmax_forward(a, threads))
 }
 
 void softmax_backward(const SoftmaxBackward& a, int threads) {
   check_softmax_shape(a.shape);
   check_pointers({a.y, a.dy, a.dx}, a.shape);
   if (threads < 1) threads = 1;
-  switch (selected_isa()) {
-#ifdef HPCLM_WITH_AVX512
-    case Isa::avx512: return avx512::softmax_backward(a, threads);
-#endif
-#ifdef HPCLM_WITH_AVX2
-    case Isa::avx2: return avx2::softmax_backward(a, threads);
-#endif
-    default: return scalar::softmax_backward(a, threads);
-  }
+  HPCLM_DISPATCH(softmax_backward(a, threads))
 }
 
 }  // namespace hpclm

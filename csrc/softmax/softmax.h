@@ -9,6 +9,7 @@
 #pragma once
 #include <cstdint>
 
+#include "common/dispatch.h"
 #include "common/dtype.h"
 
 #if defined(__CUDACC__)
@@ -72,15 +73,9 @@ void check_softmax_shape(const SoftmaxShape& s);
 void softmax_forward(const SoftmaxForward& args, int threads);
 void softmax_backward(const SoftmaxBackward& args, int threads);
 
-#define HPCLM_DECLARE_SOFTMAX(isa)                                  \
-  namespace isa {                                                   \
-  void softmax_forward(const SoftmaxForward& args, int threads);    \
-  void softmax_backward(const SoftmaxBackward& args, int threads);  \
-  }
-HPCLM_DECLARE_SOFTMAX(scalar)
-HPCLM_DECLARE_SOFTMAX(avx2)
-HPCLM_DECLARE_SOFTMAX(avx512)
-#undef HPCLM_DECLARE_SOFTMAX
+HPCLM_DECLARE_PER_ISA(
+    void softmax_forward(const SoftmaxForward& args, int threads);
+    void softmax_backward(const SoftmaxBackward& args, int threads);)
 
 // CUDA (built with HPCLM_WITH_CUDA): runs on `device` in the cudaStream_t given as an integer
 // (torch.cuda.current_stream().cuda_stream); asynchronous. Throws std::runtime_error on a CUDA error.

@@ -1,7 +1,6 @@
 // Softmax CPU kernels, compiled once per ISA (CMake sets HPCLM_ISA and its -m flags).
-// One source serves every path: GCC/Clang vector extensions sized to the ISA's registers
-// (64 bytes AVX-512, 32 AVX2, 16 portable), a Cephes-style vectorized exp, and F16C
-// intrinsics for float16 where the ISA has them.
+// One source serves every path: the vector types and half-precision conversions of common/simd.h
+// (GCC vector extensions sized to the ISA's registers) and a Cephes-style vectorized exp.
 //
 // Forward, per row (keys [0, n) visible; n < sk only for causal rows):
 //   pass 1 reads x once: per lane an online max and the sum of exp rescaled when the max grows
@@ -19,11 +18,8 @@
 #include <omp.h>
 #endif
 
+#include "common/simd.h"
 #include "softmax/softmax.h"
-
-#if defined(__AVX512F__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
 
 #ifndef HPCLM_ISA
 #error "compile this file through CMake's per-ISA object libraries"
@@ -33,33 +29,19 @@ namespace hpclm {
 namespace HPCLM_ISA {
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kVecBytes = 64;
-#elif defined(__AVX2__)
-constexpr int kVecBytes = 32;
-#else
-constexpr int kVecBytes = 16;
-#endif
-constexpr int kLanesF = kVecBytes / 4;
+using simd::bitcast;
+using simd::kLanesF;
+using simd::kVecBytes;
+using simd::vd;
+using simd::vf;
+using simd::vi32;
+using simd::vi64;
+using simd::vu16;
+using simd::vu32;
 // Outputs larger than this are written with non-temporal stores (see Rows::stream_output).
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 // Causal rows prefetch the row this many rows ahead.
 constexpr int64_t kPrefetchRows = 2;
-
-typedef float vf __attribute__((vector_size(kVecBytes)));
-typedef int32_t vi32 __attribute__((vector_size(kVecBytes)));
-typedef uint32_t vu32 __attribute__((vector_size(kVecBytes)));
-typedef double vd __attribute__((vector_size(kVecBytes)));
-typedef int64_t vi64 __attribute__((vector_size(kVecBytes)));
-typedef uint16_t vu16 __attribute__((vector_size(kVecBytes / 2)));
-
-template <typename To, typename From>
-inline To bitcast(const From& f) {
-  static_assert(sizeof(To) == sizeof(From), "bitcast between types of one size");
-  To t;
-  std::memcpy(&t, &f, sizeof t);
-  return t;
-}
 
 // Storage tags for the two 16-bit types (both are raw uint16_t in memory).
 struct F16 {
@@ -229,18 +211,8 @@ template <>
 struct Io<BF16> {
   using E = float;
   using V = vf;
-  static V load(const BF16* p) {
-    vu16 h;
-    std::memcpy(&h, p, sizeof h);
-    vu32 u = __builtin_convertvector(h, vu32) << 16;
-    return bitcast<V>(u);
-  }
-  static vu16 pack(V v) {  // round to nearest even, NaN stays NaN (as float_to_bf16)
-    vu32 u = bitcast<vu32>(v);
-    vu32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    vu32 r = (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded;
-    return __builtin_convertvector(r, vu16);
-  }
+  static V load(const BF16* p) { return simd::load_bf16(&p->bits); }
+  static vu16 pack(V v) { return simd::pack_bf16(v); }
   static E load1(const BF16* p) { return bf16_to_float(p->bits); }
   static void store1(BF16* p, E v) { p->bits = float_to_bf16(v); }
 };
@@ -249,28 +221,8 @@ template <>
 struct Io<F16> {
   using E = float;
   using V = vf;
-  static V load(const F16* p) {
-#if defined(__AVX512F__)
-    return bitcast<V>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
-#elif defined(__F16C__) && defined(__AVX__)
-    return bitcast<V>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#else
-    V v;
-    for (int i = 0; i < kLanesF; ++i) v[i] = f16_to_float(p[i].bits);
-    return v;
-#endif
-  }
-  static vu16 pack(V v) {
-#if defined(__AVX512F__)
-    return bitcast<vu16>(_mm512_cvtps_ph(bitcast<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#elif defined(__F16C__) && defined(__AVX__)
-    return bitcast<vu16>(_mm256_cvtps_ph(bitcast<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#else
-    vu16 h;
-    for (int i = 0; i < kLanesF; ++i) h[i] = float_to_f16(v[i]);
-    return h;
-#endif
-  }
+  static V load(const F16* p) { return simd::load_f16(&p->bits); }
+  static vu16 pack(V v) { return simd::pack_f16(v); }
   static E load1(const F16* p) { return f16_to_float(p->bits); }
   static void store1(F16* p, E v) { p->bits = float_to_f16(v); }
 };
