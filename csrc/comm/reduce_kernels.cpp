@@ -11,10 +11,6 @@
 #include <omp.h>
 #endif
 
-#ifndef HPCLM_ISA
-#error "compile this file through CMake's per-ISA object libraries"
-#endif
-
 namespace hpclm {
 namespace HPCLM_ISA {
 namespace {
@@ -42,6 +38,7 @@ struct BF16 {
 
 constexpr size_t kParallelMin = size_t(1) << 16;  // below this, threads cost more than they save
 
+// One op on two values, or lane by lane on two vectors (GCC vector extensions take the same expressions).
 template <ReduceOp OP, typename T>
 inline T combine(T a, T b) {
   if constexpr (OP == ReduceOp::sum) return a + b;
@@ -83,21 +80,12 @@ inline void store_vec(uint16_t* p, vf v) {
   std::memcpy(p, &h, sizeof h);
 }
 
-// Lane by lane what combine() does for one pair (min/max: b < a ? b : a, b > a ? b : a).
-template <ReduceOp OP>
-inline vf combine_vec(vf a, vf b) {
-  if constexpr (OP == ReduceOp::sum) return a + b;
-  if constexpr (OP == ReduceOp::prod) return a * b;
-  if constexpr (OP == ReduceOp::min) return b < a ? b : a;
-  if constexpr (OP == ReduceOp::max) return b > a ? b : a;
-}
-
 // dst[i] = a[i] op b[i] over the whole vectors of [0, n) (dst may be a); returns how far it got.
 template <ReduceOp OP, typename E>
 size_t half_reduce_vec(uint16_t* dst, const uint16_t* a, const uint16_t* b, size_t n) {
   size_t i = 0;
   for (; i + kLanesF <= n; i += kLanesF)
-    store_vec<E>(dst + i, combine_vec<OP>(load_vec<E>(a + i), load_vec<E>(b + i)));
+    store_vec<E>(dst + i, combine<OP>(load_vec<E>(a + i), load_vec<E>(b + i)));  // lane by lane
   return i;
 }
 

@@ -21,10 +21,6 @@
 #include "common/simd.h"
 #include "softmax/softmax.h"
 
-#ifndef HPCLM_ISA
-#error "compile this file through CMake's per-ISA object libraries"
-#endif
-
 namespace hpclm {
 namespace HPCLM_ISA {
 namespace {
