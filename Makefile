@@ -44,7 +44,7 @@ bench: bench-softmax
 bench-softmax: setup
 	$(PYTHON) benchmarks/softmax.py --quick --threads 1 --json runs/bench/softmax.json --plot runs/bench/softmax.png
 
-# Data-parallel scaling (issue 6): tokens/s per ranks x threads and precision, allreduce share,
+# Data-parallel scaling: tokens/s per ranks x threads and precision, allreduce share,
 # time to val loss 1.88; --quick: a few iterations per cell (the full run: python benchmarks/train_scaling.py).
 .PHONY: bench-scaling
 bench: bench-scaling

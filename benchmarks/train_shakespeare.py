@@ -1,7 +1,7 @@
 """hpclm train vs a plain PyTorch loop on nanoGPT's documented CPU run of Tiny Shakespeare.
 
 Goal: with configs/shakespeare-char.toml, one process, the val loss at iteration 2000
-is no worse than 1.89 (nanoGPT's own script measured on this machine: 1.886), and hpclm's
+is no worse than 1.89 (nanoGPT's own script at seed 1337: 1.886), and hpclm's
 training throughput is at least that of a plain PyTorch loop over the same model, measured in
 the same run. The peer is nanoGPT's train.py loop reduced to its essentials, making its random
 draws in nanoGPT's order (seed, model init, first batch, evals and batches from the global torch

@@ -70,7 +70,7 @@ if ((${#py_pkgs[@]})); then
   "${PIP[@]}" "${py_pkgs[@]}"
 fi
 
-# 4. Horovod with MPI and PyTorch (C++17 wrapper: ../shared/notes/horovod-build.md).
+# 4. Horovod with MPI and PyTorch, compiled through scripts/cxx17 (Horovod asks for C++14, torch's headers need C++17).
 horovod_ok='import horovod.torch as hvd; assert hvd.mpi_built()'
 if [ "${HPCLM_SETUP_SKIP_HOROVOD:-0}" = 1 ]; then
   say "skipping Horovod (HPCLM_SETUP_SKIP_HOROVOD=1)"

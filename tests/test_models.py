@@ -75,7 +75,7 @@ def test_gpt_one_step_gradient_matches_float64_reference(softmax, bias):
 
 
 def test_sdpa_under_cpu_bf16_autocast_runs_in_fp32(monkeypatch):
-    """CPU autocast would run SDPA in bf16, whose backward is ~5x slower there: the model keeps it in fp32."""
+    """CPU autocast would run SDPA in bf16, whose CPU backward is several times slower: the model keeps it in fp32."""
     import hpclm.models.gpt as gpt
     seen = []
     real = gpt.F.scaled_dot_product_attention

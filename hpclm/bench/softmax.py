@@ -87,7 +87,7 @@ def _retain_freed_memory() -> str:
     """glibc: keep freed blocks for reuse instead of returning them to the kernel (no mmap, no trim).
 
     Without it every large tensor torch allocates is a fresh mmap whose pages fault in on first
-    touch, which costs more than the kernels measured here (fused and torch alike).
+    touch, which costs more than the kernels this benchmark times (fused and torch alike).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -195,7 +195,7 @@ def init(*, fusion_threshold_mb: float | None = None, cycle_time_ms: float | Non
 
     mpi_yield_when_idle: Horovod's background thread waits inside MPI on the core of the rank's compute
     thread; Open MPI busy-polls unless told to yield, which takes up to half that core whenever the ranks
-    fill the cores (2 ranks on 2 cores: 96 -> 67 ms per shakespeare-char step). An OMPI_MCA_mpi_yield_when_idle
+    fill the cores (README: Data-parallel training has the figures). An OMPI_MCA_mpi_yield_when_idle
     already in the environment wins."""
     global _backend
     if _backend is not None:

@@ -3,8 +3,8 @@ pre-LayerNorm blocks, learned positions, GELU MLP, tied input/output embeddings,
 
 `softmax` picks the attention softmax: "fused" (hpclm.ops.fused_softmax), "torch" (explicit
 scale + causal mask + softmax, nanoGPT's slow path), "sdpa" (torch's scaled_dot_product_attention),
-or "auto": per call, fused under CPU autocast (bf16/fp16), where it was the fastest here at blocks 64
-and 256, else sdpa (fastest in fp32 at block 64); sdpa too when this build has no fused kernel.
+or "auto": per call, fused under CPU autocast (bf16/fp16), else sdpa (the faster of the two in each
+case on the CPUs measured: README, Fused softmax); sdpa too when this build has no fused kernel.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class CausalSelfAttention(nn.Module):
         if mode == "sdpa":
             dropout_p = self.dropout if self.training else 0.0
             if cpu_autocast:
-                # CPU autocast runs SDPA in bf16, whose flash-attention backward is ~5x slower than fp32's here
+                # CPU autocast runs SDPA in bf16, whose CPU flash-attention backward is several times slower than fp32's
                 with torch.autocast("cpu", enabled=False):
                     y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True)
                 y = y.to(q.dtype)

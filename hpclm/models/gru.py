@@ -1,4 +1,4 @@
-"""The design brief's recurrent model: Embedding(vocab, 100) -> GRU(128) -> Linear(vocab)."""
+"""A recurrent language model: Embedding(vocab, 100) -> GRU(128) -> Linear(vocab) (the defaults of configs/gru.toml)."""
 from __future__ import annotations
 
 import torch.nn as nn

@@ -1,8 +1,7 @@
 """A real single-node Slurm cluster (munge + slurmctld + slurmd) on localhost, for tests.
 
 Everything lives under one temporary directory, on free ports; clients find it through
-SLURM_CONF; stop() cancels jobs and kills the daemons by PID. Facts behind each setting:
-../shared/notes/slurm-local.md.
+SLURM_CONF; stop() cancels jobs and kills the daemons by PID.
 """
 from __future__ import annotations
 
