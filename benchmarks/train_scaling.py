@@ -275,39 +275,54 @@ def nanogpt_peer(args, data_dir: Path) -> dict:
             "threads": int(env["OMP_NUM_THREADS"])}
 
 
-def plot(result: dict, path: Path) -> None:
+def figure(result: dict):
+    """Tokens/s bars per model (one bar per layout that ran) and val loss against wall time to the target."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for ax, model in zip(axes, MODELS):
         rows = [r for r in result["rows"] if r["model"] == model]
+        ax.set_title(model)
+        if not rows:
+            ax.text(0.5, 0.5, "not run (--models)", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
         dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
-        width = 0.8 / len(LAYOUTS)
-        for i, layout in enumerate(LAYOUTS):
+        layouts = [name for name in LAYOUTS if any(r["layout"] == name for r in rows)]
+        width = 0.8 / len(layouts)
+        for i, layout in enumerate(layouts):
             vals = [next((r["tokens_per_s"] for r in rows if r["dtype"] == d and r["layout"] == layout), 0) for d in dtypes]
             ax.bar([j + i * width for j in range(len(dtypes))], vals, width, label=f"{layout} (ranks x threads)")
-        ax.set_xticks([j + width for j in range(len(dtypes))], dtypes)
-        ax.set_title(model)
+        ax.set_xticks([j + width * (len(layouts) - 1) / 2 for j in range(len(dtypes))], dtypes)
         ax.set_ylabel("tokens/s (all ranks)")
         ax.legend(fontsize=8)
     ax = axes[2]
     target = result.get("time_to_target")
+    losses = [TARGET_VAL]
     if target and target["evals"]:
+        losses += [e["val_loss"] for e in target["evals"]]
         ax.plot([e["wall_s"] for e in target["evals"]], [e["val_loss"] for e in target["evals"]], "o-",
                 label=f"hpclm {target['dtype']} {target['layout']}")
     if target and target.get("nanogpt_here"):
         ax.axvline(target["nanogpt_here"]["wall_s"], color="orange", ls=":",
                    label=f"nanoGPT replayed here {target['nanogpt_here']['wall_s']:.0f} s")
     ax.axhline(TARGET_VAL, color="gray", ls="--", label=f"val loss {TARGET_VAL}")
-    ax.axvline(NANOGPT_SECONDS, color="red", ls=":", label=f"nanoGPT {NANOGPT_SECONDS} s")
+    ax.axvline(NANOGPT_SECONDS, color="red", ls=":", label=f"nanoGPT {NANOGPT_SECONDS} s (reference)")
     ax.axvline(GOALS["time_to_target_ratio_max"] * NANOGPT_SECONDS, color="green", ls=":", label="goal 0.6x")
-    ax.set_ylim(1.4, 3.0)
+    ax.set_ylim(min(losses) - 0.1, max(losses) + 0.1)  # every eval and the target line in view
     ax.set_xlabel("wall time since launch (s)")
     ax.set_ylabel("val loss")
-    ax.set_title("time to val loss 1.88, shakespeare-char")
+    ax.set_title(f"time to val loss {TARGET_VAL}, shakespeare-char")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig = figure(result)
     harness.save_figure(fig, path, dpi=110)
     plt.close(fig)
 

@@ -1,5 +1,6 @@
 """The training benchmarks run end to end on a few iterations and compare what they claim to compare."""
 import json
+import sys
 
 import pytest
 
@@ -61,6 +62,15 @@ def test_train_scaling_measures_cells_ratios_and_the_allreduce_share(tmp_path):
     assert target["reached"] is False and target["met"] is False and target["evals"], target
     assert target["best_val_loss"] == min(e["val_loss"] for e in target["evals"]) > 1.88
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    # the plot shows what ran: legends name the layouts run, the loss panel holds every eval
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import train_scaling
+    fig = train_scaling.figure(doc)
+    small, large, loss = fig.axes
+    assert [t.get_text() for t in small.get_legend().get_texts()] == ["1x1 (ranks x threads)", "2x1 (ranks x threads)"]
+    assert large.get_legend() is None and "not run" in large.texts[0].get_text()
+    low, high = loss.get_ylim()
+    assert all(low < e["val_loss"] < high for e in target["evals"]) and low < 1.88 < high
 
 
 def test_reduce_benchmark_times_every_cpu_path_against_numpy(tmp_path):
@@ -79,3 +89,39 @@ def test_reduce_benchmark_times_every_cpu_path_against_numpy(tmp_path):
             assert r["speedup"] == pytest.approx(numpy_ms / r["time_ms"])
             assert r["gbps"] == pytest.approx(3 * 0.25 * 2**20 / (r["time_ms"] / 1e3) / 1e9)
     assert doc["host"]["threads"] == 1 and doc["host"]["cores"] >= 1
+
+
+def test_softmax_benchmark_checks_and_derives_its_ratios(tmp_path):
+    out, png = tmp_path / "softmax.json", tmp_path / "softmax.png"
+    proc = run_python([str(REPO / "benchmarks" / "softmax.py"), "--shapes", "2x3x40x40,1x2x8x300", "--dtypes", "fp32,bf16",
+                       "--quick", "--threads", "1", "--json", str(out), "--plot", str(png)], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert [(r["shape"], r["dtype"], r["mask"]) for r in rows if r["device"] == "cpu"] == [
+        (shape, dtype, mask) for shape in ([2, 3, 40, 40], [1, 2, 8, 300]) for dtype in ("fp32", "bf16")
+        for mask in ("causal", "padding")]
+    for r in rows:
+        assert r["check"] == "ok" and r["kernel"] == "hpclm"
+        assert r["fwd_speedup_vs_composition"] == pytest.approx(r["composition_fwd_ms"] / r["fused_fwd_ms"])
+        assert r["bwd_speedup_vs_autograd"] == pytest.approx(r["composition_bwd_ms"] / r["fused_bwd_ms"])
+        assert r["fwd_fraction_of_copy"] == pytest.approx(r["fused_fwd_GBps"] / r["copy_GBps"])
+    assert doc["host"]["threads"] == 1 and doc["settings"]["iters"] == 2  # --quick
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    bad = run_python([str(REPO / "benchmarks" / "softmax.py"), "--shapes", "4x0x8"])
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--shapes" in bad.stderr
+
+
+@requires_shakespeare
+def test_baselines_benchmark_scores_its_rows_like_hpclm_eval(tmp_path):
+    out = tmp_path / "baselines.json"
+    proc = run_python([str(REPO / "benchmarks" / "baselines.py"), "--data", str(tmp_path / "data"), "--source",
+                       str(SHAKESPEARE), "--out", str(tmp_path / "runs"), "--json", str(out), "--rows", "ngram-3",
+                       "--threads", "1"], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["name"] == "ngram-3" and row["steps"] == 1 and row["val_tokens"] > 100_000
+    assert f"wrote {out}" in proc.stdout and f"| ngram-3 | {row['val_loss']:.4f} |" in proc.stdout
+    scored = run_python(["-m", "hpclm", "eval", "--ckpt", str(tmp_path / "runs" / "ngram-3")])
+    assert scored.returncode == 0, scored.stderr
+    assert f"val loss {row['val_loss']:.4f}" in scored.stdout  # the row's figure is what hpclm eval prints
