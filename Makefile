@@ -4,7 +4,8 @@ NP ?= 2
 MPIRUN ?= mpirun $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)
 export PYTHON
 
-.PHONY: setup build demo test bench bench-allreduce info clean
+.PHONY: setup build demo test bench bench-full bench-softmax bench-reduce bench-allreduce bench-scaling \
+	bench-scaling-full bench-shakespeare info clean
 
 setup:
 	bash scripts/setup.sh
@@ -23,30 +24,39 @@ demo: setup
 test: setup
 	$(PYTHON) -m pytest -q tests
 
-bench: setup bench-allreduce
-	$(PYTHON) benchmarks/reduce.py --json runs/bench/reduce.json
-	$(PYTHON) benchmarks/train_shakespeare.py --json runs/bench/train_shakespeare.json
+# The quick benchmarks (a few minutes in all): the kernels against their peers, the allreduce probe and a
+# short scaling run; each writes runs/bench/NAME.json (and a PNG). Exit code 1: a result was wrong.
+bench: bench-softmax bench-reduce bench-allreduce bench-scaling
+
+# The long studies (tens of minutes each): nanoGPT's CPU run against a plain loop, and every scaling cell.
+bench-full: bench-shakespeare bench-scaling-full
+
+# Fused softmax vs torch, 1 thread, short setting: 2 calls per figure.
+bench-softmax: setup
+	$(PYTHON) -m hpclm bench softmax --quick --threads 1 --json runs/bench/softmax.json --plot runs/bench/softmax.png
+
+# The ring's reduce kernel on every CPU path vs numpy.
+bench-reduce: setup
+	$(PYTHON) -m hpclm bench reduce --json runs/bench/reduce.json
 
 # Ring allreduce vs MPI_Allreduce vs Horovod vs sendrecv on $(NP) ranks, 64 KiB-16 MiB: enough small sizes to fit the latency.
 bench-allreduce: setup
 	$(MPIRUN) -np $(NP) $(PYTHON) -m hpclm probe allreduce -b 64K -e 16M -f 4 -n 10 -w 2 \
 		--json runs/bench/allreduce.json --plot runs/bench/allreduce.png
 
+# Data-parallel scaling, a few iterations per cell (tokens/s per ranks x threads and precision, allreduce share).
+bench-scaling: setup
+	$(PYTHON) benchmarks/train_scaling.py --quick --json runs/bench/train_scaling.json --plot runs/bench/train_scaling.png
+
+bench-scaling-full: setup
+	$(PYTHON) benchmarks/train_scaling.py --json runs/bench/train_scaling.json --plot runs/bench/train_scaling.png
+
+# hpclm train vs a plain PyTorch loop on nanoGPT's documented CPU run (val loss at 2000 steps, tokens/s).
+bench-shakespeare: setup
+	$(PYTHON) benchmarks/train_shakespeare.py --json runs/bench/train_shakespeare.json
+
 info:
 	$(PYTHON) -m hpclm info
 
 clean:
 	rm -rf build dist *.egg-info hpclm/_C*.so
-
-# Fused softmax vs torch (hpclm bench softmax), 1 thread, short setting: 2 calls per figure.
-.PHONY: bench-softmax
-bench: bench-softmax
-bench-softmax: setup
-	$(PYTHON) benchmarks/softmax.py --quick --threads 1 --json runs/bench/softmax.json --plot runs/bench/softmax.png
-
-# Data-parallel scaling: tokens/s per ranks x threads and precision, allreduce share,
-# time to val loss 1.88; --quick: a few iterations per cell (the full run: python benchmarks/train_scaling.py).
-.PHONY: bench-scaling
-bench: bench-scaling
-bench-scaling: setup
-	$(PYTHON) benchmarks/train_scaling.py --quick --json runs/bench/train_scaling.json --plot runs/bench/train_scaling.png
