@@ -110,7 +110,7 @@ def test_corrupt_latest_checkpoint_warns_and_resumes_from_previous(shakespeare_d
     model.write_bytes(model.read_bytes()[:100])
     summary = _train(shakespeare_dir, out, "train.max_iters=30", "checkpoint.every_iters=10", "train.eval_interval=0")
     assert summary["start_step"] == 10
-    assert "iter_0000020 is incomplete or corrupt (model.pt has 100 bytes" in capsys.readouterr().out
+    assert "iter_0000020 is incomplete or corrupt (model.pt has 100 bytes" in capsys.readouterr().err  # a warning: stderr
     assert [r["step"] for r in records(out, "train")] == list(range(1, 31))  # the redone steps replace the old records
 
 

@@ -54,9 +54,15 @@ def load_dataset(path: str | Path, block_size: int | None = None, *, check_token
     try:
         meta = json.loads((path / META).read_text())
         dtype = np.dtype(meta["dtype"])
-        vocab = int(meta["vocab_size"])
+        vocab = meta["vocab_size"]
+        if not isinstance(vocab, int) or isinstance(vocab, bool) or not 1 <= vocab <= 2**32:
+            raise ValueError(f"vocab_size {vocab!r} is not a whole number of tokens from 1 to 2**32")
     except (ValueError, KeyError, TypeError) as e:
         raise HpclmError(f"{path / META} is unreadable ({e}): prepare the data again with --force") from None
+    tokenizer = tokenizers.load(path)  # one line if it is missing or does not parse
+    if tokenizer.vocab_size != vocab:
+        raise HpclmError(f"{path / META} says vocab_size {vocab} but {path / tokenizers.FILENAME} has "
+                         f"{tokenizer.vocab_size} tokens: prepare the data again with --force")
     splits = {}
     for name in ("train", "val"):
         f = path / f"{name}.bin"

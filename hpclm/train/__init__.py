@@ -17,19 +17,24 @@ def train(cfg, out: str | Path, *, resume: str | None = None, force: bool = Fals
     """Train (or fit) the model of cfg into OUT by the method its arch uses; returns a summary (final step,
     losses, throughput, checkpoint). resume: auto/never (default: checkpoint.resume); force: with never,
     delete OUT's checkpoints first."""
+    from hpclm.comm.dist import reported_by_rank0
     from hpclm.models import ARCHS
     if ARCHS[cfg.model.arch].fitted_by == "gradient":
         from hpclm.train.loop import train as run
     else:
         from hpclm.train.classical import fit as run
-    return run(cfg, out, resume=resume, force=force, progress_bar=progress_bar)
+    # every error the drivers raise is met alike by all ranks (agreed in a collective or broadcast from
+    # rank 0): it is printed once
+    with reported_by_rank0():
+        return run(cfg, out, resume=resume, force=force, progress_bar=progress_bar)
 
 
 def main(args) -> int:
     """`hpclm train`."""
     from hpclm import config
     from hpclm.comm import dist
-    from hpclm.train.start import check_start, reported_by_rank0
+    from hpclm.comm.dist import reported_by_rank0
+    from hpclm.train.start import check_start
     with reported_by_rank0():
         cfg = config.load(args.config, args.set or [])
     out = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem if args.config else "default")

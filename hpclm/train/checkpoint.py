@@ -5,9 +5,13 @@ SHA-256 of each file) is written last, the folder is renamed to iter_NNNNNNN, th
 iteration number) is replaced atomically, and only then are old checkpoints pruned. A process
 killed at any point leaves `latest` naming a complete checkpoint.
 
-Reading: a checkpoint is used only when every file matches its manifest; a truncated or corrupt
-`latest` is renamed to iter_NNNNNNN.corrupt and the newest complete one before it is used instead.
-Tensor files hold only tensors and plain containers: they load with torch.load(weights_only=True).
+Nothing non-finite is written: the drivers check weights and optimizer state first (non_finite), so
+every checkpoint on disk, and the one `latest` names in particular, is one training can go on from.
+
+Reading: a checkpoint is used only when its manifest is well formed, every file matches it, and every
+file parses (tensors through torch.load(weights_only=True), config, meta, tokenizer); a truncated or
+corrupt `latest` is renamed to iter_NNNNNNN.corrupt and the newest good one before it is used instead.
+A run directory that had checkpoints but has none usable left is an error, never a fresh start.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import os
 import re
 import shutil
 import sys
+import tomllib
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,13 +82,34 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def non_finite(named: dict) -> list[str]:
+    """Names of the floating-point tensors in named (nested dicts, lists and tuples) holding inf or NaN."""
+    bad = []
+
+    def walk(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+                bad.append(prefix)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(f"{prefix}.{i}", v)
+    walk("", named)
+    return bad
+
+
 def save_from_rank0(run_dir: str | Path, step: int, make_files, keep_last: int = 3) -> Path | None:
-    """Every rank enters; rank 0 builds the files (make_files()) and saves them; an OSError there stops
-    every rank with the same one-line HpclmError. Returns the checkpoint's path on rank 0."""
+    """Every rank enters; rank 0 builds the files (make_files(), which may refuse with an HpclmError) and
+    saves them; an error there stops every rank with the same one line. Returns the checkpoint's path on
+    rank 0."""
     error, path = None, None
     if dist.is_main():
         try:
             path = save(run_dir, step, make_files(), keep_last)
+        except HpclmError as e:
+            error = str(e)
         except OSError as e:
             error = f"cannot write checkpoint {name(step)} in {run_dir}: {e}"
     if dist.is_distributed():
@@ -100,13 +127,17 @@ def save(run_dir: str | Path, step: int, files: dict[str, bytes | str], keep_las
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    manifest = {"step": step, "files": {}}
-    for fname, content in files.items():
-        data = content.encode("utf-8") if isinstance(content, str) else content
-        _write(tmp / fname, data)
-        manifest["files"][fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    _write(tmp / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
-    atomic.fsync(tmp)
+    try:
+        manifest = {"step": step, "files": {}}
+        for fname, content in files.items():
+            data = content.encode("utf-8") if isinstance(content, str) else content
+            _write(tmp / fname, data)
+            manifest["files"][fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        _write(tmp / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+        atomic.fsync(tmp)
+    except BaseException:  # a full disk, an I/O error: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = r / name(step)
     if final.exists():  # e.g. a step redone after falling back from a corrupt checkpoint
         aside = r / f".old-{final.name}-{os.getpid()}"
@@ -150,16 +181,58 @@ def read_latest(run_dir: str | Path) -> int | None:
         return None
 
 
+def _manifest_problem(manifest) -> str | None:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not manifest["files"]:
+        return "manifest.json lists no files"
+    for fname, want in manifest["files"].items():
+        if (not isinstance(fname, str) or "/" in fname or fname in ("", ".", "..") or not isinstance(want, dict)
+                or not isinstance(want.get("bytes"), int) or not isinstance(want.get("sha256"), str)):
+            return f"manifest.json has a malformed entry for {fname!r}"
+    return None
+
+
+def _content_problem(fname: str, data: bytes, parsed: dict) -> str | None:
+    """Why one file of a checkpoint does not parse as what its name says (None: it does)."""
+    try:
+        if fname.endswith(".pt"):
+            with warnings.catch_warnings():  # torch warns about the pickle protocol of what it then refuses
+                warnings.simplefilter("ignore")
+                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        elif fname == "config.toml":
+            from hpclm import config
+            config.from_dict(tomllib.loads(data.decode("utf-8")))
+        elif fname == "tokenizer.json":
+            from hpclm.data import tokenizers
+            parsed["tokenizer"] = tokenizers.from_json(data.decode("utf-8"))
+        elif fname == "meta.json":
+            meta = json.loads(data)
+            vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+            if not isinstance(vocab, int) or isinstance(vocab, bool) or not 1 <= vocab <= 2**32:
+                return f"meta.json has no valid vocab_size (got {vocab!r})"
+            parsed["vocab_size"] = vocab
+        elif fname.endswith(".json"):
+            json.loads(data)
+        elif fname.endswith(".toml"):
+            tomllib.loads(data.decode("utf-8"))
+    except Exception as e:  # unpickling refused, bad JSON/TOML/UTF-8, a config key that does not exist, ...
+        text = str(e).splitlines()[0] if str(e) else ""
+        return f"{fname} does not parse ({type(e).__name__}: {text[:200]})"
+    return None
+
+
 def verify(path: Path) -> str | None:
-    """None when every file matches the manifest, else why not."""
+    """None when the manifest is well formed, every file matches it and parses, else why not."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-        files = manifest["files"]
     except FileNotFoundError:
         return "no manifest.json (the write did not finish)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         return f"unreadable manifest.json ({e})"
-    for fname, want in files.items():
+    problem = _manifest_problem(manifest)
+    if problem:
+        return problem
+    parsed: dict = {}
+    for fname, want in manifest["files"].items():
         f = path / fname
         try:
             data = f.read_bytes()
@@ -169,25 +242,46 @@ def verify(path: Path) -> str | None:
             return f"{fname} has {len(data)} bytes, the manifest says {want['bytes']}"
         if hashlib.sha256(data).hexdigest() != want["sha256"]:
             return f"{fname} does not match its SHA-256 in the manifest"
+        problem = _content_problem(fname, data, parsed)
+        if problem:
+            return problem
+    if "tokenizer" in parsed and "vocab_size" in parsed and parsed["tokenizer"].vocab_size != parsed["vocab_size"]:
+        return (f"meta.json says vocab_size {parsed['vocab_size']} but tokenizer.json has "
+                f"{parsed['tokenizer'].vocab_size} tokens")
     return None
 
 
+def quarantined(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders earlier reads found corrupt and moved aside (iter_NNNNNNN.corrupt)."""
+    r = root(run_dir)
+    return sorted(p for p in r.iterdir() if p.name.endswith(".corrupt")) if r.is_dir() else []
+
+
 def find_resumable(run_dir: str | Path, warn=print, quarantine: bool = True) -> Path | None:
-    """The checkpoint to resume from: `latest` if complete, else the newest complete one before it.
+    """The checkpoint to resume from: `latest` if good, else the newest good one before it.
 
     With quarantine, incomplete or corrupt checkpoints passed over are renamed to *.corrupt (kept
     for inspection, out of the way of pruning and of later saves).
-    None when there are no checkpoints; HpclmError when there are some but none is complete.
+    None only when the run directory never had checkpoints; HpclmError when it had some but none is
+    usable (all corrupt, moved aside by an earlier start, or `latest` naming a folder that is gone).
     """
     found = listing(run_dir)
-    if not found:
-        return None
     latest = read_latest(run_dir)
+    has_latest = (root(run_dir) / LATEST).exists()
+    if not found:
+        if not has_latest and not quarantined(run_dir):
+            return None
+        moved = quarantined(run_dir)
+        why = (f"every checkpoint was found corrupt and moved aside ({', '.join(p.name for p in moved)})" if moved else
+               f"{root(run_dir) / LATEST} names iteration {latest}, whose folder is gone" if latest is not None else
+               f"{root(run_dir) / LATEST} is unreadable")
+        raise HpclmError(f"{root(run_dir)} has no usable checkpoint: {why}. Restore them, or train there from step 0 "
+                         "with --resume never --force (deletes them), or choose another --out")
     if latest is None:
-        warn(f"{root(run_dir) / LATEST} is missing or unreadable; looking for the newest complete checkpoint")
+        warn(f"warning: {root(run_dir) / LATEST} is missing or unreadable; looking for the newest complete checkpoint")
     candidates = [p for p in reversed(found) if latest is None or step_of(p) <= latest]
     if latest is not None and latest not in {step_of(p) for p in found}:
-        warn(f"{root(run_dir) / LATEST} names iteration {latest}, which has no folder; "
+        warn(f"warning: {root(run_dir) / LATEST} names iteration {latest}, which has no folder; "
              "looking for the newest complete checkpoint before it")
     for path in candidates:
         problem = verify(path)

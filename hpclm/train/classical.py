@@ -15,6 +15,7 @@ with one allreduce per iteration.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from hpclm.models import build_model
 from hpclm.models.hmm import Counts
 from hpclm.train import checkpoint
 from hpclm.train.metrics import RunOutputs
-from hpclm.train.start import open_run_dir, reported_by_rank0, resolve_device
+from hpclm.train.start import open_run_dir, refuse_diverged, resolve_device
 
 STATE_FORMAT = 1
 
@@ -88,13 +89,17 @@ def converged(state: dict, cfg: Config) -> bool:
 
 def save(cfg: Config, out: Path, data: Dataset, model, state: dict) -> Path:
     """Every rank enters; rank 0 writes the checkpoint; a write error stops every rank."""
-    return checkpoint.save_from_rank0(out, state["step"], lambda: {
-        "model.pt": checkpoint.tensor_bytes(model.state_dict()),
-        "state.pt": checkpoint.tensor_bytes({"format": STATE_FORMAT, **state}),
-        "config.toml": config_mod.to_toml(cfg),
-        "meta.json": (data.path / "meta.json").read_text(encoding="utf-8"),
-        "tokenizer.json": (data.path / "tokenizer.json").read_text(encoding="utf-8"),
-    }, cfg.checkpoint.keep_last)
+    def files():
+        refuse_diverged(state["step"], out, {"model": model.state_dict()},
+                        losses_finite=state.get("loss") is None or math.isfinite(state["loss"]))
+        return {
+            "model.pt": checkpoint.tensor_bytes(model.state_dict()),
+            "state.pt": checkpoint.tensor_bytes({"format": STATE_FORMAT, **state}),
+            "config.toml": config_mod.to_toml(cfg),
+            "meta.json": (data.path / "meta.json").read_text(encoding="utf-8"),
+            "tokenizer.json": (data.path / "tokenizer.json").read_text(encoding="utf-8"),
+        }
+    return checkpoint.save_from_rank0(out, state["step"], files, cfg.checkpoint.keep_last)
 
 
 def fit(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool = False,
@@ -102,16 +107,14 @@ def fit(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool 
     """Fit an ngram or hmm model per cfg into OUT; returns the summary the gradient loop returns."""
     out, arch = Path(out), cfg.model.arch
     main = dist.launch_env().rank == 0
-    say = print if main else (lambda *a, **k: None)
-    with reported_by_rank0():
-        dist.init()
-        device = torch.device("cpu") if arch == "ngram" else resolve_device(cfg.train.device)
-        data = load_dataset(cfg.data.path, cfg.data.block_size)
-        model = build_model(cfg, data.vocab_size).to(device)
-        if arch == "hmm":
-            windows, total_tokens = hmm_windows(data, cfg.data.block_size, dist.rank(), dist.size())
-            windows = windows.to(device)
-        ckpt = open_run_dir(cfg, out, data, resume or cfg.checkpoint.resume, force, say)
+    dist.init()
+    device = torch.device("cpu") if arch == "ngram" else resolve_device(cfg.train.device)
+    data = load_dataset(cfg.data.path, cfg.data.block_size)
+    model = build_model(cfg, data.vocab_size).to(device)
+    if arch == "hmm":
+        windows, total_tokens = hmm_windows(data, cfg.data.block_size, dist.rank(), dist.size())
+        windows = windows.to(device)
+    ckpt = open_run_dir(cfg, out, data, resume or cfg.checkpoint.resume, force)
     state = {"step": 0}
     if ckpt:
         model.load_state_dict(checkpoint.load(Path(ckpt), "model.pt", device))

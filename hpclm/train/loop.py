@@ -26,13 +26,13 @@ from hpclm import atomic, config as config_mod
 from hpclm.comm import dist
 from hpclm.config import Config, OptimConfig
 from hpclm.data import Dataset, batch_rng, get_batch, load_dataset
-from hpclm.errors import EXIT_PREEMPTED, HpclmError, Preempted
+from hpclm.errors import EXIT_PREEMPTED, Preempted
 from hpclm.evaluate import estimate_loss
 from hpclm.models import build_model, count_parameters
 from hpclm.train import checkpoint
-from hpclm.train.amp import autocast, make_loss_scaler
+from hpclm.train.amp import LossScaleError, autocast, make_loss_scaler
 from hpclm.train.metrics import RunOutputs
-from hpclm.train.start import PREEMPTED_MARKER, open_run_dir, reported_by_rank0, resolve_device
+from hpclm.train.start import PREEMPTED_MARKER, open_run_dir, refuse_diverged, resolve_device
 
 STATE_FORMAT = 1
 
@@ -132,7 +132,7 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     torch.manual_seed(cfg.train.seed + 1 + dist.rank())  # dropout differs across ranks
     run = Run(cfg, out, data, model, optimizer, scaler, device, params=[p for p in model.parameters() if p.requires_grad])
 
-    ckpt = open_run_dir(cfg, out, data, resume, force, say)
+    ckpt = open_run_dir(cfg, out, data, resume, force)
     if ckpt:
         _restore(run, Path(ckpt), say)
     if dist.is_distributed():
@@ -140,16 +140,20 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     return run
 
 
-def save_checkpoint(run: Run, step: int) -> Path | None:
-    """Every rank enters (RNG states are gathered); rank 0 writes; a write error stops every rank."""
+def save_checkpoint(run: Run, step: int, recent_losses=0.0) -> Path | None:
+    """Every rank enters (RNG states and whether this rank's `recent_losses` are finite are gathered);
+    rank 0 writes, unless a recent loss or the state is not finite; an error stops every rank."""
     rng = {"torch": torch.get_rng_state()}
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
-    gathered = dist.allgather_object(rng) if dist.is_distributed() else [rng]
-    rngs = {kind: [r[kind] for r in gathered] for kind in rng}
+    mine = {"rng": rng, "losses_finite": bool(torch.isfinite(torch.as_tensor(recent_losses)))}
+    gathered = dist.allgather_object(mine) if dist.is_distributed() else [mine]
+    rngs = {kind: [g["rng"][kind] for g in gathered] for kind in rng}
     o = run.cfg.optim
 
     def files():
+        refuse_diverged(step, run.out, {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()},
+                        losses_finite=all(g["losses_finite"] for g in gathered))
         state = {
             "format": STATE_FORMAT, "step": step, "tokens": step * run.tokens_per_step, "world_size": dist.size(),
             "rng": rngs, "loss_scaler": run.scaler.state_dict(), "lr_step": run.lr_step,
@@ -248,8 +252,7 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
     throughput, checkpoint)."""
     out = Path(out)
     say = print if dist.launch_env().rank == 0 else (lambda *a, **k: None)
-    with reported_by_rank0():
-        run = setup(cfg, out, resume or cfg.checkpoint.resume, force, say)
+    run = setup(cfg, out, resume or cfg.checkpoint.resume, force, say)
     t, max_iters = cfg.train, cfg.train.max_iters
     amp = autocast(cfg.precision, run.device)
     outputs = RunOutputs(out, run.start_step, max_iters, cfg.metrics, main=dist.is_main(), progress_bar=progress_bar)
@@ -281,10 +284,11 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
             say(f"already at step {run.start_step} (train.max_iters = {max_iters}): raise train.max_iters to train further")
         elif run.start_step == 0 and t.eval_interval:
             evaluate(0)
-        loss_acc, steps_acc, time_acc, train_time = 0.0, 0, 0.0, 0.0
+        loss_acc, steps_acc, time_acc, train_time, updates = 0.0, 0, 0.0, 0.0, 0
         for step in range(run.start_step, max_iters):
             t0 = time.perf_counter()
-            loss, norm, _ = train_step(run, step, amp)
+            loss, norm, applied = train_step(run, step, amp)
+            updates += applied
             loss_acc = loss_acc + loss
             if run.device.type == "cuda" and (step + 1) % t.log_interval == 0:
                 torch.cuda.synchronize(run.device)
@@ -296,9 +300,7 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
                 if dist.is_distributed():  # every rank logs at the same steps: one small allreduce
                     loss_acc = dist.allreduce(loss_acc.reshape(1), "avg")[0]
                 mean_loss = float(loss_acc) / steps_acc
-                if not math.isfinite(mean_loss):
-                    raise HpclmError(f"training diverged: loss is {mean_loss} at step {done}; lower optim.lr, "
-                                     "raise optim.warmup_iters or set optim.grad_clip")
+                refuse_diverged(done, out, {}, losses_finite=math.isfinite(mean_loss))  # the same on every rank
                 record({"kind": "train", "step": done, "tokens": done * run.tokens_per_step, "loss": mean_loss,
                         "lr": lr_at(max(run.lr_step - 1, 0), cfg.optim, max_iters),
                         "tokens_per_s": run.tokens_per_step * steps_acc / time_acc, "step_time_s": time_acc / steps_acc,
@@ -311,13 +313,13 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
             every = cfg.checkpoint.every_iters
             saved = (every and done % every == 0) or done == max_iters
             if saved:
-                summary["checkpoint"] = str(save_checkpoint(run, done))
+                summary["checkpoint"] = str(save_checkpoint(run, done, loss_acc))
             summary["step"] = done
             # any_rank is an MPI call beside Horovod: had one rank left it and exited, Horovod's shutdown would
             # finalize MPI under a rank still inside it (seen: exit 139). So a Horovod op follows every call on
             # every rank before any can exit: the next step's gradient allreduce, or the barrier below.
             if done < max_iters and dist.any_rank(signals.received is not None):
-                path = summary["checkpoint"] if saved else str(save_checkpoint(run, done))
+                path = summary["checkpoint"] if saved else str(save_checkpoint(run, done, loss_acc))
                 dist.barrier()
                 if dist.is_main():  # for a batch script whose srun reports 143 when it killed a rank still exiting with 75
                     atomic.write_text(out / PREEMPTED_MARKER, f"{done}\n")
@@ -325,6 +327,10 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
                 raise Preempted(f"stopped after step {done} on {name}; checkpoint {path} written; the same command "
                                 f"resumes from it (exit code {EXIT_PREEMPTED}: requeue)")
         trained = summary["step"] - run.start_step
+        if trained and not updates:  # e.g. fp16 overflowing at every scale the run reached
+            raise LossScaleError(f"every one of the {trained} steps of this run was skipped (fp16 gradients overflowed at "
+                                 f"every loss scale down to {run.scaler.scale:g}): nothing was trained; lower "
+                                 "precision.init_scale or optim.lr, or use precision.dtype bf16 or fp32")
         if trained:
             summary["train_time_s"] = train_time
             summary["tokens_per_s"] = run.tokens_per_step * trained / train_time

@@ -6,9 +6,9 @@ error. `hpclm train --check` runs the same checks and writes nothing.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import socket
 import sys
 import tomllib
 from pathlib import Path
@@ -66,13 +66,46 @@ def plan_start(out: Path, cfg: Config, data: Dataset, resume: str, force: bool, 
     return str(ckpt)
 
 
-def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool, say) -> str | None:
-    """Every rank: rank 0 checks OUT, writes OUT/config.toml and picks the checkpoint to resume (None: fresh)."""
+def warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_outputs(cfg: Config, out: Path, *, write_probe: bool) -> None:
+    """The Prometheus port is free, and OUT (or the folder that would hold it) and OUT/checkpoints can be
+    written. write_probe: create OUT/checkpoints and write a file there (the start); else permissions only
+    (--check, which writes nothing)."""
+    port = cfg.metrics.prometheus_port
+    if port:
+        with socket.socket(socket.AF_INET6 if ":" in cfg.metrics.prometheus_host else socket.AF_INET) as sock:
+            try:
+                sock.bind((cfg.metrics.prometheus_host, port))
+            except OSError as e:
+                raise HpclmError(f"cannot serve Prometheus metrics on {cfg.metrics.prometheus_host}:{port} "
+                                 f"({e.strerror}): set metrics.prometheus_port to a free port, or 0 for none") from None
+    ckpts = checkpoint.root(out)
+    if write_probe:
+        probe = ckpts / f".write-test-{os.getpid()}"
+        try:
+            ckpts.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise HpclmError(f"cannot write checkpoints to {ckpts} ({e.strerror}): make it writable or pick another "
+                             "--out") from None
+    else:
+        existing = next(p for p in (ckpts.absolute(), *ckpts.absolute().parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise HpclmError(f"cannot write to {out}: {existing} is not a writable directory; pick another --out")
+
+
+def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool) -> str | None:
+    """Every rank: rank 0 checks OUT, writes OUT/config.toml and picks the checkpoint to resume (None: fresh).
+    Everything is checked before anything is written."""
     plan = None
     if dist.is_main():
         try:
-            ckpt = plan_start(out, cfg, data, resume, force, say)
-            out.mkdir(parents=True, exist_ok=True)
+            ckpt = plan_start(out, cfg, data, resume, force, warn)
+            check_outputs(cfg, out, write_probe=True)
             if force:
                 checkpoint.remove_all(out)
             checkpoint.clean_leftovers(out)
@@ -88,23 +121,27 @@ def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool
     return plan["ckpt"]
 
 
-@contextlib.contextmanager
-def reported_by_rank0():
-    """For errors every rank meets alike (config, data, the start plan): rank 0 prints, the others exit 2."""
-    try:
-        yield
-    except HpclmError:
-        if dist.launch_env().rank != 0:
-            raise SystemExit(2) from None
-        raise
-
-
 def check_start(cfg: Config, out: Path, resume: str, force: bool) -> str:
-    """What `train` would do first, without writing anything: raises HpclmError if it could not start."""
+    """What `train` would check first, without writing anything: raises HpclmError if it could not start."""
+    if cfg.model.arch != "ngram":  # counted on the CPU whatever train.device says
+        resolve_device(cfg.train.device)
     data = load_dataset(cfg.data.path, cfg.data.block_size)
-    ckpt = plan_start(out, cfg, data, resume, force, lambda msg: print(msg, file=sys.stderr))
-    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise HpclmError(f"cannot write to {out}: {existing} is not a writable directory; pick another --out")
+    ckpt = plan_start(out, cfg, data, resume, force, warn)
+    check_outputs(cfg, out, write_probe=False)
     start = f"resume from {ckpt}" if ckpt else f"start fresh in {out}"
     return f"hpclm train: ok: {cfg.model.arch} on {cfg.data.path} (vocabulary {data.vocab_size}); would {start}"
+
+
+def refuse_diverged(step: int, out: Path, named: dict, losses_finite: bool = True) -> None:
+    """Rank 0, before a checkpoint is written: HpclmError when a loss since the last check, or a weight or
+    optimizer tensor, is inf or NaN, so a diverged state never becomes a checkpoint (nor pushes a good
+    one out by pruning)."""
+    bad = checkpoint.non_finite(named)
+    if losses_finite and not bad:
+        return
+    what = ("the loss" if not losses_finite else bad[0]) + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+    newest = checkpoint.read_latest(out)
+    kept = (f"{checkpoint.root(out) / checkpoint.name(newest)} stays the newest checkpoint" if newest is not None
+            else "no checkpoint was written")
+    raise HpclmError(f"training diverged: {what} is not finite at step {step}, so it was not checkpointed; "
+                     f"{kept}: resume from it with a lower optim.lr, a longer optim.warmup_iters or optim.grad_clip")
