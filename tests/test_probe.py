@@ -77,6 +77,15 @@ def test_bad_arguments_raise_clear_errors_on_every_rank(ring_run):
         bad = errors["one_rank_bad"]
         assert bad[0] == "ValueError"
         assert ("not C-contiguous" in bad[1]) if last else (f"rank {n - 1} passed invalid arguments" in bad[1])
+        bad_comm = errors["one_rank_bad_comm"]
+        assert (bad_comm[0], "mpi4py intracommunicator" in bad_comm[1]) == ("TypeError", True) if last else \
+            (bad_comm[0], f"rank {n - 1} passed invalid arguments" in bad_comm[1]) == ("ValueError", True), bad_comm
+        for case, what in (("segments_differ", "segment_bytes"), ("depths_differ", "depth")):
+            if n == 1:
+                assert errors[case] is None, errors[case]
+            else:
+                assert errors[case][0] == "ValueError" and f"ranks pass different {what}s" in errors[case][1], errors[case]
+        assert errors["threads_differ"] is None and errors["threads_differ_result"]
 
 
 # --- the probe command ----------------------------------------------------------------------

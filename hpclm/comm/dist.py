@@ -10,6 +10,7 @@ neither MPI nor Horovod. Every rank must enter every collective.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from hpclm.errors import DistError
+from hpclm.errors import DistError, HpclmError
 
 OPS = ("sum", "avg", "min", "max", "product")
 
@@ -325,6 +326,18 @@ def broadcast_training_state(model: torch.nn.Module, optimizer: torch.optim.Opti
     """Every rank takes root's parameters and buffers, and its optimizer state when it has one."""
     _check_root(root)
     _get().broadcast_training_state(model, optimizer, root)
+
+
+@contextlib.contextmanager
+def reported_by_rank0():
+    """For errors every rank meets alike (arguments, config, data, a start plan): rank 0 raises (the CLI
+    prints the one line), the others exit with code 2 silently, so a job's log says it once."""
+    try:
+        yield
+    except HpclmError:
+        if launch_env().rank != 0:
+            raise SystemExit(2) from None
+        raise
 
 
 def _check_root(root):

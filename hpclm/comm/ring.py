@@ -104,31 +104,35 @@ def _plan(buf, op, out, segment_bytes, depth, threads) -> tuple[_Memory, _Memory
     return src, (src if same else dst)
 
 
+# What every rank must pass alike: the values that shape the messages of the ring.
+_AGREED = ("element count", "dtype", "op", "segment_bytes", "depth")
+
+
 def _agree(MPI, comm, plan, error):
-    """One small MPI_Allreduce: every rank learns whether all ranks have valid, matching arguments,
-    and all raise together (instead of some entering the ring and hanging)."""
+    """One small MPI_Allreduce: every rank learns whether all ranks have valid arguments that agree on
+    everything that shapes the ring's messages, and all raise together (instead of some entering the
+    ring with other message sizes and hanging or writing past a buffer)."""
     rank = comm.Get_rank()
     if plan is None:
-        local = [0, 0, 0, 0, 0, 0, rank]
+        values = [0] * len(_AGREED)
     else:
-        (src, _), op = plan
-        count, dtype_code, op_code = src.count, DTYPES.index(src.dtype), RING_OPS.index(op)
-        local = [count, -count, dtype_code, -dtype_code, op_code, -op_code, -1]
+        src, op, segment, depth = plan["src"], plan["op"], plan["segment"], plan["depth"]
+        values = [src.count, DTYPES.index(src.dtype), RING_OPS.index(op), segment, depth]
+    local = [x for v in values for x in (v, -v)] + [rank if plan is None else -1]
     both = np.array(local, dtype=np.int64)
     comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
     if error is not None:
         raise error
-    if both[6] >= 0:
-        raise ValueError(f"ring_allreduce: rank {both[6]} passed invalid arguments (its own error says which); "
+    if both[-1] >= 0:
+        raise ValueError(f"ring_allreduce: rank {both[-1]} passed invalid arguments (its own error says which); "
                          "no rank reduced anything")
-    (src, _), op = plan
-    if both[0] != -both[1]:
-        raise ValueError(f"ring_allreduce: ranks pass different element counts ({-both[1]} to {both[0]}; this rank "
-                         f"{src.count}): every rank must pass a buffer of the same size")
-    if both[2] != -both[3]:
-        raise ValueError(f"ring_allreduce: ranks pass different dtypes (this rank {src.dtype}): use one dtype everywhere")
-    if both[4] != -both[5]:
-        raise ValueError(f"ring_allreduce: ranks pass different ops (this rank '{op}'): use one op everywhere")
+    mine = dict(zip(_AGREED, [plan["src"].count, plan["src"].dtype, plan["op"], plan["segment"], plan["depth"]]))
+    for i, what in enumerate(_AGREED):
+        high, low = both[2 * i], -both[2 * i + 1]
+        if high != low:
+            shown = f" ({low} to {high})" if what in ("element count", "segment_bytes", "depth") else ""
+            raise ValueError(f"ring_allreduce: ranks pass different {what}s{shown}; this rank {mine[what]!r}: every "
+                             f"rank must pass the same {what}")
 
 
 def ring_allreduce(buf, op: str = "sum", comm=None, out=None, *, segment_bytes: int | None = None,
@@ -139,23 +143,29 @@ def ring_allreduce(buf, op: str = "sum", comm=None, out=None, *, segment_bytes: 
 
     buf/out: contiguous numpy arrays or CPU torch tensors of float32, float64, float16 or bfloat16
     (half types are reduced in float32). op: sum, avg, min, max or prod. Every rank of `comm` must
-    call it; ranks first agree (one small MPI_Allreduce) that counts, dtypes and ops match and that
-    no rank's buffer is unusable, and all raise ValueError otherwise. segment_bytes / depth /
-    threads tune the pipeline (message size, segments in flight, reduction threads per rank).
+    call it; ranks first agree (one small MPI_Allreduce) that counts, dtypes, ops, segment_bytes and
+    depth match and that no rank's buffer is unusable, and all raise ValueError otherwise.
+    segment_bytes / depth / threads tune the pipeline (message size, segments in flight, reduction
+    threads per rank; threads may differ between ranks). A rank whose `comm` is not an
+    intracommunicator takes part in the agreement on COMM_WORLD, so ranks calling with the default
+    communicator raise instead of waiting for it.
     """
     MPI = mpi()
     ext = extension()
     comm = MPI.COMM_WORLD if comm is None else comm
     if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
-        raise TypeError(f"comm must be an mpi4py intracommunicator such as MPI.COMM_WORLD, not {comm!r}")
+        _agree(MPI, MPI.COMM_WORLD, None, TypeError(f"comm must be an mpi4py intracommunicator such as "
+                                                    f"MPI.COMM_WORLD, not {comm!r}"))
     plan, error = None, None
     try:
-        plan = (_plan(buf, op, out, segment_bytes, depth, threads), op)
+        src, dst = _plan(buf, op, out, segment_bytes, depth, threads)
+        plan = {"src": src, "dst": dst, "op": op, "segment": segment_bytes or ext.RING_SEGMENT_BYTES,
+                "depth": depth or ext.RING_DEPTH}
     except (TypeError, ValueError) as e:
         error = e
     _agree(MPI, comm, plan, error)
-    (src, dst), _ = plan
+    src, dst = plan["src"], plan["dst"]
     if src.count:
-        ext.ring_allreduce(src.ptr, dst.ptr, src.count, src.dtype, op, comm.py2f(),
-                           segment_bytes or ext.RING_SEGMENT_BYTES, depth or ext.RING_DEPTH, threads or 1)
+        ext.ring_allreduce(src.ptr, dst.ptr, src.count, src.dtype, op, comm.py2f(), plan["segment"], plan["depth"],
+                           threads or 1)
     return buf if dst is src else out

@@ -113,7 +113,15 @@ def errors():
         "dtypes_differ": attempt(lambda: ring_allreduce(np.zeros(10, np.float64 if rank == n - 1 else np.float32))),
         "one_rank_bad": attempt(lambda: ring_allreduce(np.zeros(20, np.float32)[::2] if rank == n - 1
                                                        else np.zeros(10, np.float32))),
+        # what shapes the messages must agree too (else: other message sizes, a double free, a hang)
+        "segments_differ": attempt(lambda: ring_allreduce(np.zeros(100000, np.float32),
+                                                          segment_bytes=4096 if rank == n - 1 else None)),
+        "depths_differ": attempt(lambda: ring_allreduce(np.zeros(100000, np.float32), depth=3 if rank == n - 1 else 2)),
+        "one_rank_bad_comm": attempt(lambda: ring_allreduce(x.copy(), comm=object() if rank == n - 1 else None)),
     }
+    t = np.full(100000, rank + 1.0, np.float32)  # reduction threads are each rank's own business
+    out["threads_differ"] = attempt(lambda: ring_allreduce(t, threads=2 if rank == n - 1 else 1))
+    out["threads_differ_result"] = bool((t == n * (n + 1) / 2).all())
     # after all that, the ring still works on this communicator (no stray messages left behind)
     y = np.full(5, rank + 1.0, np.float32)
     ring_allreduce(y)
