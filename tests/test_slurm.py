@@ -1,5 +1,6 @@
 """Real Slurm: jobs submitted with sbatch to a single-node cluster this test module starts and stops."""
 import json
+import sys
 import time
 import tempfile
 from pathlib import Path
@@ -61,9 +62,11 @@ def _train_args(data_dir, *extra):
 
 
 def _submit_train(slurm, tmp_path, out, args, *sbatch_args):
+    """train.sbatch with OUT as HPCLM_OUT, or (out=None) with whatever args say."""
     log = tmp_path / "train-%j.out"
+    env = job_env(HPCLM_OUT=str(out)) if out is not None else job_env()
     job_id = slurm.sbatch("-n", "2", "-o", str(log), *sbatch_args, str(REPO / "slurm" / "train.sbatch"),
-                          "configs/demo.toml", *args, cwd=REPO, env=job_env(HPCLM_OUT=str(out)))
+                          "configs/demo.toml", *args, cwd=REPO, env=env)
     return job_id, Path(str(log).replace("%j", str(job_id)))
 
 
@@ -86,7 +89,9 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, shakespeare_dir, t
     args = _train_args(shakespeare_dir, "train.max_iters=200", "checkpoint.every_iters=50", "model.dropout=0.1",
                        "train.eval_interval=50")
     out = tmp_path / "preempted"
-    job_id, log = _submit_train(slurm, tmp_path, out, args)
+    # the run directory named by --out, and a first submission that starts over: the requeued job must
+    # still resume in that directory, not start over again (--force would delete the checkpoint)
+    job_id, log = _submit_train(slurm, tmp_path, None, [*args, "--out", str(out), "--resume", "never", "--force"])
     deadline = time.time() + 120
     while time.time() < deadline and not any(r["step"] >= 20 for r in (records(out, "train") if (out / "metrics.jsonl").exists() else [])):
         time.sleep(0.1)
@@ -133,3 +138,18 @@ def test_probe_sbatch_prints_a_correct_table(slurm, tmp_path):
     assert doc["host"]["ranks"] == 2 and doc["summary"]["wrong"] == 0 and doc["rows"], doc["summary"]
     assert "# Out of bounds values : 0 OK" in text
     assert (out / str(job_id) / "allreduce.png").stat().st_size > 0
+
+
+def test_probe_sbatch_ends_every_rank_when_one_fails(slurm, tmp_path):
+    """A rank that fails before MPI starts: srun ends the other at once instead of leaving it waiting in MPI."""
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"#!/bin/bash\n[ \"$SLURM_PROCID\" = 1 ] && exit 3\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    log = tmp_path / "probe-%j.out"
+    t0 = time.time()
+    job_id = slurm.sbatch("-N", "1", "--ntasks-per-node=2", "-o", str(log), str(REPO / "slurm" / "probe.sbatch"),
+                          cwd=REPO, env=job_env(HPCLM_PROBE_OUT=str(tmp_path / "probe"), PYTHON=str(wrapper),
+                                                HPCLM_PROBE_ARGS="-b 1K -e 4K -n 2 -w 1 --impl ring"))
+    info = slurm.wait(job_id, timeout=120)
+    assert info["JobState"] == "FAILED", (info, Path(str(log).replace("%j", str(job_id))).read_text())
+    assert time.time() - t0 < 100
