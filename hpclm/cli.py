@@ -149,8 +149,15 @@ def _add_probe(sub):
     _runs(a, "bench.allreduce")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (what is wrong, and where the help is) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpclm", description="High-performance language-model training on HPC clusters.")
+    parser = Parser(prog="hpclm", description="High-performance language-model training on HPC clusters.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_info, _add_prepare, _add_train, _add_generate, _add_eval, _add_report, _add_bench, _add_probe):
         add(sub)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,9 @@ def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0
     for _ in range(max_new_tokens):
         context = idx[:, -model.block_size:]
         logits, _ = model(context)
-        logits = logits[:, -1, :].float() / temperature
+        logits = logits[:, -1, :].float()
+        # shifted to a max of 0 first, so a tiny temperature sharpens to the likeliest token instead of overflowing
+        logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
         if top_k:
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
             logits[logits < kth] = -float("inf")
@@ -56,8 +59,15 @@ def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0
 
 def generate_text(trained: Trained, prompt: str = "\n", max_new_tokens: int = 500, temperature: float = 0.8,
                   top_k: int | None = 200, seed: int = 1337) -> str:
-    if temperature <= 0:
-        raise HpclmError(f"--temperature must be > 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise HpclmError(f"--temperature must be a finite number > 0, got {temperature}")
+    if not 0 <= seed < 2**63:
+        raise HpclmError(f"--seed must be in 0..2**63 - 1, got {seed}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise HpclmError(f"--prompt is not valid text: position {e.start} holds {prompt[e.start]!r}, which is not a "
+                         "character (a byte the terminal's encoding could not decode)") from None
     if max_new_tokens < 0:
         raise HpclmError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
     if top_k is not None and top_k < 0:

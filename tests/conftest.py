@@ -3,6 +3,7 @@ so the suite tests the tree it lives in, wherever hpclm is installed."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -57,3 +58,17 @@ def horovod_available() -> bool:
 
 requires_horovod = pytest.mark.skipif(not horovod_available(),
                                       reason="Horovod with MPI is not installed (scripts/setup.sh builds it)")
+
+
+def run_with_read_only(paths, args: list[str], *, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python ARGS` in a private mount namespace where every one of `paths` is a read-only bind mount of
+    itself (what a read-only file system looks like to the process, root included; gone when it exits)."""
+    if shutil.which("unshare") is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("needs root and unshare for a private mount namespace (read-only bind mounts)")
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("this kernel or container does not allow mount namespaces (unshare -m)")
+    binds = [f"mount --bind {shlex.quote(str(p))} {shlex.quote(str(p))} && "
+             f"mount -o remount,bind,ro {shlex.quote(str(p))}" for p in paths]
+    script = " && ".join([*binds, f"exec {shlex.join([sys.executable, *args])}"])
+    return subprocess.run(["unshare", "-m", "sh", "-c", script], env=child_env(env), cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)

@@ -8,6 +8,7 @@ and adopts the same MPI.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import sys
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 
 from hpclm.bench.costmodel import allreduce_bus_factor, crossover_bytes, fit_ring_model, predictions, ring_time
-from hpclm.bench.harness import (Column, format_size, format_table, host_info, parse_size, save_figure, time_calls,
-                                 write_json)
+from hpclm.bench.harness import (Column, available_memory, check_writable, format_size, format_table, host_info,
+                                 parse_size, save_figure, time_calls, write_json)
+from hpclm.comm.dist import reported_by_rank0
 from hpclm.comm.ring import DTYPES, extension, mpi
 from hpclm.errors import HpclmError
 
@@ -448,8 +450,8 @@ def settings_from_args(args) -> Settings:
         raise HpclmError(str(e)) from None
     if lo < 1 or lo > hi:
         raise HpclmError(f"-b {args.minbytes} must be at least 1 byte and at most -e {args.maxbytes}")
-    if args.stepfactor <= 1 and lo != hi:
-        raise HpclmError(f"-f {args.stepfactor} must be greater than 1")
+    if not math.isfinite(args.stepfactor) or (args.stepfactor <= 1 and lo != hi):
+        raise HpclmError(f"-f {args.stepfactor} must be greater than 1 (and finite)")
     for flag, value, low in (("-n", args.iters, 1), ("-w", args.warmup, 0), ("--depth", args.depth, 1),
                              ("--threads", args.threads, 1), ("--segment", segment, 1)):
         if value is not None and value < low:
@@ -473,16 +475,32 @@ def settings_from_args(args) -> Settings:
             import matplotlib  # noqa: F401
         except ImportError:
             raise HpclmError("--plot needs matplotlib: pip install matplotlib (in hpclm's dev extra)") from None
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_writable(path, flag)  # before the run, not after it
     return s
+
+
+def check_memory(s: Settings, ranks_here: int) -> None:
+    """HpclmError when the largest size's buffers (send and receive, on every rank of this node) would not
+    fit in the memory the kernel says is available."""
+    per_rank = 2 * s.sizes[-1] + 2 * (s.depth or 2) * (s.segment_bytes or 2**19)
+    available = available_memory()
+    if available is not None and per_rank * ranks_here > available:
+        raise HpclmError(f"-e {format_size(s.sizes[-1])} needs about {format_size(per_rank)} per rank for its buffers, "
+                         f"{format_size(per_rank * ranks_here)} for the {ranks_here} rank(s) on this node, but "
+                         f"{format_size(available)} is available: use a smaller -e")
 
 
 def main(args) -> int:
     MPI = mpi()
     ext = extension()
-    s = settings_from_args(args)
     comm = MPI.COMM_WORLD
     rank, n = comm.Get_rank(), comm.Get_size()
     t = transport(MPI, comm)
+    with reported_by_rank0():  # the same arguments on every rank: the error once
+        s = settings_from_args(args)
+        check_memory(s, max(t["ranks_per_node"]))
     s.segment_bytes = s.segment_bytes or ext.RING_SEGMENT_BYTES
     s.depth = s.depth or ext.RING_DEPTH
     makers = {"ring": lambda: _ring_impl(ext, comm, s.segment_bytes, s.depth, s.threads),

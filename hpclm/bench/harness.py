@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from hpclm import atomic
+from hpclm.errors import HpclmError
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -35,6 +36,29 @@ def format_size(nbytes: float) -> str:
             value = nbytes / scale
             return f"{value:.0f} {unit}" if value == int(value) else f"{value:.3g} {unit}"
     return f"{nbytes:.0f} B"
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """HpclmError unless `path` can be written: not a directory, and its folder exists (or can be made)
+    and is writable. Outputs are checked before a run, so a long run never ends on an unwritable path."""
+    p = Path(path).absolute()
+    if p.is_dir():
+        raise HpclmError(f"{flag} {path} is a directory: give a file name")
+    existing = next(q for q in p.parents if q.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise HpclmError(f"{flag} {path}: {existing} is not a writable directory; give another path")
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def cpu_model() -> str:

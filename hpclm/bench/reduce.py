@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpclm import native
-from hpclm.bench.harness import Column, best_time, format_table, host_info, write_json
+from hpclm.bench.harness import Column, best_time, check_writable, format_table, host_info, write_json
 from hpclm.errors import HpclmError
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # numpy has no bfloat16: raw bits
@@ -26,6 +26,8 @@ def _bf16(x: np.ndarray) -> np.ndarray:
 def main(args) -> int:
     if args.mib <= 0 or args.repeat < 1 or args.threads < 1:
         raise HpclmError("--mib must be > 0, --repeat and --threads >= 1")
+    if args.json:
+        check_writable(args.json, "--json")
     C = native.require()
     paths = C.build_info()["cpu_paths_supported"]
     host = host_info(threads=args.threads)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from hpclm import native
-from hpclm.bench.harness import Column, best_time, format_table, host_info, save_figure, write_json
+from hpclm.bench.harness import Column, best_time, check_writable, format_table, host_info, save_figure, write_json
 from hpclm.errors import HpclmError
 from hpclm.kernels.ops import fused_softmax, fused_softmax_available
 
@@ -186,6 +186,9 @@ def main(args) -> int:
         raise HpclmError(f"--threads must be >= 1, got {args.threads}")
     if args.iters < 1 or args.repeats < 1 or args.warmup < 0:
         raise HpclmError("--iters and --repeats must be >= 1 and --warmup >= 0")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_writable(path, flag)  # before the run, not after it
     iters, repeats = (2, 1) if args.quick else (args.iters, args.repeats)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

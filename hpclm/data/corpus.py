@@ -70,11 +70,12 @@ def _read_many(spec: str, paths: list[Path], exclude: Path | None) -> Corpus:
 
 
 def _walk(root: Path) -> list[Path]:
-    """Regular files under root, sorted, skipping hidden files and folders."""
+    """Regular files under root, sorted, skipping hidden files and folders (and FIFOs, sockets, devices,
+    which are not text files and whose reads can block)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [Path(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+        out += [p for p in (Path(dirpath, f) for f in sorted(filenames) if not f.startswith(".")) if p.is_file()]
     return out
 
 
@@ -87,6 +88,8 @@ def stdlib_files() -> list[Path]:
 
 def _shakespeare(local: str | None) -> Corpus:
     if local is not None:
+        if Path(local).exists() and not Path(local).is_file():
+            raise HpclmError(f"--from {local} is not a regular file: give the downloaded text file")
         try:
             raw = Path(local).read_bytes()
         except OSError as e:
@@ -124,6 +127,9 @@ def read_corpus(spec: str, *, local: str | None = None, exclude: str | Path | No
         if not paths:
             raise HpclmError(f"glob '{spec}' matches no files")
         corpus = _read_many(spec, paths, excl)
+    elif Path(spec).exists():
+        raise HpclmError(f"SOURCE '{spec}' is not a regular file or a directory (a FIFO, socket or device): "
+                         "give a text file, a directory or a glob")
     else:
         raise HpclmError(f"SOURCE '{spec}' does not exist: give a text file, a directory, a glob, 'stdlib' or 'shakespeare'")
     if not corpus.text.strip():
