@@ -259,6 +259,18 @@ def test_prepare_into_a_read_only_place_is_one_line(tmp_path):
     assert list(parent.iterdir()) == []
 
 
+def test_prepare_force_over_a_read_only_dataset_keeps_it_whole(tmp_path):
+    (tmp_path / "a.txt").write_text("to be or not to be\n" * 50)
+    (tmp_path / "b.txt").write_text("all that glitters is not gold\n" * 50)
+    data = tmp_path / "data"
+    assert run_python(["-m", "hpclm", "prepare", str(tmp_path / "a.txt"), "--out", str(data)]).returncode == 0
+    before = _snapshot(data)
+    proc = run_with_read_only([data], ["-m", "hpclm", "prepare", str(tmp_path / "b.txt"), "--out", str(data), "--force"])
+    _one_line_error(proc, "cannot write --out")
+    assert _snapshot(data) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "data"]  # no .data.tmp-/.data.old- left
+
+
 def test_an_infinite_loss_scale_and_a_run_that_skips_every_step(shakespeare_dir, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     proc = _train(shakespeare_dir, out, 'precision.dtype="fp16"', "precision.init_scale=1e30", "train.max_iters=4",
