@@ -49,3 +49,14 @@ def fsync(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def blocker(path: str | Path) -> Path | None:
+    """What stops this process from creating `path` (a file or folder) with its missing parents: the
+    nearest existing ancestor when it is not a writable folder; None when nothing does. Permissions
+    only (a full disk shows at the write)."""
+    p = Path(path).absolute()
+    existing = next(q for q in (p.parent, *p.parent.parents) if q.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return existing
+    return None

@@ -41,12 +41,11 @@ def format_size(nbytes: float) -> str:
 def check_writable(path: str | Path, flag: str) -> None:
     """HpclmError unless `path` can be written: not a directory, and its folder exists (or can be made)
     and is writable. Outputs are checked before a run, so a long run never ends on an unwritable path."""
-    p = Path(path).absolute()
-    if p.is_dir():
+    if Path(path).is_dir():
         raise HpclmError(f"{flag} {path} is a directory: give a file name")
-    existing = next(q for q in p.parents if q.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise HpclmError(f"{flag} {path}: {existing} is not a writable directory; give another path")
+    stop = atomic.blocker(path)
+    if stop is not None:
+        raise HpclmError(f"{flag} {path}: {stop} is not a writable directory; give another path")
 
 
 def available_memory() -> int | None:

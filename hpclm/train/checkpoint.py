@@ -5,8 +5,8 @@ SHA-256 of each file) is written last, the folder is renamed to iter_NNNNNNN, th
 iteration number) is replaced atomically, and only then are old checkpoints pruned. A process
 killed at any point leaves `latest` naming a complete checkpoint.
 
-Nothing non-finite is written: the drivers check weights and optimizer state first (non_finite), so
-every checkpoint on disk, and the one `latest` names in particular, is one training can go on from.
+Nothing diverged is written: the drivers check the recent losses, the weights and the optimizer state
+first (non_finite), so every checkpoint on disk, and the one `latest` names in particular, is finite.
 
 Reading: a checkpoint is used only when its manifest is well formed, every file matches it, and every
 file parses (tensors through torch.load(weights_only=True), config, meta, tokenizer); a truncated or

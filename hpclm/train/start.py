@@ -93,9 +93,9 @@ def check_outputs(cfg: Config, out: Path, *, write_probe: bool) -> None:
             raise HpclmError(f"cannot write checkpoints to {ckpts} ({e.strerror}): make it writable or pick another "
                              "--out") from None
     else:
-        existing = next(p for p in (ckpts.absolute(), *ckpts.absolute().parents) if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise HpclmError(f"cannot write to {out}: {existing} is not a writable directory; pick another --out")
+        stop = atomic.blocker(ckpts / checkpoint.LATEST)  # the folder that would hold checkpoints
+        if stop is not None:
+            raise HpclmError(f"cannot write to {out}: {stop} is not a writable directory; pick another --out")
 
 
 def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool) -> str | None:
