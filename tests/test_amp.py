@@ -78,3 +78,16 @@ def test_state_round_trip_continues_identically():
 def test_bad_settings_are_value_errors(kwargs):
     with pytest.raises(ValueError, match="loss scaler needs"):
         DynamicLossScaler(**kwargs)
+
+
+def test_cpu_half_precision_support_is_read_from_the_cpu_flags(tmp_path):
+    from hpclm.train.amp import cpu_computes
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert cpu_computes("bf16", str(info)) and not cpu_computes("fp16", str(info))
+    info.write_text("processor : 0\nflags : fpu sse2 avx2 amx_bf16 amx_fp16\n")
+    assert cpu_computes("bf16", str(info)) and cpu_computes("fp16", str(info))
+    info.write_text("processor : 0\nflags : fpu sse2 avx2\n")
+    assert not cpu_computes("bf16", str(info)) and not cpu_computes("fp16", str(info))
+    info.write_text("no flags line here\n")
+    assert cpu_computes("bf16", str(info))  # unknown: no warning

@@ -138,3 +138,17 @@ def autocast(p, device: torch.device):
     if p.dtype in ("bf16", "fp16"):
         return torch.autocast(device.type, dtype=torch.bfloat16 if p.dtype == "bf16" else torch.float16)
     return contextlib.nullcontext()
+
+
+# The CPU instructions that compute in each half precision (without them torch converts around every op).
+CPU_HALF_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
+
+
+def cpu_computes(dtype: str, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has instructions that compute in `dtype` (bf16, fp16); True where unknown."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return True
+    return flags is None or any(flag in flags for flag in CPU_HALF_FLAGS[dtype])

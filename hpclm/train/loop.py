@@ -30,7 +30,7 @@ from hpclm.errors import EXIT_PREEMPTED, Preempted
 from hpclm.evaluate import estimate_loss
 from hpclm.models import build_model, count_parameters
 from hpclm.train import checkpoint
-from hpclm.train.amp import LossScaleError, autocast, make_loss_scaler
+from hpclm.train.amp import CPU_HALF_FLAGS, LossScaleError, autocast, cpu_computes, make_loss_scaler
 from hpclm.train.metrics import RunOutputs
 from hpclm.train.start import PREEMPTED_MARKER, open_run_dir, refuse_diverged, resolve_device
 
@@ -263,9 +263,12 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
         f"{dist.size()} rank(s) x {t.grad_accum} accumulation ({run.tokens_per_step} tokens/step); out {out}"
         + (f"; resumed from {run.resumed_from}" if run.resumed_from else "")
         + (f"; Prometheus at {outputs.prometheus_url}" if outputs.prometheus_url else ""))
-    if cfg.precision.dtype == "fp16" and run.device.type == "cpu":
+    if run.device.type == "cpu" and cfg.precision.dtype == "fp16":
         say("hpclm train: note: fp16 on a CPU converts around every op (an order of magnitude slower than fp32); "
-            "precision.dtype = 'bf16' is the CPU's fast half precision")
+            "precision.dtype = 'bf16' is the fast half precision of CPUs with AVX512-BF16 or AMX")
+    elif run.device.type == "cpu" and cfg.precision.dtype == "bf16" and not cpu_computes("bf16"):
+        say(f"hpclm train: note: this CPU has no bf16 instructions ({' or '.join(CPU_HALF_FLAGS['bf16'])}), so torch "
+            "converts around every op: expect steps an order of magnitude slower than fp32")
     restarts = os.environ.get("SLURM_RESTART_COUNT")
     if restarts:
         say(f"Slurm job {os.environ.get('SLURM_JOB_ID')}: restart {restarts}")
