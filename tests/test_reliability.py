@@ -3,9 +3,10 @@
 Every bad input below is one line on stderr, exit code 2, no "Traceback", and nothing under OUT or the
 data directory changed. Every data-loss case trains for real and looks at what is on disk afterwards.
 """
+import contextlib
 import hashlib
+import io
 import json
-import math
 import os
 import shlex
 import shutil
@@ -18,8 +19,11 @@ import pytest
 import torch
 
 from conftest import REPO, child_env, mpirun, run_python, run_with_read_only
-from helpers.lm_fixtures import TINY, records, shakespeare_dir  # noqa: F401 (fixture)
+from helpers.lm_fixtures import TINY, one_thread, records, shakespeare_dir  # noqa: F401 (fixtures)
+from hpclm import cli
 from hpclm.train import checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is the fastest
 
 
 def _snapshot(*roots):
@@ -45,8 +49,20 @@ def _one_line_error(proc, *words):
     return errors[0]
 
 
-def _train(data_dir, out, *extra, timeout=240):
-    return run_python(["-m", "hpclm", "train", "--out", str(out), *_sets(data_dir, *extra)], timeout=timeout)
+def hpclm(*argv):
+    """`hpclm ARGV` in this process (no interpreter and torch start-up per call), as a CompletedProcess:
+    exit code, stdout, stderr. Anything but a one-line error escapes as the exception it is."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([str(a) for a in argv])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    return subprocess.CompletedProcess(["hpclm", *argv], code, out.getvalue(), err.getvalue())
+
+
+def _train(data_dir, out, *extra):
+    return hpclm("train", "--out", out, *_sets(data_dir, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +108,7 @@ def test_diverged_weights_are_never_checkpointed(shakespeare_dir, tmp_path, prec
     assert f"{kept[-1]} stays the newest checkpoint" in line
     # the run stopped at the first non-finite state: it never got past the checkpoint after the last good one
     assert records(out, "train") == [] or all(r["step"] <= checkpoint.step_of(kept[-1]) + 1 for r in records(out, "train"))
-    check = run_python(["-m", "hpclm", "train", "--check", "--out", str(out),
-                        *_sets(shakespeare_dir, f'precision.dtype="{precision}"')])
+    check = hpclm("train", "--check", "--out", out, *_sets(shakespeare_dir, f'precision.dtype="{precision}"'))
     assert check.returncode == 0 and f"would resume from {kept[-1]}" in check.stdout, check.stderr
 
 
@@ -105,7 +120,7 @@ def test_a_missing_or_unusable_checkpoint_history_is_an_error_not_a_fresh_start(
     args = ("train.max_iters=6", "checkpoint.every_iters=2", "train.eval_interval=0")
     _one_line_error(_train(shakespeare_dir, out, *args), "names iteration 4, whose folder is gone", "--resume never --force")
     assert _snapshot(out) == before  # metrics.jsonl and the rest untouched
-    check = run_python(["-m", "hpclm", "train", "--check", "--out", str(out), *_sets(shakespeare_dir, *args)])
+    check = hpclm("train", "--check", "--out", out, *_sets(shakespeare_dir, *args))
     _one_line_error(check, "whose folder is gone")
     # every checkpoint corrupt: the first start moves them aside and stops; the second start stops too
     out2 = _copy_run(trained_run, tmp_path / "b")
@@ -117,8 +132,7 @@ def test_a_missing_or_unusable_checkpoint_history_is_an_error_not_a_fresh_start(
     second = _train(shakespeare_dir, out2, *args)
     _one_line_error(second, "every checkpoint was found corrupt and moved aside")
     assert (out2 / "metrics.jsonl").read_bytes() == metrics
-    forced = run_python(["-m", "hpclm", "train", "--out", str(out2), "--resume", "never", "--force",
-                         *_sets(shakespeare_dir, *args)])
+    forced = hpclm("train", "--out", out2, "--resume", "never", "--force", *_sets(shakespeare_dir, *args))
     assert forced.returncode == 0, forced.stderr  # what the error says to do works
 
 
@@ -140,7 +154,7 @@ def test_a_checkpoint_that_passes_its_hashes_but_holds_garbage_is_passed_over(tr
             (newest / "manifest.json").write_text(json.dumps(m))
         else:
             _tamper(newest, case, data)
-        gen = run_python(["-m", "hpclm", "generate", "--ckpt", str(newest), "--max-new-tokens", "5"])
+        gen = hpclm("generate", "--ckpt", newest, "--max-new-tokens", "5")
         _one_line_error(gen, "iter_0000004 is incomplete or corrupt")
         proc = _train(shakespeare_dir, out, "train.max_iters=6", "checkpoint.every_iters=2", "train.eval_interval=0")
         assert proc.returncode == 0, (case, proc.stderr[-2000:])
@@ -181,7 +195,7 @@ def test_bad_train_settings_are_one_line(shakespeare_dir, tmp_path, setting, wor
     out = tmp_path / "run"
     data_before = _snapshot(shakespeare_dir)
     for extra in ([], ["--check"]):
-        proc = run_python(["-m", "hpclm", "train", *extra, "--out", str(out), *_sets(shakespeare_dir, setting)])
+        proc = hpclm("train", *extra, "--out", out, *_sets(shakespeare_dir, setting))
         _one_line_error(proc, words)
     assert not out.exists() and _snapshot(shakespeare_dir) == data_before
 
@@ -195,15 +209,13 @@ def test_bad_train_settings_are_one_line(shakespeare_dir, tmp_path, setting, wor
 ])
 def test_bad_generate_options_are_one_line(trained_run, args, words):
     before = _snapshot(trained_run)
-    _one_line_error(run_python(["-m", "hpclm", "generate", "--ckpt", str(trained_run), *args]), *words.split("|"))
+    _one_line_error(hpclm("generate", "--ckpt", trained_run, *args), words)
     assert _snapshot(trained_run) == before
 
 
 def test_a_tiny_temperature_samples_the_likeliest_tokens(trained_run):
-    tiny = run_python(["-m", "hpclm", "generate", "--ckpt", str(trained_run), "--temperature", "1e-45",
-                       "--max-new-tokens", "40", "--seed", "1"])
-    greedy = run_python(["-m", "hpclm", "generate", "--ckpt", str(trained_run), "--top-k", "1",
-                         "--max-new-tokens", "40", "--seed", "2"])
+    tiny = hpclm("generate", "--ckpt", trained_run, "--temperature", "1e-45", "--max-new-tokens", "40", "--seed", "1")
+    greedy = hpclm("generate", "--ckpt", trained_run, "--top-k", "1", "--max-new-tokens", "40", "--seed", "2")
     assert tiny.returncode == 0 and greedy.returncode == 0, tiny.stderr + greedy.stderr
     assert tiny.stdout == greedy.stdout and len(tiny.stdout) > 40
 
@@ -224,7 +236,7 @@ def test_a_dataset_without_its_tokenizer_fails_check_and_start_alike(shakespeare
     shutil.copytree(shakespeare_dir, data)
     (data / "tokenizer.json").unlink()
     for extra in (["--check"], []):
-        proc = run_python(["-m", "hpclm", "train", *extra, "--out", str(tmp_path / "run"), *_sets(data)])
+        proc = hpclm("train", *extra, "--out", tmp_path / "run", *_sets(data))
         _one_line_error(proc, "no tokenizer at")
     assert not (tmp_path / "run").exists()
 
@@ -232,8 +244,7 @@ def test_a_dataset_without_its_tokenizer_fails_check_and_start_alike(shakespeare
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
 def test_cuda_without_a_gpu_fails_check_and_start_alike(shakespeare_dir, tmp_path):  # noqa: F811
     for extra in (["--check"], []):
-        proc = run_python(["-m", "hpclm", "train", *extra, "--out", str(tmp_path / "run"),
-                           *_sets(shakespeare_dir, 'train.device="cuda"')])
+        proc = hpclm("train", *extra, "--out", tmp_path / "run", *_sets(shakespeare_dir, 'train.device="cuda"'))
         _one_line_error(proc, "torch sees no CUDA device")
     assert not (tmp_path / "run").exists()
 
@@ -263,7 +274,7 @@ def test_prepare_force_over_a_read_only_dataset_keeps_it_whole(tmp_path):
     (tmp_path / "a.txt").write_text("to be or not to be\n" * 50)
     (tmp_path / "b.txt").write_text("all that glitters is not gold\n" * 50)
     data = tmp_path / "data"
-    assert run_python(["-m", "hpclm", "prepare", str(tmp_path / "a.txt"), "--out", str(data)]).returncode == 0
+    assert hpclm("prepare", tmp_path / "a.txt", "--out", data).returncode == 0
     before = _snapshot(data)
     proc = run_with_read_only([data], ["-m", "hpclm", "prepare", str(tmp_path / "b.txt"), "--out", str(data), "--force"])
     _one_line_error(proc, "cannot write --out")
@@ -308,7 +319,7 @@ def test_bad_probe_options_are_one_line_from_rank_0(args, words):
 
 
 def test_benchmark_outputs_are_checked_before_the_run():
-    proc = run_python(["-m", "hpclm", "bench", "softmax", "--shapes", "1x8x8", "--json", "/etc/hostname/x.json"])
+    proc = hpclm("bench", "softmax", "--shapes", "1x8x8", "--json", "/etc/hostname/x.json")
     _one_line_error(proc, "--json /etc/hostname/x.json")
     assert "cpu " not in proc.stdout  # no case measured first
 
