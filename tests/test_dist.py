@@ -1,5 +1,7 @@
 """hpclm.dist: launcher detection, single-process use, and real multi-rank collectives under mpirun."""
 import json
+import math
+import os
 import textwrap
 
 import pytest
@@ -23,11 +25,15 @@ COLLECTIVES = textwrap.dedent("""
         "isum": dist.allreduce(torch.tensor([r + 1], dtype=torch.int64), "sum").tolist(),
         "x_after": x.tolist(),
         "bcast": dist.broadcast(torch.full((3,), float(r)), root=n - 1).tolist(),
+        "prod": dist.allreduce(torch.tensor([r + 2.0, 1.5]), "product").tolist(),
         "obj": dist.broadcast_object({"root": r, "tag": "hello" * r}, root=n - 1),
         "obj_from_root_only": dist.broadcast_object({"x": 1} if r == 0 else None, root=0),
         "gathered_mixed": dist.allgather_object(None if r % 2 else [r]),
         "gathered": dist.allgather_object(r * r),
     }
+    in_place = torch.full((4,), float(r))
+    returned = dist.broadcast(in_place, root=n - 1)
+    out["bcast_in_place"], out["bcast_returns_it"] = in_place.tolist(), returned is in_place
     dist.barrier()
     with open(f"{sys.argv[1]}/rank{r}.json", "w") as f:  # one file per rank: mpirun interleaves stdout
         json.dump(out, f)
@@ -54,6 +60,8 @@ def _check_collectives(rows, n):
         assert row["isum"] == [n * (n + 1) // 2]
         assert row["x_after"] == ranks_x[r].tolist(), "allreduce must not modify its input"
         assert row["bcast"] == [float(n - 1)] * 3
+        assert row["bcast_in_place"] == [float(n - 1)] * 4 and row["bcast_returns_it"]  # documented: in place
+        assert row["prod"] == pytest.approx([math.prod(q + 2.0 for q in range(n)), 1.5 ** n])
         assert row["obj"] == {"root": n - 1, "tag": "hello" * (n - 1)}
         assert row["gathered"] == [q * q for q in range(n)]
         assert row["obj_from_root_only"] == {"x": 1}  # other ranks pass None: must not deadlock
@@ -132,3 +140,23 @@ def test_bad_op_and_root_are_value_errors():
         dist.allreduce(torch.ones(1), "mean")
     with pytest.raises(ValueError, match="root rank 1 is outside 0..0"):
         dist.broadcast(torch.ones(1), root=1)
+
+
+THREADS = "import json, sys, torch; import hpclm.dist as dist; dist.init(); print(json.dumps([dist.rank(), torch.get_num_threads()]))"
+
+
+@requires_horovod
+def test_each_rank_gets_its_share_of_the_cores_unless_told():
+    """Under a launcher: cores / ranks on the node torch threads, unless OMP_NUM_THREADS or SLURM_CPUS_PER_TASK
+    says otherwise."""
+    cores = len(os.sched_getaffinity(0))
+
+    def threads(n, **env):
+        proc = mpirun(n, ["-c", THREADS], env={"OMP_NUM_THREADS": "", **env})
+        assert proc.returncode == 0, proc.stderr
+        return sorted(tuple(json.loads(line)) for line in proc.stdout.splitlines() if line.startswith("["))
+
+    assert threads(1) == [(0, cores)]
+    assert threads(2) == [(0, max(1, cores // 2)), (1, max(1, cores // 2))]
+    assert threads(1, SLURM_CPUS_PER_TASK="3") == [(0, 3)]
+    assert threads(1, OMP_NUM_THREADS="1") == [(0, 1)]  # torch takes it; hpclm leaves it alone
