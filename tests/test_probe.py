@@ -155,7 +155,8 @@ def test_probe_table_json_and_plot(tmp_path):
 
 
 def test_probe_reports_a_corrupted_result_and_fails(tmp_path):
-    """Three ranks in place; one element of the ring's checked result is overwritten on the last rank."""
+    """Three ranks in place; one element of the ring's checked result is overwritten on each of the last two
+    ranks: #wrong counts both (a MAX over ranks instead of a SUM would show 1)."""
     out_json = tmp_path / "bad.json"
     proc = mpirun(3, ["-m", "hpclm", "probe", "allreduce", "-b", "1K", "-e", "16K", "-f", "4", "-n", "2", "-w", "0",
                       "-d", "float32,bfloat16", "-o", "sum,avg", "--in-place", "--hugepages", "--impl", "ring,mpi,sendrecv",
@@ -164,11 +165,11 @@ def test_probe_reports_a_corrupted_result_and_fails(tmp_path):
     impls, table = _table(proc.stdout)
     assert len(table) == 2 * 2 * 3
     for cells in table.values():
-        assert cells["ring"][3] == "1" and cells["mpi"][3] == "0" and cells["sendrecv"][3] == "0"
+        assert cells["ring"][3] == "2" and cells["mpi"][3] == "0" and cells["sendrecv"][3] == "0"
     doc = json.loads(out_json.read_text())
     _assert_json_matches_table(doc, impls, table)
-    assert doc["summary"]["wrong"] == len(table)
-    assert f"# Out of bounds values : {len(table)} WRONG" in proc.stdout
+    assert doc["summary"]["wrong"] == 2 * len(table)
+    assert f"# Out of bounds values : {2 * len(table)} WRONG" in proc.stdout
     assert "in place, huge-page buffers" in proc.stdout
 
 
