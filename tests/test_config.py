@@ -61,8 +61,17 @@ def test_errors_in_a_file_name_the_file(tmp_path):
 
 
 def test_shipped_configs_load_and_shakespeare_matches_nanogpt_cpu_run():
-    for f in sorted((REPO / "configs").glob("*.toml")):
-        config.load(f)
+    shipped = sorted((REPO / "configs").glob("*.toml"))
+    assert [f.stem for f in shipped] == ["demo", "gru", "hmm", "ngram", "shakespeare-char"]
+    for f in shipped:  # every key a file sets arrives with the file's value; the rest keep their defaults
+        cfg, written = config.load(f), tomllib.loads(f.read_text())
+        defaults = config.Config()
+        for section in config.SECTIONS:
+            for key in vars(getattr(defaults, section)):
+                want = written.get(section, {}).get(key, getattr(getattr(defaults, section), key))
+                assert getattr(getattr(cfg, section), key) == want, (f.name, section, key)
+    assert {f.stem: config.load(f).model.arch for f in shipped} == {
+        "demo": "gpt", "gru": "gru", "hmm": "hmm", "ngram": "ngram", "shakespeare-char": "gpt"}
     s = config.load(REPO / "configs" / "shakespeare-char.toml")
     assert (s.model.n_layer, s.model.n_head, s.model.n_embd, s.data.block_size, s.train.batch_size) == (4, 4, 128, 64, 12)
     assert (s.train.max_iters, s.optim.lr_decay_iters, s.optim.lr, s.optim.min_lr, s.optim.warmup_iters) == (2000, 2000, 1e-3, 1e-4, 100)

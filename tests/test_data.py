@@ -110,8 +110,14 @@ def test_existing_output_is_kept_unless_forced(tmp_path, capsys):
     src.write_text("hello world, " * 200)
     out = tmp_path / "out"
     assert _prepare_cli(src, "--out", out) == 0
+
+    def files():  # contents, and the inodes and times a rewrite would change
+        return {p.name: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in [out, *out.iterdir()]
+                if p.is_file()} | {".": (out.stat().st_ino,)}
+    first = files()
     assert _prepare_cli(src, "--out", out) == 0  # same source and options: up to date
     assert "is up to date" in capsys.readouterr().out
+    assert files() == first  # nothing was written again
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     src.write_text("another corpus entirely! " * 200)
     assert _prepare_cli(src, "--out", out) == 2
