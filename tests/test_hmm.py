@@ -191,6 +191,23 @@ def test_train_eval_generate_end_to_end(tiny_corpus, tmp_path):
     assert r.returncode == 0, r.stderr
     loss, ppl = map(float, re.search(r"val loss ([\d.]+), perplexity ([\d.]+)", r.stdout).groups())
     assert ppl == pytest.approx(math.exp(loss), rel=2e-3) and loss < math.log(vocab)
+    # the same loss from the checkpoint's parameters with a plain forward pass: per 33-token window,
+    # -(log P(window) - log P(first token)) / 32
+    params = checkpoint.load(checkpoint.resolve(out), "model.pt")
+    pi, A, B = (params[k].double().numpy() for k in ("initial", "transition", "emission"))
+    val = np.fromfile(data / "val.bin", np.uint16)
+    nll = []
+    for b in range(0, ((len(val) - 1) // 32) * 32, 32):
+        w = val[b:b + 33]
+        alpha, log_p = pi * B[:, w[0]], 0.0
+        first = math.log(alpha.sum())
+        for t in range(len(w)):
+            if t:
+                alpha = (alpha @ A) * B[:, w[t]]
+            log_p += math.log(alpha.sum())
+            alpha = alpha / alpha.sum()
+        nll.append(-(log_p - first) / 32)
+    assert loss == pytest.approx(float(np.mean(nll)), abs=1e-4)
 
     r = run_python(["-m", "hpclm", "generate", "--ckpt", str(out), "--prompt", "To ", "--max-new-tokens", "60"])
     assert r.returncode == 0, r.stderr
