@@ -92,22 +92,33 @@ def test_injected_overflow_on_one_rank_is_skipped_by_both(shakespeare_dir, tmp_p
 
 def test_fp16_ends_close_to_fp32(shakespeare_dir, tmp_path):
     script = textwrap.dedent("""
-        import json, sys
+        import json, sys, torch
         from hpclm import config
-        from hpclm.train import train
+        from hpclm.train import loop, train
         out, *overrides = sys.argv[1:]
-        losses = {}
+        losses, dtypes, real_setup = {}, {}, loop.setup
+        def setup(*a, **k):  # record what dtype the model's matmuls really produce while training
+            run = real_setup(*a, **k)
+            for m in run.model.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.register_forward_hook(lambda mod, inp, outp: seen.add(str(outp.dtype)) if mod.training else None)
+            return run
+        loop.setup = setup
         for dtype in ("fp32", "fp16"):
+            seen = set()
             cfg = config.load(None, [*overrides, f"precision.dtype={dtype}"])
             s = train(cfg, f"{out}/{dtype}", progress_bar=False)
-            losses[dtype] = s["val_loss"]
-        print(json.dumps(losses))
+            losses[dtype], dtypes[dtype] = s["val_loss"], sorted(seen)
+        print(json.dumps({"losses": losses, "dtypes": dtypes}))
     """)
     cfg = _cfg(shakespeare_dir, "model.n_embd=64", "model.n_layer=2", "train.max_iters=300", "train.eval_interval=0",
                "train.eval_iters=20", "train.log_interval=50", "checkpoint.every_iters=0", "train.batch_size=8")
     proc = run_python(["-c", script, str(tmp_path), *cfg], timeout=300)
     assert proc.returncode == 0, proc.stderr
-    losses = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    losses = result["losses"]
+    # fp16 training really ran its matmuls in float16 (a no-op autocast would pass the loss checks below)
+    assert result["dtypes"] == {"fp32": ["torch.float32"], "fp16": ["torch.float16"]}
     assert losses["fp32"] < 2.6  # it learned something
     assert abs(losses["fp16"] - losses["fp32"]) < 0.05, losses
     assert max(r["loss_scale"] for r in records(tmp_path / "fp16", "train")) >= 2.0**16

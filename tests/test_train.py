@@ -294,9 +294,19 @@ def test_gru_trains_and_generates(shakespeare_dir, tmp_path):
     assert len(generate_text(trained, "KING", max_new_tokens=40, seed=3)) == 44
 
 
-def test_precision_bf16_runs_and_cuda_needs_a_device(shakespeare_dir, tmp_path, capsys):
+def test_precision_bf16_runs_and_cuda_needs_a_device(shakespeare_dir, tmp_path, capsys, monkeypatch):
     """(fp16 with loss scaling: tests/test_data_parallel.py)"""
+    seen, real_setup = set(), loop.setup
+
+    def setup(*a, **k):  # the dtype the model's matmuls produce while training
+        run = real_setup(*a, **k)
+        for m in run.model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype) if mod.training else None)
+        return run
+    monkeypatch.setattr(loop, "setup", setup)
     _train(shakespeare_dir, tmp_path / "bf16", "precision.dtype=bf16", "train.max_iters=30", "train.eval_interval=15")
+    assert seen == {torch.bfloat16}  # autocast really ran the matmuls in bfloat16
     assert "fp16 on a CPU" not in capsys.readouterr().out
     _train(shakespeare_dir, tmp_path / "fp16", "precision.dtype=fp16", "train.max_iters=1", "train.eval_interval=0")
     assert "note: fp16 on a CPU converts around every op" in capsys.readouterr().out
