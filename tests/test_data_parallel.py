@@ -75,6 +75,36 @@ def test_two_ranks_batch_b_equal_one_rank_batch_2b(shakespeare_dir, tmp_path):
     assert all(s["moved"] for s in ref["steps"])  # the comparison is not between untrained models
 
 
+START = textwrap.dedent("""
+    import json, sys, torch
+    import hpclm.dist as dist
+    from hpclm import config
+    from hpclm.train import loop
+    out, *overrides = sys.argv[1:]
+    real_build = loop.build_model
+    def build(cfg, vocab_size):  # every rank starts from other weights: the start must give them rank 0's
+        model = real_build(cfg, vocab_size)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * (dist.rank() + 1))
+        return model
+    loop.build_model = build
+    run = loop.setup(config.load(None, overrides), __import__("pathlib").Path(out), "never", False, lambda *a: None)
+    with open(f"{out}.rank{dist.rank()}.json", "w") as f:
+        json.dump([p.detach().double().flatten().tolist() for p in run.params], f)
+""")
+
+
+def test_every_rank_starts_from_rank_0s_weights(shakespeare_dir, tmp_path):
+    one = run_python(["-c", START, str(tmp_path / "one"), *_cfg(shakespeare_dir)])
+    assert one.returncode == 0, one.stderr
+    two = mpirun(2, ["-c", START, str(tmp_path / "two"), *_cfg(shakespeare_dir)])
+    assert two.returncode == 0, two.stdout + two.stderr
+    ref = json.loads(open(f"{tmp_path / 'one'}.rank0.json").read())
+    ranks = [json.loads(open(f"{tmp_path / 'two'}.rank{r}.json").read()) for r in range(2)]
+    assert ranks[0] == ranks[1] == ref  # rank 1's own weights were replaced by rank 0's
+
+
 def test_injected_overflow_on_one_rank_is_skipped_by_both(shakespeare_dir, tmp_path):
     cfg = _cfg(shakespeare_dir, "precision.dtype=fp16", "precision.init_scale=1024", "precision.hysteresis=2")
     proc = mpirun(2, ["-c", STEPS, str(tmp_path / "fp16"), "inject", *cfg])
