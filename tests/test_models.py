@@ -130,19 +130,28 @@ def test_gpt_matches_nanogpt_parameter_layout_and_init():
     assert abs(loss.item() - math.log(65)) < 0.1  # near-uniform predictions at init
 
 
-def test_fused_softmax_is_used_or_a_clear_config_error():
+def test_fused_softmax_is_used_or_a_clear_config_error(monkeypatch):
     try:
         import hpclm.ops  # noqa: F401
     except ImportError:
         with pytest.raises(HpclmError, match="model.softmax = 'fused' needs hpclm.ops.fused_softmax.*use model.softmax = 'sdpa' or 'torch'"):
             GPT(10, 8, n_layer=1, n_head=2, n_embd=8, softmax="fused")
         return
+    from hpclm import native
+    ext = native.require()
+    calls = []  # the compiled kernels, not the torch fallback, compute the model's attention softmax
+    for name in ("softmax_forward", "softmax_backward"):
+        real = getattr(ext, name)
+        monkeypatch.setattr(ext, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     torch.manual_seed(0)
     fused = GPT(10, 8, n_layer=1, n_head=2, n_embd=8, softmax="fused")
     plain = GPT(10, 8, n_layer=1, n_head=2, n_embd=8, softmax="torch")
     plain.load_state_dict(fused.state_dict())
     idx = torch.randint(0, 10, (2, 8))
-    assert torch.allclose(fused(idx, idx)[1], plain(idx, idx)[1], atol=1e-5)
+    fused_loss = fused(idx, idx)[1]
+    fused_loss.backward()
+    assert calls == ["softmax_forward", "softmax_backward"]  # one layer: one call each way
+    assert torch.allclose(fused_loss, plain(idx, idx)[1], atol=1e-5)
 
 
 def test_gru_is_the_briefs_model():
