@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from conftest import REPO, requires_horovod, run_python
-from helpers.lm_fixtures import SHAKESPEARE, requires_shakespeare
+from helpers.lm_fixtures import SHAKESPEARE, records, requires_shakespeare
 
 
 @requires_shakespeare
@@ -31,6 +31,8 @@ def test_train_shakespeare_scores_both_loops_on_the_whole_val_split(tmp_path):
     # throughput is judged on short runs of both loops in turns
     rounds = doc["throughput_rounds"]
     assert len(rounds) == 2 and all(r["ratio"] == pytest.approx(r["hpclm"] / r["plain"]) for r in rounds)
+    assert all(r["hpclm"] > 0 and r["plain"] > 0 for r in rounds)  # both loops measured in every round
+    assert ours["tokens_per_s"] > 0 and peer["tokens_per_s"] > 0 and peer["val_loss"] < 4.0  # the peer really trained
     assert doc["tokens_per_s_ratio_rounds"] == pytest.approx(sum(r["ratio"] for r in rounds) / 2)
     assert doc["goal"]["tokens_per_s_ratio_judged_on"] == "throughput_rounds"
 
@@ -49,6 +51,12 @@ def test_train_scaling_measures_cells_ratios_and_the_allreduce_share(tmp_path):
     for (dtype, layout), r in cells.items():
         assert r["tokens_per_s"] > 0 and r["ranks"] == int(layout[0])
         assert r["tokens_per_s_per_rank"] == pytest.approx(r["tokens_per_s"] / r["ranks"])
+        # what the cell measured is the run it launched: that many ranks, that precision, and tokens/s x step
+        # time = the config's tokens per step (12 sequences of 64 per rank)
+        run = tmp_path / "work" / f"shakespeare-char-{dtype}-{layout}" / "run"
+        assert {x["ranks"] for x in records(run, "train")} == {r["ranks"]}
+        assert f'dtype = "{dtype}"' in (run / "config.toml").read_text()
+        assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(12 * 64 * r["ranks"])
     for dtype in ("fp32", "bf16"):  # the ratios are the cells' own figures, not measured again
         weak = next(x for x in doc["ratios"] if x["ratio"].startswith("weak") and x["dtype"] == dtype)
         assert weak["value"] == pytest.approx(cells[dtype, "2x1"]["tokens_per_s_per_rank"]
@@ -60,6 +68,7 @@ def test_train_scaling_measures_cells_ratios_and_the_allreduce_share(tmp_path):
     assert bf16["value"] == pytest.approx(cells["bf16", "1x1"]["tokens_per_s"] / cells["fp32", "1x1"]["tokens_per_s"])
     target = doc["time_to_target"]  # --quick: 20 iterations cannot reach 1.88, and says so
     assert target["reached"] is False and target["met"] is False and target["evals"], target
+    assert target["evals"][-1]["val_loss"] < target["evals"][0]["val_loss"] < 4.3  # it trained (ln 65 = 4.17 at first)
     assert target["best_val_loss"] == min(e["val_loss"] for e in target["evals"]) > 1.88
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     # the plot shows what ran: legends name the layouts run, the loss panel holds every eval
