@@ -50,9 +50,12 @@ def test_short_run_loss_falls_and_writes_its_outputs(shakespeare_dir, tmp_path, 
     assert "step 80/80 | loss" in capsys.readouterr().out
 
 
-def test_resume_equals_uninterrupted_run_exactly(shakespeare_dir, tmp_path):
+@pytest.mark.parametrize("precision", [[], ["precision.dtype=fp16", "precision.init_scale=8.0", "precision.growth_interval=3"]],
+                         ids=["fp32", "fp16-scaler"])
+def test_resume_equals_uninterrupted_run_exactly(shakespeare_dir, tmp_path, precision):
+    """fp16: the loss scale grows every 3 clean steps, so the scaler's state must survive the resume too."""
     common = ["train.eval_interval=10", "checkpoint.every_iters=10", "optim.lr_decay_iters=30", "model.dropout=0.1",
-              "train.grad_accum=2"]
+              "train.grad_accum=2", *precision]
     _train(shakespeare_dir, tmp_path / "whole", "train.max_iters=30", *common)
     _train(shakespeare_dir, tmp_path / "split", "train.max_iters=20", *common)
     summary = _train(shakespeare_dir, tmp_path / "split", "train.max_iters=30", *common)
@@ -64,6 +67,10 @@ def test_resume_equals_uninterrupted_run_exactly(shakespeare_dir, tmp_path):
     a = checkpoint.load(checkpoint.resolve(tmp_path / "whole"), "model.pt")
     b = checkpoint.load(checkpoint.resolve(tmp_path / "split"), "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    scalers = [checkpoint.load(checkpoint.resolve(tmp_path / run), "state.pt")["loss_scaler"] for run in ("whole", "split")]
+    assert scalers[0] == scalers[1]
+    if precision:
+        assert scalers[0]["scale"] > 8.0  # it grew, across the resume as in one run
 
 
 KILL_DURING_WRITE = textwrap.dedent("""
