@@ -166,7 +166,9 @@ def test_check_reports_what_a_start_would_do_and_writes_nothing(shakespeare_dir,
     assert _snapshot(out) == before  # --force under --check deletes nothing
 
 
-def test_sigusr1_checkpoints_exits_75_and_leaves_a_marker_until_resumed(shakespeare_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_a_preemption_signal_checkpoints_exits_75_and_leaves_a_marker_until_resumed(shakespeare_dir, tmp_path, sig):
+    """Slurm's --signal warning (USR1) and its time limit or scancel (TERM) both stop after a checkpoint."""
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "hpclm", "train", "--out", str(out), f"--set=data.path={json.dumps(str(shakespeare_dir))}",
             *[f"--set={o}" for o in TINY], "--set=train.max_iters=100000", "--set=train.eval_interval=0",
@@ -175,12 +177,14 @@ def test_sigusr1_checkpoints_exits_75_and_leaves_a_marker_until_resumed(shakespe
     deadline = time.time() + 60
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and records(out, "train")):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
+    # a train record is written inside the loop, after the handlers are installed: the signal cannot come early
+    assert proc.poll() is None and records(out, "train"), "training never logged a step"
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err
     stopped = checkpoint.read_latest(out)
     assert stopped and (out / "preempted").read_text().strip() == str(stopped)  # what train.sbatch requeues on
-    assert f"stopped after step {stopped} on SIGUSR1" in err
+    assert f"stopped after step {stopped} on {sig.name}" in err
     resume = argv[:-3] + [f"--set=train.max_iters={stopped + 2}", "--set=train.eval_interval=0"]
     assert subprocess.run(resume, env=child_env(), cwd=REPO, capture_output=True, timeout=120).returncode == 0
     assert not (out / "preempted").exists() and checkpoint.read_latest(out) == stopped + 2
