@@ -290,6 +290,20 @@ def test_an_infinite_loss_scale_and_a_run_that_skips_every_step(shakespeare_dir,
     assert "done: step" not in proc.stdout
 
 
+def test_overflows_persisting_at_the_minimum_scale_stop_with_the_last_checkpoint_as_it_was(shakespeare_dir, tmp_path):  # noqa: F811
+    """A scale fp16 cannot hold (1e30, also the minimum) overflows every step: after max_consecutive_skips of
+    them the run stops with one line, and no checkpoint is written for the failing step."""
+    out = tmp_path / "run"
+    proc = _train(shakespeare_dir, out, 'precision.dtype="fp16"', "precision.init_scale=1e30", "precision.min_scale=1e30",
+                  "precision.max_consecutive_skips=3", "train.max_iters=20", "train.eval_interval=0",
+                  "checkpoint.every_iters=1")
+    _one_line_error(proc, "overflowed for 3 consecutive steps at the minimum loss scale 1e+30")
+    assert checkpoint.read_latest(out) == 2 and sorted(p.name for p in checkpoint.root(out).iterdir()) == [
+        "iter_0000001", "iter_0000002", "latest"]  # steps 1 and 2 skipped and saved; step 3 stopped the run
+    state = checkpoint.load(checkpoint.resolve(out), "state.pt")  # the last checkpoint verifies
+    assert state["loss_scaler"]["consecutive_skips_at_min"] == 2 and state["loss_scaler"]["skipped_steps"] == 2
+
+
 def test_a_busy_prometheus_port_writes_nothing(shakespeare_dir, tmp_path):  # noqa: F811
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
