@@ -10,10 +10,12 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -362,22 +364,51 @@ def test_a_checkpoint_write_that_fails_leaves_no_temporary_folder(trained_run, s
     assert "iter_0000004" in listing and listing[-1] == "4"  # the earlier checkpoint whole, `latest` on it
 
 
-def test_sigterm_to_mpirun_reports_the_preemption(shakespeare_dir, tmp_path):  # noqa: F811
-    """mpirun turns a SIGTERM it receives into its own exit code; the ranks' checkpoint and OUT/preempted
-    are what a script checks, and SIGUSR1 (which mpirun forwards) gives exit code 75 itself."""
+def _scrape(url: str) -> dict[str, float]:
+    body = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {name: float(value) for name, value in
+            (line.split() for line in body.splitlines() if line.startswith("hpclm_"))}
+
+
+def test_two_ranks_under_mpirun_serve_the_latest_record_and_stop_on_sigusr1(shakespeare_dir, tmp_path):  # noqa: F811
+    """Rank 0 alone serves Prometheus (a second server on the port would fail the run) with the figures of
+    a record in metrics.jsonl; SIGUSR1 to mpirun reaches the ranks, which checkpoint and exit 75.
+    (A SIGTERM to mpirun ends in mpirun's own exit code: README says what a script checks then.)"""
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun not found")
-    from helpers.lm_fixtures import records as recs
-    for sig, want in (("USR1", 75),):
-        out = tmp_path / sig
+    for attempt in range(3):  # the free port found here may be taken before the run binds it
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = tmp_path / f"run{attempt}"
         cmd = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none", "--allow-run-as-root", sys.executable,
                "-m", "hpclm", "train", "--out", str(out),
-               *_sets(shakespeare_dir, "train.max_iters=100000", "train.eval_interval=0", "checkpoint.every_iters=0")]
+               *_sets(shakespeare_dir, "train.max_iters=100000", "train.eval_interval=0", "checkpoint.every_iters=0",
+                      f"metrics.prometheus_port={port}")]
         proc = subprocess.Popen(cmd, env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 90
-        while time.time() < deadline and not ((out / "metrics.jsonl").exists() and recs(out, "train")):
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not records(out, "train"):
             time.sleep(0.1)
-        proc.send_signal(getattr(__import__("signal"), f"SIG{sig}"))
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            if "cannot serve Prometheus metrics" in err:
+                continue
+            pytest.fail(f"training ended before its first record: {err[-2000:]}")
+        break
+    assert records(out, "train"), "no train record within 120 s"
+    try:
+        served = _scrape(f"http://127.0.0.1:{port}/metrics")
+        logged = {r["step"]: r for r in records(out, "train")}  # read after the scrape: holds the record served
+        step = int(served["hpclm_step"])
+        assert step in logged and served["hpclm_ranks"] == 2
+        for key in ("loss", "tokens", "tokens_per_s", "grad_norm", "lr"):
+            assert served[f"hpclm_{key}"] == logged[step][key], key  # one record's figures, not a mix
+        later = served
+        while later["hpclm_step"] == step and time.time() < deadline:
+            later = _scrape(f"http://127.0.0.1:{port}/metrics")
+        assert later["hpclm_step"] > step  # the latest record, not the first
+    finally:
+        proc.send_signal(signal.SIGUSR1)
         _, err = proc.communicate(timeout=120)
-        assert proc.returncode == want, err[-2000:]
-        assert (out / "preempted").is_file() and checkpoint.read_latest(out) == int((out / "preempted").read_text())
+    assert proc.returncode == 75, err[-2000:]
+    assert (out / "preempted").is_file() and checkpoint.read_latest(out) == int((out / "preempted").read_text())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 from pathlib import Path
 
 from hpclm import atomic
@@ -114,7 +115,10 @@ class Progress:
 
 
 class Prometheus:
-    """Gauges at http://HOST:PORT/metrics, served from a daemon thread; HOST is 127.0.0.1 unless configured."""
+    """Gauges at http://HOST:PORT/metrics, served from a daemon thread; HOST is 127.0.0.1 unless configured.
+
+    A scrape sees each gauge's value from the latest record that carried it, the gauges of one record
+    always together (a copy taken under a lock, never half an update)."""
 
     GAUGES = {
         "step": "optimizer updates done", "tokens": "training tokens consumed, all ranks",
@@ -126,9 +130,11 @@ class Prometheus:
     }
 
     def __init__(self, port: int, host: str = "127.0.0.1"):
-        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+        from prometheus_client import CollectorRegistry, start_http_server
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(self.GAUGES, 0.0)
         self.registry = CollectorRegistry()
-        self.gauges = {k: Gauge(f"hpclm_{k}", doc, registry=self.registry) for k, doc in self.GAUGES.items()}
+        self.registry.register(self)
         try:
             self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as e:
@@ -137,9 +143,18 @@ class Prometheus:
         self.url = f"http://{host}:{self.server.server_port}/metrics"
 
     def update(self, record: dict) -> None:
-        for key, value in record.items():
-            if key in self.gauges and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.gauges[key].set(value)
+        numbers = {k: float(v) for k, v in record.items()
+                   if k in self.GAUGES and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        with self._lock:
+            self._values.update(numbers)
+
+    def collect(self):
+        """The registry's view (prometheus_client's collector protocol): one gauge per name."""
+        from prometheus_client.core import GaugeMetricFamily
+        with self._lock:
+            values = dict(self._values)
+        for key, doc in self.GAUGES.items():
+            yield GaugeMetricFamily(f"hpclm_{key}", doc, value=values[key])
 
     def close(self) -> None:
         self.server.shutdown()
