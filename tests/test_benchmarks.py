@@ -121,6 +121,24 @@ def test_softmax_benchmark_checks_and_derives_its_ratios(tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--shapes" in bad.stderr
 
 
+@pytest.mark.parametrize("error,code", [(5e-6, 0), (3e-5, 1)], ids=["within-fp32-tolerance", "beyond-it"])
+def test_softmax_benchmark_fails_on_a_wrong_result_and_writes_its_documented_json(tmp_path, error, code):
+    """One forward value off by `error` (the CORRUPT_ENV hook): past fp32's 1e-5 the check column says FAIL and
+    the exit code is 1, and the JSON is still written, with the keys README documents."""
+    from hpclm.bench.softmax import CORRUPT_ENV
+    out = tmp_path / "softmax.json"
+    proc = run_python(["-m", "hpclm", "bench", "softmax", "--shapes", "2x8x64", "--dtypes", "fp32", "--masks", "padding",
+                       "--quick", "--threads", "1", "--json", str(out)], env={CORRUPT_ENV: str(error)})
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert set(doc) == {"tool", "host", "settings", "rows"} and doc["tool"] == "hpclm bench softmax"
+    assert set(doc["host"]) >= {"cpu", "cores", "ranks", "threads", "torch", "malloc"}
+    [row] = doc["rows"]
+    assert row["max_abs_diff_vs_torch"] == pytest.approx(error, rel=0.05)  # the fused op itself is exact to ~1e-7
+    assert row["check"] == ("ok" if code == 0 else "FAIL")
+    assert ("1 case(s) differ from the torch composition" in proc.stdout) == (code == 1)
+
+
 @requires_shakespeare
 def test_baselines_benchmark_scores_its_rows_like_hpclm_eval(tmp_path):
     out = tmp_path / "baselines.json"
