@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 
@@ -241,6 +242,57 @@ def test_a_dataset_without_its_tokenizer_fails_check_and_start_alike(shakespeare
         proc = hpclm("train", *extra, "--out", tmp_path / "run", *_sets(data))
         _one_line_error(proc, "no tokenizer at")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def same_and_other_tokenizer(tmp_path_factory):
+    """Two prepared datasets beside shakespeare-char: its lines in reverse order (the same 65 characters,
+    so the same tokenizer, and another val split), and the text with 'z' turned into 'é' (as many
+    characters, another tokenizer)."""
+    from helpers.lm_fixtures import SHAKESPEARE
+    root = tmp_path_factory.mktemp("tokenizers")
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    dirs = []
+    for name, variant in (("same", "\n".join(reversed(text.split("\n")))), ("other", text.replace("z", "é"))):
+        (root / f"{name}.txt").write_text(variant, encoding="utf-8")
+        assert hpclm("prepare", root / f"{name}.txt", "--out", root / name).returncode == 0
+        dirs.append(root / name)
+    return dirs
+
+
+def _eval_line(proc):
+    """(loss, tokens, val.bin path) from `hpclm eval`'s line."""
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("val loss"))
+    words = line.split()
+    return float(words[2].rstrip(",")), int(words[6].replace(",", "")), words[9]
+
+
+def test_eval_data_scores_another_split_of_the_same_tokenizer_and_refuses_another(
+        trained_run, shakespeare_dir, same_and_other_tokenizer):  # noqa: F811
+    same, other = same_and_other_tokenizer
+    own_loss, own_count, own_path = _eval_line(hpclm("eval", "--ckpt", trained_run))
+    loss, count, path = _eval_line(hpclm("eval", "--ckpt", trained_run, "--data", same))
+    val = len(np.fromfile(same / "val.bin", dtype=json.loads((same / "meta.json").read_text())["dtype"]))
+    assert path == str(same / "val.bin") and own_path == str(shakespeare_dir / "val.bin")
+    assert count == (val - 1) // 32 * 32 and loss != own_loss  # that split, every whole block of 32
+    _one_line_error(hpclm("eval", "--ckpt", trained_run, "--data", other), "was tokenized with another tokenizer")
+
+
+def test_eval_under_mpirun_shares_the_blocks_and_reports_the_one_rank_figures(trained_run):
+    loss, count, _ = _eval_line(hpclm("eval", "--ckpt", trained_run))
+    proc = mpirun(2, ["-m", "hpclm", "eval", "--ckpt", str(trained_run)])
+    assert proc.stdout.count("val loss") == 1  # rank 0 alone prints
+    loss2, count2, _ = _eval_line(proc)
+    assert count2 == count and loss2 == pytest.approx(loss, rel=1e-5)  # each block once, summed over both ranks
+
+
+def test_resuming_on_data_of_another_tokenizer_is_refused(trained_run, same_and_other_tokenizer, tmp_path):
+    out = _copy_run(trained_run, tmp_path)
+    before = _snapshot(out)
+    proc = _train(same_and_other_tokenizer[1], out, "train.max_iters=6", "train.eval_interval=0")
+    _one_line_error(proc, "holds checkpoints of a different model (the tokenizer differs from data.path's)")
+    assert _snapshot(out) == before
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
