@@ -84,6 +84,7 @@ class Run:
     device: torch.device
     params: list = field(default_factory=list)
     start_step: int = 0
+    start_tokens: int = 0  # training tokens consumed before start_step (all ranks, at whatever rank count ran them)
     lr_step: int = 0  # optimizer updates applied: the LR schedule's position (fp16 skips do not count)
     resumed_from: str | None = None
 
@@ -97,6 +98,10 @@ class Run:
     def tokens_per_step(self) -> int:
         return self.global_batch * self.cfg.data.block_size
 
+    def tokens_at(self, step: int) -> int:
+        """Training tokens consumed through `step`: a resume on another rank count keeps the earlier steps' count."""
+        return self.start_tokens + (step - self.start_step) * self.tokens_per_step
+
 
 def _restore(run: Run, path: Path, say) -> None:
     run.model.load_state_dict(checkpoint.load(path, "model.pt", run.device))
@@ -105,6 +110,7 @@ def _restore(run: Run, path: Path, say) -> None:
     run.scaler.load_state_dict(state["loss_scaler"])
     run.start_step = int(state["step"])
     run.lr_step = int(state.get("lr_step", run.start_step))
+    run.start_tokens = int(state.get("tokens", run.start_step * run.tokens_per_step))
     rng = state["rng"]["torch"]
     if len(rng) == dist.size():
         torch.set_rng_state(rng[dist.rank()])
@@ -155,7 +161,7 @@ def save_checkpoint(run: Run, step: int, recent_losses=0.0) -> Path | None:
         refuse_diverged(step, run.out, {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()},
                         losses_finite=all(g["losses_finite"] for g in gathered))
         state = {
-            "format": STATE_FORMAT, "step": step, "tokens": step * run.tokens_per_step, "world_size": dist.size(),
+            "format": STATE_FORMAT, "step": step, "tokens": run.tokens_at(step), "world_size": dist.size(),
             "rng": rngs, "loss_scaler": run.scaler.state_dict(), "lr_step": run.lr_step,
             "lr_schedule": {"lr": lr_at(run.lr_step, o, run.cfg.train.max_iters), "max_lr": o.lr, "min_lr": o.min_lr,
                             "warmup_iters": o.warmup_iters, "decay_iters": o.lr_decay_iters or run.cfg.train.max_iters},
@@ -277,7 +283,7 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
 
     def evaluate(step: int) -> None:
         losses = estimate_loss(run.model, run.data, cfg, run.device, amp)
-        record({"kind": "eval", "step": step, "tokens": step * run.tokens_per_step, **losses})
+        record({"kind": "eval", "step": step, "tokens": run.tokens_at(step), **losses})
         summary.update(losses)
 
     signals = PreemptionSignals()
@@ -304,7 +310,7 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
                     loss_acc = dist.allreduce(loss_acc.reshape(1), "avg")[0]
                 mean_loss = float(loss_acc) / steps_acc
                 refuse_diverged(done, out, {}, losses_finite=math.isfinite(mean_loss))  # the same on every rank
-                record({"kind": "train", "step": done, "tokens": done * run.tokens_per_step, "loss": mean_loss,
+                record({"kind": "train", "step": done, "tokens": run.tokens_at(done), "loss": mean_loss,
                         "lr": lr_at(max(run.lr_step - 1, 0), cfg.optim, max_iters),
                         "tokens_per_s": run.tokens_per_step * steps_acc / time_acc, "step_time_s": time_acc / steps_acc,
                         "grad_norm": norm, "loss_scale": float(run.scaler.scale),
