@@ -74,6 +74,15 @@ def test_two_ranks_batch_b_equal_one_rank_batch_2b(shakespeare_dir, tmp_path):
     assert worst < 1e-5, f"2 ranks x B differ from 1 rank x 2B by {worst}"
     assert all(s["moved"] for s in ref["steps"])  # the comparison is not between untrained models
 
+    # the same with gradients allreduced in fp16: rounded on the wire, so close to the fp32 pair but not equal
+    fp16 = mpirun(2, ["-c", STEPS, str(tmp_path / "fp16"), "average",
+                      *_cfg(shakespeare_dir, "train.grad_accum=2", "dist.fp16_compression=true")])
+    assert fp16.returncode == 0, fp16.stdout + fp16.stderr
+    wire = _reports(tmp_path / "fp16", 2)
+    assert wire[0]["params"] == wire[1]["params"]
+    off = max(abs(a - b) for p, q in zip(pair[0]["params"], wire[0]["params"]) for a, b in zip(p, q))
+    assert 0 < off < 1e-3, f"fp16 compression moved the weights by {off}"
+
 
 START = textwrap.dedent("""
     import json, sys, torch
