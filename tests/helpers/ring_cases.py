@@ -45,14 +45,15 @@ def to_f64(buf):
     return (buf.double().numpy() if isinstance(buf, torch.Tensor) else buf.astype(np.float64))
 
 
-def check_case(dtype, op, count, kind, in_place, flavour, segment, depth):
+def check_case(dtype, op, count, kind, in_place, flavour, segment, depth, threads=None):
     global checked
-    name = f"{dtype} {op} count={count} {kind} {'in place' if in_place else 'out of place'} {flavour} seg={segment} depth={depth}"
+    name = (f"{dtype} {op} count={count} {kind} {'in place' if in_place else 'out of place'} {flavour} seg={segment} "
+            f"depth={depth} threads={threads}")
     everyone = [make_inputs(dtype, count, kind, op, r) for r in range(n)]
     buf = as_buffer(everyone[rank], dtype, flavour)
     original = to_f64(buf).copy()
     out = None if in_place else as_buffer(np.full(count, 7.0), dtype, flavour)
-    got = ring_allreduce(buf, op=op, out=out, segment_bytes=segment, depth=depth)
+    got = ring_allreduce(buf, op=op, out=out, segment_bytes=segment, depth=depth, threads=threads)
     if got is not (buf if in_place else out):
         fail(f"{name}: returned a different object than the result buffer")
     if not in_place and not np.array_equal(to_f64(buf), original):
@@ -157,6 +158,9 @@ def main():
     for dtype in DTYPES:  # long enough for many segments per chunk, with remainders
         check_case(dtype, "sum", 100003, "int", False, "torch", 4096, 2)
         check_case(dtype, "avg", 100003, "random", True, "torch", 1000, 3)
+        # segments of 2^18 elements and chunks of 75,001 or more: the reductions split among threads
+        check_case(dtype, "sum", 300007, "int", False, "torch", 1 << 20, 2, threads=2)
+        check_case(dtype, "avg", 300007, "random", True, "torch", 1 << 20, 2, threads=3)
     return {"rank": rank, "size": n, "checked": checked, "failures": failures[:20], "errors": errors(),
             "communicators": communicators()}
 
