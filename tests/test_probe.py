@@ -369,3 +369,32 @@ def test_native_calls_before_mpi_init_raise():
     assert len(lines) == 4
     for name, line in zip(["ring_allreduce", "mpi_allreduce", "mpi_sendrecv", "mpi_transport"], lines):
         assert line.startswith(f"{name}: MPI is not initialized; import mpi4py first"), line
+
+
+def test_mpi_errors_raise_runtime_error_with_mpis_text():
+    """An MPI call that fails (here: a communicator handle MPI does not know) raises RuntimeError with
+    the library's own error string; it does not abort the process."""
+    script = textwrap.dedent("""
+        import numpy as np
+        from mpi4py import MPI
+        from hpclm import native
+        ext = native.require()
+        x = np.ones(4, np.float32)
+        bad = 987654  # no such Fortran handle
+        for name, call in [("ring_allreduce", lambda: ext.ring_allreduce(x.ctypes.data, x.ctypes.data, 4, "float32", "sum", bad)),
+                           ("mpi_allreduce", lambda: ext.mpi_allreduce(x.ctypes.data, x.ctypes.data, 4, "float32", "sum", bad)),
+                           ("mpi_sendrecv", lambda: ext.mpi_sendrecv(x.ctypes.data, x.ctypes.data, 16, bad))]:
+            try:
+                call()
+                print(name, "no error")
+            except RuntimeError as e:
+                print(name, "RuntimeError", e)
+    """)
+    proc = run_python(["-c", script])
+    assert proc.returncode == 0, proc.stderr
+    MPI = pytest.importorskip("mpi4py.MPI", reason="mpi4py is not installed (scripts/setup.sh installs it)")
+    text = MPI.Get_error_string(MPI.ERR_COMM)  # what this MPI library calls the error
+    lines = proc.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [[n, "RuntimeError"] for n in
+                                                    ("ring_allreduce", "mpi_allreduce", "mpi_sendrecv")], proc.stdout
+    assert all(line.endswith(f"failed: {text}") for line in lines), proc.stdout
