@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, child_env, mpirun, requires_horovod
 from helpers.lm_fixtures import TINY, records, shakespeare_dir  # noqa: F401 (fixture)
 from helpers.slurm_cluster import LocalSlurm, missing_tools
+from hpclm.train import checkpoint
 
 pytestmark = pytest.mark.skipif(bool(missing_tools()), reason=f"Slurm/munge not installed ({', '.join(missing_tools())}); "
                                                                "scripts/setup.sh installs them where no Slurm exists")
@@ -86,32 +87,84 @@ def test_train_sbatch_runs_to_a_sample(slurm, shakespeare_dir, tmp_path):
     assert len(sample) == 1 + 200 + 1 and set(sample) <= chars, repr(sample)
 
 
+# PYTHON for train.sbatch in the preemption test. Until the job's second restart the trainer runs without
+# end (only the test's signals stop it, however late they arrive); the last run trains 30 steps past the
+# newest checkpoint. On the first run, rank 1 turns its exit code 75 into 143: what srun reports when it
+# kills a rank still exiting, so the script must requeue on OUT/preempted alone.
+PREEMPTION_PYTHON = """#!/bin/bash
+trap '' USR1  # Slurm signals every process of the step: this shell must outlive python (which handles it)
+extra=()
+if [ "$1 $2 $3" = "-m hpclm train" ]; then
+  if [ "${SLURM_RESTART_COUNT:-0}" -lt 2 ]; then extra=(--set train.max_iters=100000)
+  else extra=(--set "train.max_iters=$(( $(cat "$TEST_OUT/checkpoints/latest") + 30 ))"); fi
+fi
+"$TEST_PYTHON" "$@" "${extra[@]}"; rc=$?
+if [ "$rc" = 75 ] && [ -z "$SLURM_RESTART_COUNT" ] && [ "$SLURM_PROCID" = 1 ]; then
+  echo "test wrapper: rank 1 exits 143 instead of 75" >&2; exit 143
+fi
+exit $rc
+"""
+
+
+def _wait_for_step(slurm, job_id, out, log, step, restart, deadline):
+    """Until OUT's metrics reach `step` in the run of the given restart (its banner in the log); fails at
+    once if the job ended."""
+    while time.time() < deadline and slurm.job(job_id).get("JobState") in ("PENDING", "RUNNING", "REQUEUED",
+                                                                            "CONFIGURING", "COMPLETING"):
+        banner = restart == 0 or (log.exists() and f"restart {restart}" in log.read_text())
+        if banner and (out / "metrics.jsonl").exists() and any(r["step"] >= step for r in records(out, "train")):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"restart {restart} did not reach step {step} (job {slurm.job(job_id).get('JobState')}): "
+                f"{log.read_text() if log.exists() else 'no log'}")
+
+
 @requires_horovod
 def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, shakespeare_dir, tmp_path):
-    args = _train_args(shakespeare_dir, "train.max_iters=200", "checkpoint.every_iters=50", "model.dropout=0.1",
+    """Two preemptions by USR1 (the first ending in srun exit code 143 with OUT/preempted, the second in
+    75 or, as srun decides, 143), each a checkpoint and a requeue; the final log has every step once, with an uninterrupted run's
+    losses bit for bit."""
+    args = _train_args(shakespeare_dir, "optim.lr_decay_iters=200", "checkpoint.every_iters=50", "model.dropout=0.1",
                        "train.eval_interval=50")
     out = tmp_path / "preempted"
+    wrapper = tmp_path / "python"
+    wrapper.write_text(PREEMPTION_PYTHON)
+    wrapper.chmod(0o755)
+    log = tmp_path / "train-%j.out"
     # the run directory named by --out, and a first submission that starts over: the requeued job must
     # still resume in that directory, not start over again (--force would delete the checkpoint)
-    job_id, log = _submit_train(slurm, tmp_path, None, [*args, "--out", str(out), "--resume", "never", "--force"])
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(r["step"] >= 20 for r in (records(out, "train") if (out / "metrics.jsonl").exists() else [])):
-        time.sleep(0.1)
+    job_id = slurm.sbatch("-n", "2", "-o", str(log), str(REPO / "slurm" / "train.sbatch"), "configs/demo.toml", *args,
+                          "--out", str(out), "--resume", "never", "--force", cwd=REPO,
+                          env=job_env(PYTHON=str(wrapper), TEST_PYTHON=sys.executable, TEST_OUT=str(out)))
+    log = Path(str(log).replace("%j", str(job_id)))
+    deadline = time.time() + 240
+    _wait_for_step(slurm, job_id, out, log, 20, 0, deadline)
     slurm.run("scancel", "--batch", "--signal=USR1", str(job_id))
-    info = slurm.wait(job_id, timeout=240)
+    _wait_for_step(slurm, job_id, out, log, 1, 1, deadline)
+    first = checkpoint.read_latest(out)
+    _wait_for_step(slurm, job_id, out, log, first + 20, 1, deadline)
+    slurm.run("scancel", "--batch", "--signal=USR1", str(job_id))
+    info = slurm.wait(job_id, timeout=max(10, deadline - time.time()))
     text = log.read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
-    assert "checkpointed on request; requeueing" in text and "Slurm job" in text and "restart 1" in text
-    assert "exit code 75" in text
-    stopped = int(text.split("stopped after step ", 1)[1].split()[0])
-    assert 20 <= stopped < 200  # preempted mid-run, not at the end
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", text
+    requeues = [line for line in text.splitlines() if "checkpointed on request" in line]
+    codes = [line.split("srun exit code ")[1].split(")")[0] for line in requeues]
+    # the first 143 (the wrapper's, or srun's kill of the wrapper); the second 75, or 143 where srun killed
+    # the rank that exited last
+    assert len(codes) == 2 and codes[0] == "143" and codes[1] in ("75", "143"), text
+    assert "Slurm job" in text and "restart 1" in text and "restart 2" in text
+    stops = [int(part.split()[0]) for part in text.split("stopped after step ")[1:]]
+    assert len(stops) >= 2 and stops[0] == first and 20 <= stops[0] < stops[-1]  # rank 0's line, maybe rank 1's too
+    final = checkpoint.read_latest(out)
+    assert final == stops[-1] + 30
 
     reference = tmp_path / "reference"
-    whole = mpirun(2, ["-m", "hpclm", "train", "--config", "configs/demo.toml", "--out", str(reference), *args])
+    whole = mpirun(2, ["-m", "hpclm", "train", "--config", "configs/demo.toml", "--out", str(reference), *args,
+                       "--set", f"train.max_iters={final}"])
     assert whole.returncode == 0, whole.stdout + whole.stderr
     got = {r["step"]: r["loss"] for r in records(out, "train")}
     want = {r["step"]: r["loss"] for r in records(reference, "train")}
-    assert sorted(got) == list(range(1, 201))  # every step exactly once in the final log
+    assert sorted(got) == list(range(1, final + 1))  # every step exactly once in the final log
     assert got == want  # the losses of an uninterrupted run, bit for bit
 
 
