@@ -88,26 +88,40 @@ KILL_DURING_WRITE = textwrap.dedent("""
         if where == "rename" and (path / "iter_0000020").is_dir() and checkpoint.read_latest(path.parent) == 10:
             os.kill(os.getpid(), signal.SIGKILL)  # new folder complete, `latest` not yet replaced
         real_fsync(path)
-    checkpoint._write, checkpoint.atomic.fsync = write, fsync
+    real_prune, real_rmtree = checkpoint.prune, checkpoint.shutil.rmtree
+    def prune(run_dir, keep_last):
+        if where == "before-prune" and checkpoint.read_latest(run_dir) == 20:
+            os.kill(os.getpid(), signal.SIGKILL)  # `latest` on the new checkpoint, the old ones not yet pruned
+        return real_prune(run_dir, keep_last)
+    def rmtree(path, *a, **k):
+        if where == "mid-prune" and path.name.startswith(".del-iter_0000010"):
+            (path / "model.pt").unlink()
+            os.kill(os.getpid(), signal.SIGKILL)  # a pruned checkpoint half deleted
+        real_rmtree(path, *a, **k)
+    checkpoint._write, checkpoint.atomic.fsync, checkpoint.prune, checkpoint.shutil.rmtree = write, fsync, prune, rmtree
     train(config.load(None, sys.argv[3:]), sys.argv[1], progress_bar=False)
 """)
 
 
-@pytest.mark.parametrize("where", ["file", "rename"])
-def test_kill_during_checkpoint_write_leaves_latest_complete(shakespeare_dir, tmp_path, where):
+@pytest.mark.parametrize("where,latest", [("file", 10), ("rename", 10), ("before-prune", 20), ("mid-prune", 20)])
+def test_kill_during_checkpoint_write_leaves_latest_complete(shakespeare_dir, tmp_path, where, latest):
+    """SIGKILL inside a checkpoint's write, between it and `latest`, after `latest` but before pruning,
+    and in the middle of deleting a pruned checkpoint: `latest` names a complete checkpoint every time."""
     out = tmp_path / "run"
+    keep = 1 if "prune" in where else 3
     overrides = [f"data.path={json.dumps(str(shakespeare_dir))}", *TINY, "train.max_iters=30", "train.eval_interval=0",
-                 "checkpoint.every_iters=10"]
+                 "checkpoint.every_iters=10", f"checkpoint.keep_last={keep}"]
     proc = run_python(["-c", KILL_DURING_WRITE, str(out), where, *overrides])
     assert proc.returncode == -9, proc.stderr
-    assert checkpoint.read_latest(out) == 10
-    assert checkpoint.verify(checkpoint.root(out) / "iter_0000010") is None
-    assert checkpoint.find_resumable(out, pytest.fail).name == "iter_0000010"  # no warning needed
+    assert checkpoint.read_latest(out) == latest
+    assert checkpoint.verify(checkpoint.root(out) / f"iter_{latest:07d}") is None
+    assert checkpoint.find_resumable(out, pytest.fail).name == f"iter_{latest:07d}"  # no warning needed
     summary = train(config.load(None, overrides), out, progress_bar=False)
-    assert summary["start_step"] == 10 and summary["step"] == 30
-    assert [p.name for p in checkpoint.listing(out)] == ["iter_0000010", "iter_0000020", "iter_0000030"]
+    assert summary["start_step"] == latest and summary["step"] == 30
+    kept = ["iter_0000030"] if keep == 1 else ["iter_0000010", "iter_0000020", "iter_0000030"]
+    assert [p.name for p in checkpoint.listing(out)] == kept
     assert all(checkpoint.verify(p) is None for p in checkpoint.listing(out))
-    assert not [p for p in checkpoint.root(out).iterdir() if p.name.startswith(".")]  # leftovers cleaned
+    assert sorted(p.name for p in checkpoint.root(out).iterdir()) == [*kept, "latest"]  # leftovers cleaned
 
 
 def test_corrupt_latest_checkpoint_warns_and_resumes_from_previous(shakespeare_dir, tmp_path, capsys):
