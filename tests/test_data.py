@@ -182,3 +182,53 @@ def test_shakespeare_download_is_checked(tmp_path, monkeypatch, capsys):
         monkeypatch.setattr(corpus.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(SHAKESPEARE.read_bytes()))
         assert _prepare_cli("shakespeare", "--out", tmp_path / "c") == 0
         assert json.loads((tmp_path / "c" / "meta.json").read_text())["train_tokens"] == 1003854
+
+
+def test_val_fraction_sets_the_split_and_is_bounded(tmp_path, capsys):
+    src = tmp_path / "a.txt"
+    src.write_text("abcdefghij" * 1000)  # 10,000 characters
+    assert _prepare_cli(src, "--out", tmp_path / "quarter", "--val-fraction", "0.25") == 0
+    meta, (train, val) = _all_tokens(tmp_path / "quarter")
+    assert (len(train), len(val), meta["val_fraction"]) == (7500, 2500, 0.25)
+    assert tokenizer.load(tmp_path / "quarter").decode(val) == ("abcdefghij" * 1000)[7500:]  # the last quarter
+    for bad in ("0", "1", "-0.1", "nan"):
+        assert _prepare_cli(src, "--out", tmp_path / "bad", "--val-fraction", bad) == 2
+        assert "--val-fraction must be between 0 and 1" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bpe_vocabulary_starts_at_257(tmp_path, capsys):
+    src = tmp_path / "a.txt"
+    src.write_text(UNICODE * 200)
+    assert _prepare_cli(src, "--out", tmp_path / "small", "--tokenizer", "bpe", "--vocab-size", "256") == 2
+    assert "--vocab-size 256 is too small for byte-level BPE: use at least 257" in capsys.readouterr().err
+    assert not (tmp_path / "small").exists()
+    assert _prepare_cli(src, "--out", tmp_path / "least", "--tokenizer", "bpe", "--vocab-size", "257") == 0
+    meta, parts = _all_tokens(tmp_path / "least")
+    assert meta["vocab_size"] <= 257 and tokenizer.load(tmp_path / "least").decode(np.concatenate(parts)) == UNICODE * 200
+
+
+def test_a_vocabulary_over_65536_is_stored_as_uint32_and_trains(tmp_path, capsys):
+    """70,000 distinct characters (planes 1 and 2): token ids past uint16's range survive prepare, the
+    loader, training and sampling."""
+    rng = np.random.default_rng(0)
+    chars = [chr(0x10000 + i) for i in range(70_000)]
+    text = "".join(chars[i] for i in np.concatenate([rng.permutation(70_000), rng.permutation(70_000)]))
+    src = tmp_path / "wide.txt"
+    src.write_text(text, encoding="utf-8")
+    out = tmp_path / "wide"
+    assert _prepare_cli(src, "--out", out) == 0
+    meta, (train, val) = _all_tokens(out)
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_000 and train.max() >= 65_536
+    assert tokenizer.load(out).decode(np.concatenate([train, val])) == text
+    dataset = data.load_dataset(out, 8)
+    assert np.array_equal(np.asarray(dataset.val), val)  # the loader reads them as uint32 too
+    run = tmp_path / "run"
+    sets = ["model.n_layer=1", "model.n_head=1", "model.n_embd=8", "data.block_size=8", "train.batch_size=2",
+            "train.max_iters=2", "train.eval_interval=0", "train.eval_iters=1"]
+    assert cli.main(["train", "--out", str(run), "--set", f"data.path={json.dumps(str(out))}",
+                     *[a for s in sets for a in ("--set", s)]]) == 0
+    capsys.readouterr()
+    assert cli.main(["generate", "--ckpt", str(run), "--max-new-tokens", "20", "--prompt", chars[69_999]]) == 0
+    sample = capsys.readouterr().out[:-1]
+    assert len(sample) == 21 and set(sample) <= set(chars)
