@@ -25,10 +25,17 @@ def _tool(name):
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports free now (all held open together while they are chosen). Another process may
+    still take one before a daemon binds it: LocalSlurm.start then tries other ports."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _node_topology():
@@ -70,13 +77,24 @@ class LocalSlurm:
                         f"--pid-file={d}/munge/munged.pid", f"--log-file={d}/log/munged.log",
                         f"--seed-file={d}/munge/munge.seed"], check=True, capture_output=True)
         self._remember_pid("munged", d / "munge" / "munged.pid")
-        self.conf.write_text(self._config(sock))
+        for attempt in range(3):  # a port taken between choosing and binding: other ports
+            try:
+                return self._start_slurm(sock, timeout)
+            except (RuntimeError, subprocess.CalledProcessError):
+                self._stop_slurm()
+                if attempt == 2:
+                    raise
+
+    def _start_slurm(self, sock, timeout):
+        d = self.root
+        self.conf.write_text(self._config(sock, *_free_ports(2)))
         self.run("slurmctld", "-f", str(self.conf))
         self._remember_pid("slurmctld", d / "slurmctld.pid")
         self.run("slurmd", "-f", str(self.conf), "-N", "localhost")
         self._remember_pid("slurmd", d / "slurmd.pid")
         deadline = time.time() + timeout
-        while time.time() < deadline:
+        state = None
+        while time.time() < deadline and all(self._alive(name) for name in ("slurmctld", "slurmd")):
             state = self.run("sinfo", "-h", "-n", "localhost", "-o", "%T", check=False).stdout.strip()
             if state == "idle":
                 return self
@@ -84,11 +102,27 @@ class LocalSlurm:
         raise RuntimeError(f"local Slurm did not become idle within {timeout} s (state {state!r}); "
                            f"logs in {d / 'log'}")
 
-    def _config(self, sock):
+    def _alive(self, name) -> bool:
+        try:
+            os.kill(self.pids[name], 0)
+            return True
+        except (KeyError, ProcessLookupError):
+            return False
+
+    def _stop_slurm(self):
+        for name in ("slurmd", "slurmctld"):
+            pid = self.pids.pop(name, None)
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    def _config(self, sock, ctld_port, slurmd_port):
         d = self.root
         return "\n".join([
             "ClusterName=hpclmtest", "SlurmctldHost=localhost", "SlurmUser=root",
-            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={ctld_port}", f"SlurmdPort={slurmd_port}",
             "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={sock},cred_expire=5",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none", "SelectType=select/cons_tres",
