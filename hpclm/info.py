@@ -36,8 +36,8 @@ def _mpi():
         version, source = ext.mpi_library_version(), "hpclm._C"
     else:
         from mpi4py import MPI  # loads the MPI library but does not initialize it
-        version, source = MPI.Get_library_version().strip(), "mpi4py"
-    return {"ok": True, "library_version": version.strip(), "source": source, "mpirun": shutil.which("mpirun")}
+        version, source = MPI.Get_library_version(), "mpi4py"
+    return {"ok": True, "library_version": version.strip("\x00 \n"), "source": source, "mpirun": shutil.which("mpirun")}
 
 
 def _horovod():
