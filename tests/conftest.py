@@ -17,6 +17,16 @@ SHARED_DATA = next((p for p in (REPO.parent / "shared" / "data", REPO.parent.par
                    REPO.parent / "shared" / "data")
 
 
+# Every time limit in the suite guards against a hang, not a slow machine: HPCLM_TEST_TIMEOUT_SCALE=3
+# gives a machine three times slower than the 2-core one they were set on three times as long.
+TIMEOUT_SCALE = float(os.environ.get("HPCLM_TEST_TIMEOUT_SCALE", "1"))
+
+
+def hang_guard(seconds: float) -> float:
+    """A time limit of `seconds` on the reference machine, scaled by HPCLM_TEST_TIMEOUT_SCALE."""
+    return seconds * TIMEOUT_SCALE
+
+
 def child_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
@@ -33,7 +43,7 @@ def child_env(extra: dict | None = None) -> dict:
 def run_python(args: list[str], *, env: dict | None = None, timeout: float = 120, cwd=None) -> subprocess.CompletedProcess:
     """`python ARGS` in a child process with this checkout's hpclm; output captured as text."""
     return subprocess.run([sys.executable, *args], env=child_env(env), cwd=cwd or REPO,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=hang_guard(timeout))
 
 
 def mpirun(np: int, args: list[str], *, env: dict | None = None, timeout: float = 180,
@@ -45,7 +55,8 @@ def mpirun(np: int, args: list[str], *, env: dict | None = None, timeout: float 
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     cmd += [*mpirun_args, sys.executable, *args]
-    return subprocess.run(cmd, env=child_env(env), cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=child_env(env), cwd=cwd or REPO, capture_output=True, text=True,
+                          timeout=hang_guard(timeout))
 
 
 def horovod_available() -> bool:
@@ -71,4 +82,4 @@ def run_with_read_only(paths, args: list[str], *, env: dict | None = None, timeo
              f"mount -o remount,bind,ro {shlex.quote(str(p))}" for p in paths]
     script = " && ".join([*binds, f"exec {shlex.join([sys.executable, *args])}"])
     return subprocess.run(["unshare", "-m", "sh", "-c", script], env=child_env(env), cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=hang_guard(timeout))

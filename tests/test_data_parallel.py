@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import child_env, mpirun, requires_horovod, run_python
+from conftest import hang_guard, child_env, mpirun, requires_horovod, run_python
 from helpers.lm_fixtures import TINY, records, shakespeare_dir  # noqa: F401 (fixture)
 
 pytestmark = requires_horovod
@@ -193,7 +193,7 @@ def _kill_job(proc):
 
 
 def _wait_for(predicate, timeout, what):
-    deadline = time.time() + timeout
+    deadline = time.time() + hang_guard(timeout)
     while time.time() < deadline:
         if predicate():
             return
@@ -216,7 +216,7 @@ def test_killed_two_rank_run_resumes_to_the_same_losses(shakespeare_dir, tmp_pat
     for pid in ranks:
         os.kill(pid, signal.SIGSTOP)
     _kill_job(proc)
-    proc.communicate(timeout=30)
+    proc.communicate(timeout=hang_guard(30))
     _wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"
                               for p in ranks), 30, "the killed ranks to be gone")
     killed_at = int((out / "checkpoints" / "latest").read_text().split("_")[-1].strip() or 0)
@@ -241,7 +241,7 @@ def test_killing_one_rank_ends_the_job_quickly(shakespeare_dir, tmp_path):
         assert len(ranks) == 2, ranks
         os.kill(ranks[1], signal.SIGKILL)
         try:  # a run of 100000 steps: only mpirun's reaction to the lost rank ends it in this time
-            proc.communicate(timeout=120)
+            proc.communicate(timeout=hang_guard(120))
         except subprocess.TimeoutExpired:
             pytest.fail("the job still runs 120 s after one of its ranks was killed")
     finally:

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, run_python
+from conftest import hang_guard, REPO, run_python
 from hpclm import native
 
 C = native.require()
@@ -147,7 +147,7 @@ def test_cuda_required_without_nvcc_fails_at_configure(tmp_path):
     env["CUDA_HOME"] = str(tmp_path / "no-cuda-here")
     proc = subprocess.run([shutil.which("cmake"), "-S", str(REPO), "-B", str(tmp_path / "build"), "-DHPCLM_CUDA=1",
                            f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=hang_guard(120))
     assert proc.returncode != 0
     assert "HPCLM_CUDA=1 but nvcc was not found" in proc.stdout + proc.stderr
 
@@ -157,7 +157,7 @@ def test_make_build_rebuilds_what_a_changed_option_changes():
     installs the first one's again (each configuration links its own module; the chosen one is copied)."""
     def build(extra):
         proc = subprocess.run(["make", "build"], cwd=REPO, env={**os.environ, **extra}, capture_output=True,
-                              text=True, timeout=600)
+                              text=True, timeout=hang_guard(600))
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         info = run_python(["-c", "import json, hpclm._C as C; i = C.build_info(); "
                            "print(json.dumps([i['cxx_flags'], i['with_cuda']]))"])

@@ -5,14 +5,14 @@ import sys
 import venv
 import zipfile
 
-from conftest import REPO, child_env
+from conftest import hang_guard, REPO, child_env
 
 
 def test_wheel_builds_installs_and_reports_what_was_asked(tmp_path):
     env = child_env({"HPCLM_CUDA": "0"})
     env.pop("PYTHONPATH")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
-                    "-w", str(tmp_path / "dist"), str(REPO)], env=env, check=True, timeout=600,
+                    "-w", str(tmp_path / "dist"), str(REPO)], env=env, check=True, timeout=hang_guard(600),
                    capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("hpclm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -23,10 +23,10 @@ def test_wheel_builds_installs_and_reports_what_was_asked(tmp_path):
 
     venv.create(tmp_path / "venv", system_site_packages=True, with_pip=False)
     py = tmp_path / "venv" / "bin" / "python"
-    subprocess.run([py, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], env=env, check=True, timeout=300,
+    subprocess.run([py, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], env=env, check=True, timeout=hang_guard(300),
                    capture_output=True)
     proc = subprocess.run([tmp_path / "venv" / "bin" / "hpclm", "info", "--json"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=hang_guard(120))
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["hpclm"]["path"].startswith(str(tmp_path / "venv"))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, child_env, mpirun, run_python, run_with_read_only
+from conftest import hang_guard, REPO, child_env, mpirun, run_python, run_with_read_only
 from helpers.lm_fixtures import TINY, one_thread, records, shakespeare_dir  # noqa: F401 (fixtures)
 from hpclm import cli
 from hpclm.train import checkpoint
@@ -408,7 +408,7 @@ def test_a_checkpoint_write_that_fails_leaves_no_temporary_folder(trained_run, s
     script = (f"mount -t tmpfs -o size={size_kb}k none {ckpts} && cp -a {keep}/. {ckpts}/ && {train}; "
               f"echo rc=$?; echo LISTING; ls -a {ckpts}; cat {ckpts}/latest")
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=child_env(), cwd=REPO, capture_output=True,
-                          text=True, timeout=240)
+                          text=True, timeout=hang_guard(240))
     assert "rc=2" in proc.stdout, proc.stdout + proc.stderr
     _one_line_error(subprocess.CompletedProcess([], 2, "", proc.stderr), "cannot write checkpoint iter_0000006")
     listing = proc.stdout.split("LISTING", 1)[1].split()
@@ -438,7 +438,7 @@ def test_two_ranks_under_mpirun_serve_the_latest_record_and_stop_on_sigusr1(shak
                *_sets(shakespeare_dir, "train.max_iters=100000", "train.eval_interval=0", "checkpoint.every_iters=0",
                       f"metrics.prometheus_port={port}")]
         proc = subprocess.Popen(cmd, env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
+        deadline = time.time() + hang_guard(120)
         while time.time() < deadline and proc.poll() is None and not records(out, "train"):
             time.sleep(0.1)
         if proc.poll() is not None:
@@ -461,6 +461,6 @@ def test_two_ranks_under_mpirun_serve_the_latest_record_and_stop_on_sigusr1(shak
         assert later["hpclm_step"] > step  # the latest record, not the first
     finally:
         proc.send_signal(signal.SIGUSR1)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=hang_guard(120))
     assert proc.returncode == 75, err[-2000:]
     assert (out / "preempted").is_file() and checkpoint.read_latest(out) == int((out / "preempted").read_text())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import hang_guard, REPO
 
 
 def test_setup_without_mpi_or_apt_names_the_packages(tmp_path):
@@ -20,7 +20,7 @@ def test_setup_without_mpi_or_apt_names_the_packages(tmp_path):
             (bin_dir / tool).symlink_to(shutil.which(tool))
     env = {"PATH": str(bin_dir), "HOME": os.environ.get("HOME", "/root")}
     proc = subprocess.run(["bash", str(REPO / "scripts" / "setup.sh")], env=env, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=hang_guard(60))
     assert proc.returncode == 1
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1, proc.stderr
@@ -52,7 +52,7 @@ def test_setup_as_a_user_without_root_or_sudo_names_the_packages(tmp_path):
         _minimal_path(bin_dir, ("bash", "env", "dirname", "id", "date", "g++", "awk", "nproc", "apt-get"), python)
         proc = subprocess.run(["runuser", "-u", "nobody", "--", "env", "-i", f"PATH={bin_dir}", "HOME=/tmp",
                                "bash", str(REPO / "scripts" / "setup.sh")], capture_output=True, text=True,
-                              timeout=60)
+                              timeout=hang_guard(60))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "missing openmpi-bin libopenmpi-dev" in err[0], proc.stderr

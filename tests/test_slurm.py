@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, child_env, mpirun, requires_horovod
+from conftest import hang_guard, REPO, child_env, mpirun, requires_horovod
 from helpers.lm_fixtures import TINY, records, shakespeare_dir  # noqa: F401 (fixture)
 from helpers.slurm_cluster import LocalSlurm, missing_tools
 from hpclm.train import checkpoint
@@ -137,7 +137,7 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, shakespeare_dir, t
                           "--out", str(out), "--resume", "never", "--force", cwd=REPO,
                           env=job_env(PYTHON=str(wrapper), TEST_PYTHON=sys.executable, TEST_OUT=str(out)))
     log = Path(str(log).replace("%j", str(job_id)))
-    deadline = time.time() + 240
+    deadline = time.time() + hang_guard(240)
     _wait_for_step(slurm, job_id, out, log, 20, 0, deadline)
     slurm.run("scancel", "--batch", "--signal=USR1", str(job_id))
     _wait_for_step(slurm, job_id, out, log, 1, 1, deadline)

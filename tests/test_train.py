@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import REPO, child_env, mpirun, requires_horovod, run_python
+from conftest import hang_guard, REPO, child_env, mpirun, requires_horovod, run_python
 from hpclm import cli, config
 from hpclm.train import checkpoint, loop, train
 from hpclm.errors import HpclmError
@@ -188,19 +188,19 @@ def test_a_preemption_signal_checkpoints_exits_75_and_leaves_a_marker_until_resu
             *[f"--set={o}" for o in TINY], "--set=train.max_iters=100000", "--set=train.eval_interval=0",
             "--set=checkpoint.every_iters=0"]
     proc = subprocess.Popen(argv, env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
+    deadline = time.time() + hang_guard(60)
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and records(out, "train")):
         time.sleep(0.05)
     # a train record is written inside the loop, after the handlers are installed: the signal cannot come early
     assert proc.poll() is None and records(out, "train"), "training never logged a step"
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=hang_guard(60))
     assert proc.returncode == 75, err
     stopped = checkpoint.read_latest(out)
     assert stopped and (out / "preempted").read_text().strip() == str(stopped)  # what train.sbatch requeues on
     assert f"stopped after step {stopped} on {sig.name}" in err
     resume = argv[:-3] + [f"--set=train.max_iters={stopped + 2}", "--set=train.eval_interval=0"]
-    assert subprocess.run(resume, env=child_env(), cwd=REPO, capture_output=True, timeout=120).returncode == 0
+    assert subprocess.run(resume, env=child_env(), cwd=REPO, capture_output=True, timeout=hang_guard(120)).returncode == 0
     assert not (out / "preempted").exists() and checkpoint.read_latest(out) == stopped + 2
 
 

@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from conftest import hang_guard
+
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "scancel")
 
 
@@ -164,7 +166,7 @@ class LocalSlurm:
     def sbatch(self, *args, cwd=None, env=None) -> int:
         full_env = self.env | (env or {})
         proc = subprocess.run([_tool("sbatch"), "--parsable", *args], env=full_env, cwd=cwd, capture_output=True,
-                              text=True, timeout=30)
+                              text=True, timeout=hang_guard(30))
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch failed: {proc.stderr.strip()}")
         return int(proc.stdout.strip().split(";")[0])
@@ -176,7 +178,7 @@ class LocalSlurm:
     def wait(self, job_id, timeout=300.0, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
                                                 "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE")) -> dict:
         """Poll scontrol until the job reaches one of `until` (sbatch --wait can return ~30 s late)."""
-        deadline = time.time() + timeout
+        deadline = time.time() + hang_guard(timeout)
         while time.time() < deadline:
             info = self.job(job_id)
             if info.get("JobState") in until:
