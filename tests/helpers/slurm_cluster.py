@@ -83,7 +83,7 @@ class LocalSlurm:
             try:
                 return self._start_slurm(sock, timeout)
             except (RuntimeError, subprocess.CalledProcessError):
-                self._stop_slurm()
+                self._terminate("slurmd", "slurmctld")
                 if attempt == 2:
                     raise
 
@@ -111,8 +111,8 @@ class LocalSlurm:
         except (KeyError, ProcessLookupError):
             return False
 
-    def _stop_slurm(self):
-        for name in ("slurmd", "slurmctld"):
+    def _terminate(self, *names):
+        for name in names:
             pid = self.pids.pop(name, None)
             if pid is not None:
                 try:
@@ -154,13 +154,7 @@ class LocalSlurm:
             deadline = time.time() + timeout
             while time.time() < deadline and self.run("squeue", "-h", "-t", "R,CG", check=False).stdout.strip():
                 time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
-            pid = self.pids.pop(name, None)
-            if pid is not None:
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        self._terminate("slurmd", "slurmctld", "munged")
 
     # -- jobs --------------------------------------------------------------------------------
     def sbatch(self, *args, cwd=None, env=None) -> int:
