@@ -63,6 +63,7 @@ def test_bad_arguments_raise_clear_errors_on_every_rank(ring_run):
         "bad_op": ("ValueError", "unknown op 'mean'"),
         "bad_comm": ("TypeError", "mpi4py intracommunicator"),
         "bad_segment": ("ValueError", "segment_bytes must be a positive integer"),
+        "mpi_op_band": ("ValueError", "unsupported MPI.Op"),
     }
     for r in rows:
         errors = r["errors"]
@@ -87,6 +88,8 @@ def test_bad_arguments_raise_clear_errors_on_every_rank(ring_run):
             else:
                 assert errors[case][0] == "ValueError" and f"ranks pass different {what}s" in errors[case][1], errors[case]
         assert errors["threads_differ"] is None and errors["threads_differ_result"]
+        assert errors["mpi_op_objects"] == {"sum": True, "max": True, "min": True, "prod": True,
+                                            "sum_value": True}
 
 
 # --- the probe command ----------------------------------------------------------------------

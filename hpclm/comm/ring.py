@@ -81,6 +81,17 @@ def _positive(value, name: str):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _op_name(MPI, op):
+    """op as one of RING_OPS: a name, or mpi4py's MPI.SUM / MAX / MIN / PROD."""
+    if isinstance(op, MPI.Op):
+        for known, name in ((MPI.SUM, "sum"), (MPI.MAX, "max"), (MPI.MIN, "min"), (MPI.PROD, "prod")):  # unhashable
+            if op == known:
+                return name
+        raise ValueError(f"unsupported MPI.Op {op!r}: the ring reduces with MPI.SUM, MPI.MAX, MPI.MIN or MPI.PROD "
+                         f"(or one of the names {', '.join(RING_OPS)})")
+    return op
+
+
 def _plan(buf, op, out, segment_bytes, depth, threads) -> tuple[_Memory, _Memory]:
     """Local checks of one rank's arguments: (source, destination) or a ValueError/TypeError."""
     if op not in RING_OPS:
@@ -142,7 +153,8 @@ def ring_allreduce(buf, op: str = "sum", comm=None, out=None, *, segment_bytes: 
     returns the buffer holding the result.
 
     buf/out: contiguous numpy arrays or CPU torch tensors of float32, float64, float16 or bfloat16
-    (half types are reduced in float32). op: sum, avg, min, max or prod. Every rank of `comm` must
+    (half types are reduced in float32). op: sum, avg, min, max or prod, or mpi4py's MPI.SUM, MPI.MAX,
+    MPI.MIN or MPI.PROD. Every rank of `comm` must
     call it; ranks first agree (one small MPI_Allreduce) that counts, dtypes, ops, segment_bytes and
     depth match and that no rank's buffer is unusable, and all raise ValueError otherwise.
     segment_bytes / depth / threads tune the pipeline (message size, segments in flight, reduction
@@ -158,6 +170,7 @@ def ring_allreduce(buf, op: str = "sum", comm=None, out=None, *, segment_bytes: 
                                                     f"MPI.COMM_WORLD, not {comm!r}"))
     plan, error = None, None
     try:
+        op = _op_name(MPI, op)
         src, dst = _plan(buf, op, out, segment_bytes, depth, threads)
         plan = {"src": src, "dst": dst, "op": op, "segment": segment_bytes or ext.RING_SEGMENT_BYTES,
                 "depth": depth or ext.RING_DEPTH}

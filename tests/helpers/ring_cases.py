@@ -123,6 +123,19 @@ def errors():
     t = np.full(100000, rank + 1.0, np.float32)  # reduction threads are each rank's own business
     out["threads_differ"] = attempt(lambda: ring_allreduce(t, threads=2 if rank == n - 1 else 1))
     out["threads_differ_result"] = bool((t == n * (n + 1) / 2).all())
+    # mpi4py's ops stand for their names; others are refused
+    values = np.arange(6, dtype=np.float32) * (rank + 1) - 2
+    by_object = {}
+    for name, mpi_op in (("sum", MPI.SUM), ("max", MPI.MAX), ("min", MPI.MIN), ("prod", MPI.PROD)):
+        a, b = values.copy(), values.copy()
+        ring_allreduce(a, op=mpi_op)
+        ring_allreduce(b, op=name)
+        by_object[name] = bool(np.array_equal(a, b))
+    total = values.copy()
+    ring_allreduce(total, op=MPI.SUM)
+    by_object["sum_value"] = bool(np.array_equal(total, np.arange(6) * n * (n + 1) / 2 - 2 * n))
+    out["mpi_op_objects"] = by_object
+    out["mpi_op_band"] = attempt(lambda: ring_allreduce(x.copy(), op=MPI.BAND))
     # after all that, the ring still works on this communicator (no stray messages left behind)
     y = np.full(5, rank + 1.0, np.float32)
     ring_allreduce(y)
