@@ -325,7 +325,7 @@ def test_module_matches_op():
     ((torch.ones(2, 3, 4, dtype=torch.int64),), ["int64", "[2, 3, 4]"]),
     ((torch.randn(2, 3, 0),), ["[2, 3, 0]", "non-empty last dimension"]),
     ((torch.randn(2, 3), 1.0, torch.ones(2, 3, dtype=torch.bool, device="meta")), ["meta", "cpu", "[2, 3]"]),
-    ((torch.randn(2, 3), 1.0, torch.ones(2, 3)), ["float32", "[2, 3]", "bool"]),
+    ((torch.randn(2, 3), 1.0, torch.ones(2, 3)), ["float32", "[2, 3]", "True = masked", "pass `mask == 0`"]),
     ((torch.randn(2, 3), float("nan")), ["finite"]),
     ((torch.randn(2, 3), 1.0, None, 1), ["causal"]),
 ], ids=["mask-not-broadcastable", "integer-dtype", "empty-last-dim", "mismatched-devices", "non-bool-mask",
@@ -335,6 +335,34 @@ def test_bad_input_raises_value_error_naming_the_problem(args, words):
         fused_softmax(*args)
     for word in words:
         assert word in str(err.value)
+
+
+def test_the_advice_for_a_keep_mask_gives_the_causal_softmax():
+    """nanoGPT keeps a float tril buffer (1 = attend); what the error message says to pass is right."""
+    x = torch.randn(2, 3, 6, 6)
+    keep = torch.tril(torch.ones(6, 6)).view(1, 1, 6, 6)
+    with pytest.raises(ValueError, match="pass `mask == 0`"):
+        fused_softmax(x, 0.5, keep)
+    assert torch.equal(fused_softmax(x, 0.5, keep == 0), fused_softmax(x, 0.5, causal=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast_float32_scores_give_the_autocast_dtype(dtype):
+    """As apex's and Megatron-LM's fused softmax: inside torch.autocast the op runs in, and returns, the
+    autocast dtype; its gradient reaches the float32 scores as float32; float64 is left alone."""
+    x = torch.randn(2, 3, 7, 9, requires_grad=True)
+    dy = torch.randn(2, 3, 7, 9)
+    with torch.autocast("cpu", dtype=dtype):
+        y = fused_softmax(x, 0.5, causal=True)
+        compiled = torch.compile(lambda t: fused_softmax(t, 0.5, causal=True), fullgraph=True)(x.detach())
+        double = fused_softmax(x.detach().double(), 0.5)
+    assert y.dtype == dtype and compiled.dtype == dtype and double.dtype == torch.float64
+    assert torch.equal(y, fused_softmax(x.detach().to(dtype), 0.5, causal=True))
+    assert torch.equal(compiled, y.detach())
+    y.backward(dy.to(dtype))
+    assert x.grad.dtype == torch.float32
+    outside = fused_softmax(x.detach(), 0.5, causal=True)
+    assert outside.dtype == torch.float32  # autocast off: the dtype given
 
 
 def test_kernel_rejects_bad_shapes_without_crashing():
@@ -396,3 +424,11 @@ def test_cuda_fully_masked_rows_and_side_stream():
     stream.synchronize()
     assert torch.isfinite(y).all() and (y[:, :, :2] == 0).all()
     assert torch.allclose(y.cpu(), reference(x.cpu(), 1.0, None, True).float(), atol=1e-6)
+
+
+@requires_cuda
+def test_cuda_autocast_gives_the_autocast_dtype():
+    x = torch.randn(2, 3, 7, 9, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        y = fused_softmax(x, 0.5, causal=True)
+    assert y.dtype == torch.float16 and torch.equal(y, fused_softmax(x.half(), 0.5, causal=True))

@@ -52,8 +52,8 @@ def _check_inputs(x, scale, mask, causal) -> float:
         if not isinstance(mask, torch.Tensor):
             raise ValueError(f"fused_softmax: mask must be a bool tensor or None, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
-            raise ValueError(f"fused_softmax: mask is a {_describe(mask)}; it must be bool (True = masked), "
-                             "e.g. mask.bool() or scores == 0")
+            raise ValueError(f"fused_softmax: mask is a {_describe(mask)}; it must be bool, True = masked: for a "
+                             "keep-mask (1 = attend, e.g. nanoGPT's tril buffer) pass `mask == 0`")
         if mask.device != x.device:
             raise ValueError(f"fused_softmax: mask is on {mask.device} but x is on {x.device} "
                              f"(mask shape {list(mask.shape)}, x shape {list(x.shape)}); move one of them")
@@ -76,8 +76,13 @@ def fused_softmax(x: torch.Tensor, scale: float = 1.0, mask: Optional[torch.Tens
     x: [..., sq, sk] float32/float16/bfloat16 (float64 on CPU). mask: bool, broadcastable to x,
     True = masked. causal: key j is masked for query i when j > i + sk - sq (bottom-right aligned).
     A row whose keys are all masked is all zeros (and gets zero gradient). Differentiable in x.
+    Under torch.autocast float32 x is cast to the autocast dtype first, so the result has that dtype
+    (as apex's and Megatron-LM's fused softmax return it); other dtypes are used as they are.
     """
     scale = _check_inputs(x, scale, mask, causal)
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        x = x.to(torch.get_autocast_dtype(device))
     return torch.ops.hpclm.fused_softmax(x, scale, mask, causal)
 
 
