@@ -94,7 +94,7 @@ def _add_train(sub):
 
 def _add_generate(sub):
     p = sub.add_parser("generate", help="sample text from a trained checkpoint")
-    p.add_argument("--ckpt", required=True, metavar="DIR", help="a run directory (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a run directory (its latest checkpoint), a checkpoint folder, or hf:DIR (a GPT-2 folder)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=500, metavar="N")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T")
@@ -105,9 +105,18 @@ def _add_generate(sub):
 
 def _add_eval(sub):
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint over a whole val.bin")
-    p.add_argument("--ckpt", required=True, metavar="DIR", help="a run directory (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a run directory (its latest checkpoint), a checkpoint folder, or hf:DIR (a GPT-2 folder)")
     p.add_argument("--data", metavar="DIR", help="a prepared directory with the same tokenizer (default: the run's data.path)")
     _runs(p, "evaluate")
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="a trained GPT as a folder transformers loads (GPT-2 format)")
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a run directory (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--format", choices=("hf",), default="hf", help="hf: transformers' GPT2LMHeadModel folder (the default)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (replaced whole with --force)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _runs(p, "export")
 
 
 def _add_report(sub):
@@ -159,7 +168,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hpclm", description="High-performance language-model training on HPC clusters.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_info, _add_prepare, _add_train, _add_generate, _add_eval, _add_report, _add_bench, _add_probe):
+    for add in (_add_info, _add_prepare, _add_train, _add_generate, _add_eval, _add_export, _add_report, _add_bench, _add_probe):
         add(sub)
     return parser
 

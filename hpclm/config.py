@@ -37,6 +37,7 @@ class ModelConfig:
     hidden_size: int = 128  # gru only
     dropout: float = 0.0
     bias: bool = False
+    activation: str = "gelu"  # gpt MLP: gelu (exact, nanoGPT's) or gelu_tanh (GPT-2's gelu_new)
     softmax: str = "auto"  # gpt attention: auto (fused under CPU autocast, else sdpa), fused (hpclm.ops), torch, sdpa
     order: int = 5  # ngram: tokens per n-gram (context of order - 1)
     discount: float = 0.0  # ngram: Kneser-Ney discount for every order; 0: estimated per order, n1 / (n1 + 2 n2)
@@ -223,6 +224,8 @@ def validate(cfg: Config) -> None:
         (cfg.model.arch != "gpt" or cfg.model.n_embd % cfg.model.n_head == 0,
          f"model.n_embd ({cfg.model.n_embd}) must be a multiple of model.n_head ({cfg.model.n_head})"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (cfg.model.activation in ("gelu", "gelu_tanh"),
+         f"model.activation must be gelu or gelu_tanh, got {cfg.model.activation!r}"),
         (cfg.model.order >= 1, "model.order must be >= 1"),
         (0.0 <= cfg.model.discount <= 1.0, "model.discount must be in [0, 1] (0: estimated per order)"),
         (cfg.model.states >= 1, "model.states must be >= 1"),

@@ -62,6 +62,8 @@ def split_loss(model, tokens: np.ndarray, block_size: int, batch_size: int = 32,
 def main(args) -> int:
     dist.init()
     trained = load_trained(args.ckpt)
+    if not (args.data or trained.cfg.data.path):
+        raise HpclmError(f"{args.ckpt} names no dataset of its own: give --data DIR (prepared with its tokenizer)")
     data_dir = Path(args.data) if args.data else Path(trained.cfg.data.path)
     data = load_dataset(data_dir, trained.cfg.data.block_size)
     if data.meta.get("tokenizer_sha256") != trained.meta.get("tokenizer_sha256"):

@@ -13,6 +13,7 @@ from hpclm import config as config_mod
 from hpclm.config import Config
 from hpclm.data import tokenizers
 from hpclm.errors import HpclmError
+from hpclm.interop import hf
 from hpclm.models import build_model
 from hpclm.train import checkpoint
 
@@ -28,7 +29,14 @@ class Trained:
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Trained:
-    """The model of a checkpoint folder, or of a run directory's latest complete checkpoint, in eval mode."""
+    """The model of a checkpoint folder, of a run directory's latest complete checkpoint, or of a GPT-2
+    folder in transformers' format (`hf:DIR`), in eval mode."""
+    if str(path).startswith(hf.PREFIX):
+        folder = Path(str(path)[len(hf.PREFIX):])
+        cfg, state, tok, meta = hf.read(folder)
+        model = build_model(cfg, int(meta["vocab_size"]))
+        model.load_state_dict(state)
+        return Trained(model.to(device).eval(), cfg, meta, tok, 0, folder)
     ckpt = checkpoint.resolve(path)
     cfg = config_mod.from_dict(tomllib.loads(checkpoint.load(ckpt, "config.toml")))
     meta = json.loads(checkpoint.load(ckpt, "meta.json"))

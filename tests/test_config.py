@@ -27,7 +27,7 @@ def test_resolved_config_round_trips_through_toml():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.n_layers=2", "unknown key in [model] 'n_layers' (from --set) (did you mean 'n_layer'?); valid: arch, bias,"),
+    ("model.n_layers=2", "unknown key in [model] 'n_layers' (from --set) (did you mean 'n_layer'?); valid: activation, arch, bias,"),
     ("modle.n_layer=2", "unknown section 'modle' (from --set) (did you mean 'model'?); valid: data, model, optim,"),
     ("train.max_iters=abc", "train.max_iters (from --set) must be an integer, got 'abc' (str)"),
     ("train.max_iters=2.5", "train.max_iters (from --set) must be an integer, got 2.5 (float)"),

@@ -20,7 +20,8 @@ def _gpt(cfg, vocab_size):
     from hpclm.models.gpt import GPT
     m = cfg.model
     return GPT(vocab_size, cfg.data.block_size, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
-               dropout=m.dropout, bias=m.bias, softmax=m.softmax)
+               dropout=m.dropout, bias=m.bias, softmax=m.softmax,
+               activation=m.activation)
 
 
 def _gru(cfg, vocab_size):
@@ -48,7 +49,8 @@ class Arch:
 
 
 ARCHS = {
-    "gpt": Arch(_gpt, ("model.n_layer", "model.n_embd", "model.bias", "model.n_head", "data.block_size"), "gradient"),
+    "gpt": Arch(_gpt, ("model.n_layer", "model.n_embd", "model.bias", "model.n_head", "data.block_size",
+                        "model.activation"), "gradient"),
     "gru": Arch(_gru, ("model.n_layer", "model.n_embd", "model.bias", "model.hidden_size"), "gradient"),
     "ngram": Arch(_ngram, ("model.order", "model.discount"), "counting"),
     "hmm": Arch(_hmm, ("model.states",), "em"),

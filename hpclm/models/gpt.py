@@ -1,5 +1,5 @@
 """Decoder-only GPT, equivalent to nanoGPT's model.py (same parameter names, initialisation and loss):
-pre-LayerNorm blocks, learned positions, GELU MLP, tied input/output embeddings, optional bias.
+pre-LayerNorm blocks, learned positions, GELU MLP (exact, or GPT-2's tanh approximation), tied input/output embeddings, optional bias.
 
 `softmax` picks the attention softmax: "fused" (hpclm.ops.fused_softmax), "torch" (explicit
 scale + causal mask + softmax, nanoGPT's slow path), "sdpa" (torch's scaled_dot_product_attention),
@@ -89,10 +89,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd: int, dropout: float, bias: bool):
+    def __init__(self, n_embd: int, dropout: float, bias: bool, activation: str = "gelu"):
         super().__init__()
         self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
         self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
@@ -101,12 +101,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd, n_head, block_size, dropout, bias, softmax):
+    def __init__(self, n_embd, n_head, block_size, dropout, bias, softmax, activation="gelu"):
         super().__init__()
         self.ln_1 = LayerNorm(n_embd, bias)
         self.attn = CausalSelfAttention(n_embd, n_head, block_size, dropout, bias, softmax)
         self.ln_2 = LayerNorm(n_embd, bias)
-        self.mlp = MLP(n_embd, dropout, bias)
+        self.mlp = MLP(n_embd, dropout, bias, activation)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -115,7 +115,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int, n_layer: int = 4, n_head: int = 4, n_embd: int = 128,
-                 dropout: float = 0.0, bias: bool = False, softmax: str = "sdpa"):
+                 dropout: float = 0.0, bias: bool = False, softmax: str = "sdpa", activation: str = "gelu"):
         super().__init__()
         if softmax not in ("auto", "fused", "torch", "sdpa"):
             raise HpclmError(f"model.softmax must be auto, fused, torch or sdpa, got {softmax!r}")
@@ -124,7 +124,8 @@ class GPT(nn.Module):
             wte=nn.Embedding(vocab_size, n_embd),
             wpe=nn.Embedding(block_size, n_embd),
             drop=nn.Dropout(dropout),
-            h=nn.ModuleList(Block(n_embd, n_head, block_size, dropout, bias, softmax) for _ in range(n_layer)),
+            h=nn.ModuleList(Block(n_embd, n_head, block_size, dropout, bias, softmax, activation)
+                            for _ in range(n_layer)),
             ln_f=LayerNorm(n_embd, bias),
         ))
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
