@@ -74,6 +74,8 @@ def _add_prepare(sub):
     p.add_argument("--tokenizer", choices=("char", "bpe"), default="char", help="characters, or byte-level BPE (default: char)")
     p.add_argument("--vocab-size", type=int, default=8192, metavar="N", help="BPE vocabulary size (default: 8192)")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="last fraction of tokens held out (default: 0.1)")
+    p.add_argument("--tokenizer-from", metavar="hf:DIR", help="tokenize with this GPT-2 folder's tokenizer (to fine-tune it "
+                   "with init.from) instead of training one")
     p.add_argument("--from", dest="local", metavar="FILE", help="shakespeare: use this local copy instead of downloading")
     p.add_argument("--force", action="store_true", help="replace an existing dataset in --out")
     _runs(p, "data.prepare")

@@ -97,6 +97,11 @@ class CheckpointConfig:
 
 
 @dataclass
+class InitConfig:
+    from_: str = ""  # key `from`: the weights a fresh run starts from, "hf:DIR" (a GPT-2 folder); "": random
+
+
+@dataclass
 class MetricsConfig:
     prometheus_port: int = 0  # 0: no endpoint
     prometheus_host: str = "127.0.0.1"
@@ -112,9 +117,16 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Sections -> keys -> values, keys as written in TOML (a field `from_` is the key `from`)."""
+        return {section: {_key(k): v for k, v in body.items()} for section, body in dataclasses.asdict(self).items()}
+
+
+def _key(field_name: str) -> str:
+    """A field named after a Python keyword carries a trailing underscore; its key does not."""
+    return field_name[:-1] if field_name.endswith("_") else field_name
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
@@ -134,7 +146,7 @@ MAX_SEED = 2**62  # seeds are offset by rank and step for torch and numpy genera
 def _key_types(section: str) -> dict[str, type]:
     """Key -> type (int, float, bool or str: the type of its default) of one section."""
     body = getattr(_DEFAULTS, section)
-    return {f.name: type(getattr(body, f.name)) for f in dataclasses.fields(body)}
+    return {_key(f.name): type(getattr(body, f.name)) for f in dataclasses.fields(body)}
 
 
 def _unknown(kind: str, name: str, valid, where: str) -> ConfigError:
@@ -162,7 +174,9 @@ def _apply(cfg: Config, section: str, key: str, value, where: str) -> None:
     types = _key_types(section)
     if key not in types:
         raise _unknown(f"key in [{section}]", key, sorted(types), where)
-    setattr(getattr(cfg, section), key, _coerce(f"{section}.{key}", value, types[key], where))
+    body = getattr(cfg, section)
+    name = key if hasattr(body, key) and not hasattr(body, f"{key}_") else f"{key}_"
+    setattr(body, name, _coerce(f"{section}.{key}", value, types[key], where))
 
 
 def apply_dict(cfg: Config, data: dict, where: str = "") -> Config:
@@ -224,6 +238,8 @@ def validate(cfg: Config) -> None:
         (cfg.model.arch != "gpt" or cfg.model.n_embd % cfg.model.n_head == 0,
          f"model.n_embd ({cfg.model.n_embd}) must be a multiple of model.n_head ({cfg.model.n_head})"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (cfg.init.from_ == "" or cfg.init.from_.startswith("hf:"),
+         f"init.from must be \"hf:DIR\" (a GPT-2 folder in transformers' format) or empty, got {cfg.init.from_!r}"),
         (cfg.model.activation in ("gelu", "gelu_tanh"),
          f"model.activation must be gelu or gelu_tanh, got {cfg.model.activation!r}"),
         (cfg.model.order >= 1, "model.order must be >= 1"),

@@ -151,3 +151,74 @@ def test_export_refuses_to_overwrite_and_models_gpt2_cannot_hold(char_run, shake
     assert cli.main(["export", "--ckpt", str(gru), "--out", str(tmp_path / "gru_hf")]) == 2
     assert "holds a gru model; only gpt exports" in capsys.readouterr().err
     assert not (tmp_path / "gru_hf").exists()
+
+
+@pytest.fixture(scope="module")
+def gpt2_with_bpe(tmp_path_factory):
+    """A small random GPT-2 made by transformers, with a 512-token BPE of Tiny Shakespeare as its tokenizer."""
+    from helpers.lm_fixtures import SHAKESPEARE, requires_shakespeare  # noqa: F401
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} not found (the project's shared data)")
+    root = tmp_path_factory.mktemp("finetune")
+    assert cli.main(["prepare", str(SHAKESPEARE), "--out", str(root / "bpe"), "--tokenizer", "bpe",
+                     "--vocab-size", "512"]) == 0
+    vocab = json.loads((root / "bpe" / "meta.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32,
+                                                                 n_layer=2, n_head=2))
+    model.save_pretrained(root / "gpt2")
+    (root / "gpt2" / "tokenizer.json").write_text((root / "bpe" / "tokenizer.json").read_text())
+    return root, model
+
+
+def _val_loss(capsys, *argv):
+    capsys.readouterr()
+    assert cli.main(["eval", *argv]) == 0
+    return float(capsys.readouterr().out.split()[2].rstrip(","))
+
+
+def test_fine_tuning_a_gpt2_lowers_its_loss_and_exports_again(gpt2_with_bpe, capsys):
+    from helpers.lm_fixtures import SHAKESPEARE
+    root, _ = gpt2_with_bpe
+    spec = f"hf:{root / 'gpt2'}"
+    data = root / "data"
+    assert cli.main(["prepare", str(SHAKESPEARE), "--out", str(data), "--tokenizer-from", spec]) == 0
+    assert json.loads((data / "meta.json").read_text())["tokenizer_sha256"] == \
+        json.loads((root / "bpe" / "meta.json").read_text())["tokenizer_sha256"]  # the folder's tokenizer
+    before = _val_loss(capsys, "--ckpt", spec, "--data", str(data))
+    sets = [f"data.path={json.dumps(str(data))}", "data.block_size=32", "model.n_layer=2", "model.n_head=2",
+            "model.n_embd=32", "model.bias=true", 'model.activation="gelu_tanh"', f"init.from={json.dumps(spec)}",
+            "train.max_iters=50", "train.batch_size=8", "train.eval_interval=0", "optim.lr=3e-3", "optim.warmup_iters=5"]
+    run = root / "run"
+    assert cli.main(["train", "--out", str(run), *[a for s in sets for a in ("--set", s)]]) == 0
+    assert f"starting from the weights of {spec}" in capsys.readouterr().out
+    after = _val_loss(capsys, "--ckpt", str(run))
+    assert after < before - 0.3, (before, after)
+    # one step at lr 1e-30 moves no weight by more than about that: the run started from the folder's weights
+    frozen = root / "frozen"
+    assert cli.main(["train", "--out", str(frozen), *[a for s in sets for a in ("--set", s)], "--set", "optim.lr=1e-30",
+                     "--set", "optim.min_lr=1e-30", "--set", "train.max_iters=1"]) == 0
+    a, b = load_trained(frozen).model.state_dict(), load_trained(spec).model.state_dict()
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-20
+    assert cli.main(["export", "--ckpt", str(run), "--out", str(root / "tuned")]) == 0
+    trained = load_trained(run)
+    _, theirs, ours = _logits_both(root / "tuned", trained, trained.tokenizer.vocab_size, 32)
+    assert (theirs - ours).abs().max().item() <= 1e-5
+
+
+def test_init_from_refuses_another_shape_or_tokenizer_before_writing(gpt2_with_bpe, shakespeare_dir, tmp_path, capsys):  # noqa: F811
+    root, _ = gpt2_with_bpe
+    spec = json.dumps(f"hf:{root / 'gpt2'}")
+    base = ["data.block_size=32", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.bias=true",
+            'model.activation="gelu_tanh"', f"init.from={spec}"]
+    cases = [([f"data.path={json.dumps(str(root / 'bpe'))}", *base, "model.n_layer=3"],
+              "model.n_layer = 3 here but 2 in that model: set model.n_layer = 2"),
+             ([f"data.path={json.dumps(str(shakespeare_dir))}", *base], "was tokenized with another tokenizer"),
+             ([f"data.path={json.dumps(str(root / 'bpe'))}", *base[:-1], 'init.from="gpt2"'], "init.from must be")]
+    for sets, words in cases:
+        for check in ([], ["--check"]):
+            capsys.readouterr()
+            assert cli.main(["train", *check, "--out", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and words in err[0], err
+            assert not (tmp_path / "run").exists()

@@ -48,9 +48,17 @@ def _existing_meta(out: Path) -> dict | None:
 
 
 def prepare(spec: str, out: str | Path, *, kind: str = "char", vocab_size: int = 8192, val_fraction: float = 0.1,
-            local: str | None = None, force: bool = False, log=print) -> dict:
-    """Tokenize a corpus into OUT (written to a temporary folder, then renamed into place)."""
+            local: str | None = None, force: bool = False, log=print, tokenizer_from: str | None = None) -> dict:
+    """Tokenize a corpus into OUT (written to a temporary folder, then renamed into place), with a tokenizer
+    trained on it, or with a model's (tokenizer_from: "hf:DIR", a GPT-2 folder, for fine-tuning it)."""
     out = Path(out)
+    given = None
+    if tokenizer_from:
+        from hpclm.interop import hf
+        if not tokenizer_from.startswith(hf.PREFIX):
+            raise HpclmError(f"--tokenizer-from {tokenizer_from}: give hf:DIR, a GPT-2 folder in transformers' format")
+        given = hf.read_tokenizer(tokenizer_from[len(hf.PREFIX):])
+        kind = given.kind
     if kind not in tokenizers.KINDS:
         raise HpclmError(f"unknown tokenizer '{kind}': use one of {', '.join(tokenizers.KINDS)}")
     if not 0.0 < val_fraction < 1.0:
@@ -60,7 +68,8 @@ def prepare(spec: str, out: str | Path, *, kind: str = "char", vocab_size: int =
     corpus = read_corpus(spec, local=local, exclude=out)
     old = _existing_meta(out) if out.is_dir() else None
     wanted = {"tokenizer": kind, "val_fraction": val_fraction, "source_sha256": corpus.sha256,
-              **({"requested_vocab_size": vocab_size} if kind == "bpe" else {})}
+              **({"tokenizer_sha256": given.sha256} if given else
+                 {"requested_vocab_size": vocab_size} if kind == "bpe" else {})}
     if old is not None and all(old.get(k) == v for k, v in wanted.items()) and not force:
         log(f"{out} is up to date ({old['tokenizer']} tokenizer, source sha256 {corpus.sha256[:12]}); --force rebuilds it")
         return old
@@ -73,7 +82,7 @@ def prepare(spec: str, out: str | Path, *, kind: str = "char", vocab_size: int =
         log(f"... and {len(corpus.skipped) - 3} more binary or non-UTF-8 files skipped")
 
     chunks = _chunks(corpus.text)
-    tok = tokenizers.train_tokenizer(kind, chunks, vocab_size)
+    tok = given or tokenizers.train_tokenizer(kind, chunks, vocab_size)
     ids = np.concatenate(tok.encode_many(chunks))
     n_train = int(len(ids) * (1.0 - val_fraction))
     if n_train < 2 or len(ids) - n_train < 2:
@@ -84,7 +93,8 @@ def prepare(spec: str, out: str | Path, *, kind: str = "char", vocab_size: int =
         "format": FORMAT_VERSION,
         "tokenizer": kind,
         "vocab_size": tok.vocab_size,
-        **({"requested_vocab_size": vocab_size} if kind == "bpe" else {}),
+        **({"requested_vocab_size": vocab_size} if kind == "bpe" and not given else {}),
+        **({"tokenizer_from": tokenizer_from} if given else {}),
         "tokenizer_sha256": tok.sha256,
         "dtype": np.dtype(dtype).name,
         "train_tokens": n_train,
@@ -153,5 +163,5 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 def main(args) -> int:
     prepare(args.source, args.out, kind=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-            local=args.local, force=args.force)
+            local=args.local, force=args.force, tokenizer_from=args.tokenizer_from)
     return 0

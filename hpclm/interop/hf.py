@@ -134,10 +134,7 @@ def read(folder: str | Path):
                 "model.n_embd": hf["n_embd"], "model.bias": True, "model.activation": activation,
                 "model.dropout": 0.0, "data.block_size": hf.get("n_positions", hf.get("n_ctx", 1024)), "data.path": ""}
         cfg = config_mod.load(None, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
-    tok_file = folder / HPCLM_TOKENIZER if (folder / HPCLM_TOKENIZER).is_file() else folder / "tokenizer.json"
-    if not tok_file.is_file():
-        raise _bad(folder, "has no tokenizer.json: hpclm encodes prompts with it")
-    tok = tokenizers.from_json(tok_file.read_text(encoding="utf-8"))
+    tok = read_tokenizer(folder)
     vocab = int(hf["vocab_size"])
     if tok.vocab_size > vocab:
         raise _bad(folder, f"its tokenizer has {tok.vocab_size} tokens, the model {vocab}")
@@ -146,6 +143,18 @@ def read(folder: str | Path):
         raise _bad(folder, f"config.json says vocab_size {vocab}, the embedding has "
                            f"{state['transformer.wte.weight'].shape[0]} rows")
     return cfg, state, tok, {"vocab_size": vocab, "tokenizer_sha256": tok.sha256, "tokenizer": tok.kind}
+
+
+def read_tokenizer(folder: str | Path) -> tokenizers.Tokenizer:
+    """The tokenizer of a GPT-2 folder: hpclm's own when hpclm wrote it, else its tokenizer.json."""
+    folder = Path(folder)
+    tok_file = folder / HPCLM_TOKENIZER if (folder / HPCLM_TOKENIZER).is_file() else folder / "tokenizer.json"
+    if not tok_file.is_file():
+        raise _bad(folder, "has no tokenizer.json: hpclm encodes text with it")
+    try:
+        return tokenizers.from_json(tok_file.read_text(encoding="utf-8"))
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise _bad(folder, f"{tok_file.name} is not a tokenizer file ({str(e).splitlines()[0][:200]})") from None
 
 
 def _from_gpt2_state(folder: Path, cfg) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from hpclm.models import build_model, count_parameters
 from hpclm.train import checkpoint
 from hpclm.train.amp import CPU_HALF_FLAGS, LossScaleError, autocast, cpu_computes, make_loss_scaler
 from hpclm.train.metrics import RunOutputs
-from hpclm.train.start import PREEMPTED_MARKER, open_run_dir, refuse_diverged, resolve_device
+from hpclm.train.start import PREEMPTED_MARKER, initial_weights, open_run_dir, refuse_diverged, resolve_device
 
 STATE_FORMAT = 1
 
@@ -141,6 +141,9 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     ckpt = open_run_dir(cfg, out, data, resume, force)
     if ckpt:
         _restore(run, Path(ckpt), say)
+    elif cfg.init.from_:
+        run.model.load_state_dict(initial_weights(cfg, data))
+        say(f"hpclm train: starting from the weights of {cfg.init.from_}")
     if dist.is_distributed():
         dist.broadcast_training_state(run.model, run.optimizer, root=0)
     return run

@@ -42,6 +42,28 @@ def _read_ckpt_signature(path: Path) -> tuple[dict, str]:
     return model_signature(ckpt_cfg, int(meta["vocab_size"])), meta.get("tokenizer_sha256", "")
 
 
+def initial_weights(cfg: Config, data: Dataset) -> dict | None:
+    """The state_dict a fresh run starts from (init.from), after checking it is this config's model over
+    this dataset's tokenizer; None without init.from."""
+    spec = cfg.init.from_
+    if not spec:
+        return None
+    from hpclm.interop import hf
+    theirs, state, _, meta = hf.read(spec[len(hf.PREFIX):])
+    if cfg.model.arch != "gpt":
+        raise HpclmError(f"init.from {spec} holds a GPT-2, but model.arch = {cfg.model.arch!r}: set model.arch = 'gpt'")
+    for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.bias", "model.activation", "data.block_size"):
+        section, name = key.split(".")
+        ours, want = getattr(getattr(cfg, section), name), getattr(getattr(theirs, section), name)
+        if ours != want:
+            raise HpclmError(f"init.from {spec}: {key} = {ours!r} here but {want!r} in that model: set {key} = "
+                             f"{config_mod._toml_value(want)} (fine-tuning keeps the model's shape)")
+    if meta["tokenizer_sha256"] != data.meta.get("tokenizer_sha256") or int(meta["vocab_size"]) != data.vocab_size:
+        raise HpclmError(f"init.from {spec}: {data.path} was tokenized with another tokenizer than that model's: "
+                         f"prepare it with `hpclm prepare SOURCE --out DIR --tokenizer-from {spec}`")
+    return state
+
+
 def plan_start(out: Path, cfg: Config, data: Dataset, resume: str, force: bool, warn) -> str | None:
     """Rank 0: the checkpoint to resume from (None: start fresh), after the safety checks."""
     if force and resume != "never":
@@ -105,6 +127,8 @@ def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool
     if dist.is_main():
         try:
             ckpt = plan_start(out, cfg, data, resume, force, warn)
+            if ckpt is None:
+                initial_weights(cfg, data)  # refused here, before anything is written
             check_outputs(cfg, out, write_probe=True)
             if force:
                 checkpoint.remove_all(out)
@@ -127,6 +151,8 @@ def check_start(cfg: Config, out: Path, resume: str, force: bool) -> str:
         resolve_device(cfg.train.device)
     data = load_dataset(cfg.data.path, cfg.data.block_size)
     ckpt = plan_start(out, cfg, data, resume, force, warn)
+    if ckpt is None:
+        initial_weights(cfg, data)
     check_outputs(cfg, out, write_probe=False)
     start = f"resume from {ckpt}" if ckpt else f"start fresh in {out}"
     return f"hpclm train: ok: {cfg.model.arch} on {cfg.data.path} (vocabulary {data.vocab_size}); would {start}"
