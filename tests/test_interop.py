@@ -156,7 +156,7 @@ def test_export_refuses_to_overwrite_and_models_gpt2_cannot_hold(char_run, shake
 @pytest.fixture(scope="module")
 def gpt2_with_bpe(tmp_path_factory):
     """A small random GPT-2 made by transformers, with a 512-token BPE of Tiny Shakespeare as its tokenizer."""
-    from helpers.lm_fixtures import SHAKESPEARE, requires_shakespeare  # noqa: F401
+    from helpers.lm_fixtures import SHAKESPEARE
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} not found (the project's shared data)")
     root = tmp_path_factory.mktemp("finetune")
