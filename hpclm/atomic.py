@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -60,3 +62,33 @@ def blocker(path: str | Path) -> Path | None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         return existing
     return None
+
+
+def remove_tree(path: Path) -> bool:
+    """Delete a folder whole, read-only contents too (their folders are made writable first); True if gone."""
+    if not path.exists():
+        return True
+    for dirpath, _, _ in os.walk(path):
+        try:
+            os.chmod(dirpath, os.stat(dirpath).st_mode | 0o700)
+        except OSError:
+            pass
+    shutil.rmtree(path, ignore_errors=True)
+    return not path.exists()
+
+
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the folder tmp to out; an existing out is moved aside first and removed only afterwards
+    (put back where it was if the rename fails)."""
+    if out.exists():
+        aside = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, aside)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            os.rename(aside, out)
+            raise
+        if not remove_tree(aside):
+            print(f"warning: could not delete the replaced {out.name} at {aside}: remove it by hand", file=sys.stderr)
+    else:
+        os.rename(tmp, out)

@@ -5,6 +5,7 @@ import os
 import shutil
 from pathlib import Path
 
+from hpclm import atomic
 from hpclm.errors import HpclmError
 from hpclm.generate import load_trained
 from hpclm.interop import hf
@@ -24,15 +25,9 @@ def export_hf(ckpt: str | Path, out: str | Path, force: bool = False) -> Path:
     tmp.mkdir()
     try:
         hf.write(tmp, trained.model.state_dict(), trained.cfg, trained.tokenizer, int(trained.meta["vocab_size"]))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        atomic.swap_into_place(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.remove_tree(tmp)
         raise
     return out
 

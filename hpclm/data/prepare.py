@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from hpclm import atomic
 from hpclm.data import tokenizers
 from hpclm.data.batches import META, token_dtype
 from hpclm.data.corpus import read_corpus
@@ -119,46 +119,17 @@ def prepare(spec: str, out: str | Path, *, kind: str = "char", vocab_size: int =
         _write_bin(tmp / "val.bin", ids[n_train:], dtype)
         tok.save(tmp / tokenizers.FILENAME)
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        _swap_into_place(tmp, out)
+        atomic.swap_into_place(tmp, out)
     except OSError as e:
-        _remove_tree(tmp)
+        atomic.remove_tree(tmp)
         raise HpclmError(f"cannot write --out {out} ({e.strerror}); it is as it was") from None
     except BaseException:
-        _remove_tree(tmp)
+        atomic.remove_tree(tmp)
         raise
     log(f"prepared {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
         f"{meta['tokenizer']} vocabulary {meta['vocab_size']:,} ({meta['dtype']}), "
         f"{meta['source_files']} file(s) from '{meta['source']}', sha256 {meta['source_sha256'][:12]}")
     return meta
-
-
-def _remove_tree(path: Path) -> bool:
-    """Delete a folder whole, read-only contents too (their folders are made writable first); True if gone."""
-    if not path.exists():
-        return True
-    for dirpath, _, _ in os.walk(path):
-        try:
-            os.chmod(dirpath, os.stat(dirpath).st_mode | 0o700)
-        except OSError:
-            pass
-    shutil.rmtree(path, ignore_errors=True)
-    return not path.exists()
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an existing out is moved aside first and removed only afterwards."""
-    if out.exists():
-        aside = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, aside)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            os.rename(aside, out)  # the old dataset goes back where it was
-            raise
-        if not _remove_tree(aside):
-            print(f"warning: could not delete the replaced dataset {aside}: remove it by hand", file=sys.stderr)
-    else:
-        os.rename(tmp, out)
 
 
 def main(args) -> int:
