@@ -175,7 +175,7 @@ def _apply(cfg: Config, section: str, key: str, value, where: str) -> None:
     if key not in types:
         raise _unknown(f"key in [{section}]", key, sorted(types), where)
     body = getattr(cfg, section)
-    name = key if hasattr(body, key) and not hasattr(body, f"{key}_") else f"{key}_"
+    name = f"{key}_" if hasattr(body, f"{key}_") else key  # the field of a keyword key (`from` -> from_)
     setattr(body, name, _coerce(f"{section}.{key}", value, types[key], where))
 
 

@@ -32,19 +32,18 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
     """The model of a checkpoint folder, of a run directory's latest complete checkpoint, or of a GPT-2
     folder in transformers' format (`hf:DIR`), in eval mode."""
     if str(path).startswith(hf.PREFIX):
-        folder = Path(str(path)[len(hf.PREFIX):])
-        cfg, state, tok, meta = hf.read(folder)
-        model = build_model(cfg, int(meta["vocab_size"]))
-        model.load_state_dict(state)
-        return Trained(model.to(device).eval(), cfg, meta, tok, 0, folder)
-    ckpt = checkpoint.resolve(path)
-    cfg = config_mod.from_dict(tomllib.loads(checkpoint.load(ckpt, "config.toml")))
-    meta = json.loads(checkpoint.load(ckpt, "meta.json"))
-    tok = tokenizers.from_json(checkpoint.load(ckpt, "tokenizer.json"))
+        where = Path(str(path)[len(hf.PREFIX):])
+        cfg, state, tok, meta = hf.read(where)
+        step = 0
+    else:
+        where = checkpoint.resolve(path)
+        cfg = config_mod.from_dict(tomllib.loads(checkpoint.load(where, "config.toml")))
+        meta = json.loads(checkpoint.load(where, "meta.json"))
+        tok = tokenizers.from_json(checkpoint.load(where, "tokenizer.json"))
+        state, step = checkpoint.load(where, "model.pt", device), checkpoint.step_of(where)
     model = build_model(cfg, int(meta["vocab_size"]))
-    model.load_state_dict(checkpoint.load(ckpt, "model.pt", device))
-    model.to(device).eval()
-    return Trained(model, cfg, meta, tok, checkpoint.step_of(ckpt), ckpt)
+    model.load_state_dict(state)
+    return Trained(model.to(device).eval(), cfg, meta, tok, step, where)
 
 
 @torch.no_grad()

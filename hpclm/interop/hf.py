@@ -29,13 +29,10 @@ HPCLM_TOKENIZER = "hpclm_tokenizer.json"
 HPCLM_CONFIG = "hpclm_config.toml"
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}  # GPT-2 name -> hpclm
 LN_EPS = 1e-5
-# hpclm GPT name (inside each block) -> GPT-2 name, and whether the weight is a Conv1D ([in, out])
-_BLOCK = {"ln_1.weight": ("ln_1.weight", False), "ln_1.bias": ("ln_1.bias", False),
-          "attn.c_attn.weight": ("attn.c_attn.weight", True), "attn.c_attn.bias": ("attn.c_attn.bias", False),
-          "attn.c_proj.weight": ("attn.c_proj.weight", True), "attn.c_proj.bias": ("attn.c_proj.bias", False),
-          "ln_2.weight": ("ln_2.weight", False), "ln_2.bias": ("ln_2.bias", False),
-          "mlp.c_fc.weight": ("mlp.c_fc.weight", True), "mlp.c_fc.bias": ("mlp.c_fc.bias", False),
-          "mlp.c_proj.weight": ("mlp.c_proj.weight", True), "mlp.c_proj.bias": ("mlp.c_proj.bias", False)}
+# The tensors of each block, named alike in hpclm's GPT and GPT-2; those GPT-2 keeps as Conv1D ([in, out])
+_BLOCK = tuple(f"{part}.{kind}" for part in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+               for kind in ("weight", "bias"))
+_CONV1D = {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"}
 
 
 def gpt2_config(cfg, vocab_size: int) -> dict:
@@ -58,14 +55,12 @@ def to_gpt2_state(state: dict, n_layer: int) -> dict[str, torch.Tensor]:
            "transformer.ln_f.weight": state["transformer.ln_f.weight"],
            "transformer.ln_f.bias": state.get("transformer.ln_f.bias", torch.zeros(width))}
     for i in range(n_layer):
-        for ours, (theirs, conv) in _BLOCK.items():
-            key = f"transformer.h.{i}.{ours}"
+        for name in _BLOCK:
+            key = f"transformer.h.{i}.{name}"
             if key in state:
-                t = state[key]
-                out[f"transformer.h.{i}.{theirs}"] = t.t() if conv else t
+                out[key] = state[key].t() if name in _CONV1D else state[key]
             else:  # a bias hpclm's model does not have: the same function with zeros
-                weight = state[key.replace(".bias", ".weight")]
-                out[f"transformer.h.{i}.{theirs}"] = torch.zeros(weight.shape[0])
+                out[key] = torch.zeros(state[key.replace(".bias", ".weight")].shape[0])
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
 
 
@@ -179,9 +174,8 @@ def _from_gpt2_state(folder: Path, cfg) -> dict[str, torch.Tensor]:
     if cfg.model.bias:
         state["transformer.ln_f.bias"] = take("ln_f.bias")
     for i in range(cfg.model.n_layer):
-        for ours in names:
-            name, conv = _BLOCK[ours]
+        for name in names:
             t = take(f"h.{i}.{name}")
-            state[f"transformer.h.{i}.{ours}"] = t.t().contiguous() if conv else t
+            state[f"transformer.h.{i}.{name}"] = t.t().contiguous() if name in _CONV1D else t
     state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
