@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers.lm_fixtures import TINY, one_thread, shakespeare_dir, tiny_config  # noqa: F401 (fixtures)
+from conftest import horovod_available, mpirun
 from hpclm import cli
 from hpclm.generate import generate_text, load_trained
 from hpclm.train import train
@@ -200,6 +201,17 @@ def test_fine_tuning_a_gpt2_lowers_its_loss_and_exports_again(gpt2_with_bpe, cap
                      "--set", "optim.min_lr=1e-30", "--set", "train.max_iters=1"]) == 0
     a, b = load_trained(frozen).model.state_dict(), load_trained(spec).model.state_dict()
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-20
+    if horovod_available():  # 2 ranks: rank 0 reads the folder, the start broadcast gives rank 1 the weights
+        script = ("import sys, torch, hpclm.dist as dist; from pathlib import Path; from hpclm import config; "
+                  "from hpclm.train import loop; "
+                  "run = loop.setup(config.load(None, sys.argv[2:]), Path(sys.argv[1]), 'never', False, print); "
+                  "torch.save(run.model.state_dict(), f'{sys.argv[1]}.rank{dist.rank()}.pt')")
+        two = root / "two"
+        proc = mpirun(2, ["-c", script, str(two), *sets])
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        for rank in (0, 1):
+            c = torch.load(f"{two}.rank{rank}.pt")
+            assert all(torch.equal(c[k], b[k]) for k in b), rank
     assert cli.main(["export", "--ckpt", str(run), "--out", str(root / "tuned")]) == 0
     trained = load_trained(run)
     _, theirs, ours = _logits_both(root / "tuned", trained, trained.tokenizer.vocab_size, 32)

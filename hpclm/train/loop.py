@@ -142,7 +142,8 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     if ckpt:
         _restore(run, Path(ckpt), say)
     elif cfg.init.from_:
-        run.model.load_state_dict(initial_weights(cfg, data))
+        if dist.is_main():  # the other ranks take the weights from the broadcast below
+            run.model.load_state_dict(initial_weights(cfg, data))
         say(f"hpclm train: starting from the weights of {cfg.init.from_}")
     if dist.is_distributed():
         dist.broadcast_training_state(run.model, run.optimizer, root=0)
