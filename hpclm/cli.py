@@ -74,8 +74,8 @@ def _add_prepare(sub):
     p.add_argument("--tokenizer", choices=("char", "bpe"), default="char", help="characters, or byte-level BPE (default: char)")
     p.add_argument("--vocab-size", type=int, default=8192, metavar="N", help="BPE vocabulary size (default: 8192)")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="last fraction of tokens held out (default: 0.1)")
-    p.add_argument("--tokenizer-from", metavar="hf:DIR", help="tokenize with this GPT-2 folder's tokenizer (to fine-tune it "
-                   "with init.from) instead of training one")
+    p.add_argument("--tokenizer-from", metavar="hf:DIR|nanogpt:PATH", help="tokenize with this model's tokenizer (a GPT-2 "
+                   "folder's, or a nanoGPT run's meta.pkl), to fine-tune it with init.from, instead of training one")
     p.add_argument("--from", dest="local", metavar="FILE", help="shakespeare: use this local copy instead of downloading")
     p.add_argument("--force", action="store_true", help="replace an existing dataset in --out")
     _runs(p, "data.prepare")
@@ -96,7 +96,7 @@ def _add_train(sub):
 
 def _add_generate(sub):
     p = sub.add_parser("generate", help="sample text from a trained checkpoint")
-    p.add_argument("--ckpt", required=True, metavar="DIR", help="a run directory (its latest checkpoint), a checkpoint folder, or hf:DIR (a GPT-2 folder)")
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a run directory (its latest checkpoint), a checkpoint folder, hf:DIR (a GPT-2 folder) or nanogpt:PATH (nanoGPT's ckpt.pt)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=500, metavar="N")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T")
@@ -107,7 +107,7 @@ def _add_generate(sub):
 
 def _add_eval(sub):
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint over a whole val.bin")
-    p.add_argument("--ckpt", required=True, metavar="DIR", help="a run directory (its latest checkpoint), a checkpoint folder, or hf:DIR (a GPT-2 folder)")
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a run directory (its latest checkpoint), a checkpoint folder, hf:DIR (a GPT-2 folder) or nanogpt:PATH (nanoGPT's ckpt.pt)")
     p.add_argument("--data", metavar="DIR", help="a prepared directory with the same tokenizer (default: the run's data.path)")
     _runs(p, "evaluate")
 

@@ -98,7 +98,7 @@ class CheckpointConfig:
 
 @dataclass
 class InitConfig:
-    from_: str = ""  # key `from`: the weights a fresh run starts from, "hf:DIR" (a GPT-2 folder); "": random
+    from_: str = ""  # key `from`: the weights a fresh run starts from, "hf:DIR" (a GPT-2 folder) or "nanogpt:PATH"; "": random
 
 
 @dataclass
@@ -238,8 +238,9 @@ def validate(cfg: Config) -> None:
         (cfg.model.arch != "gpt" or cfg.model.n_embd % cfg.model.n_head == 0,
          f"model.n_embd ({cfg.model.n_embd}) must be a multiple of model.n_head ({cfg.model.n_head})"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (cfg.init.from_ == "" or cfg.init.from_.startswith("hf:"),
-         f"init.from must be \"hf:DIR\" (a GPT-2 folder in transformers' format) or empty, got {cfg.init.from_!r}"),
+        (cfg.init.from_ == "" or cfg.init.from_.startswith(("hf:", "nanogpt:")),
+         f"init.from must be \"hf:DIR\" (a GPT-2 folder in transformers' format), \"nanogpt:PATH\" (nanoGPT's "
+         f"ckpt.pt) or empty, got {cfg.init.from_!r}"),
         (cfg.model.activation in ("gelu", "gelu_tanh"),
          f"model.activation must be gelu or gelu_tanh, got {cfg.model.activation!r}"),
         (cfg.model.order >= 1, "model.order must be >= 1"),
@@ -282,7 +283,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(message)
 
 
-def _toml_value(value) -> str:
+def toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -297,5 +298,5 @@ def to_toml(cfg: Config | dict, header: str = "") -> str:
     lines = [f"# {line}" for line in header.splitlines()]
     for section, body in data.items():
         lines += ["" if lines else None, f"[{section}]"]
-        lines += [f"{key} = {_toml_value(value)}" for key, value in body.items()]
+        lines += [f"{key} = {toml_value(value)}" for key, value in body.items()]
     return "\n".join(line for line in lines if line is not None) + "\n"

@@ -13,7 +13,7 @@ from hpclm import config as config_mod
 from hpclm.config import Config
 from hpclm.data import tokenizers
 from hpclm.errors import HpclmError
-from hpclm.interop import hf
+from hpclm import interop
 from hpclm.models import build_model
 from hpclm.train import checkpoint
 
@@ -29,12 +29,12 @@ class Trained:
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Trained:
-    """The model of a checkpoint folder, of a run directory's latest complete checkpoint, or of a GPT-2
-    folder in transformers' format (`hf:DIR`), in eval mode."""
-    if str(path).startswith(hf.PREFIX):
-        where = Path(str(path)[len(hf.PREFIX):])
-        cfg, state, tok, meta = hf.read(where)
-        step = 0
+    """The model of a checkpoint folder, of a run directory's latest complete checkpoint, or of another
+    tool's (`hf:DIR`, a GPT-2 folder in transformers' format; `nanogpt:PATH`, nanoGPT's ckpt.pt), in eval mode."""
+    if interop.is_foreign(path):
+        imported = interop.read(str(path))
+        cfg, state, tok, meta, where, step = (imported.cfg, imported.state, imported.tokenizer, imported.meta,
+                                              imported.where, 0)
     else:
         where = checkpoint.resolve(path)
         cfg = config_mod.from_dict(tomllib.loads(checkpoint.load(where, "config.toml")))

@@ -159,12 +159,13 @@ class _Horovod:
                                              backward_passes_per_step=backward_passes_per_step)
 
     def broadcast_training_state(self, model, optimizer, root):
-        self.hvd.broadcast_parameters(model.state_dict(), root_rank=root)
-        # Horovod initialises an empty optimizer state with a zero-gradient step(), which would move
-        # weights under weight decay: only an optimizer that already has state (a resume) is sent.
-        has_state = self.allreduce(torch.tensor([float(bool(optimizer.state))]), "min").item() > 0
+        # Sent when any rank has optimizer state (a resume; a start from another tool's AdamW state on root).
+        # Horovod first fills an empty state with a zero-gradient step(), which moves weights under weight
+        # decay, so the parameters are sent after it.
+        has_state = self.allreduce(torch.tensor([float(bool(optimizer.state))]), "max").item() > 0
         if has_state:
             self.hvd.broadcast_optimizer_state(optimizer, root_rank=root)
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=root)
 
 
 _backend: _SingleProcess | _Horovod | None = None

@@ -50,14 +50,12 @@ def _existing_meta(out: Path) -> dict | None:
 def prepare(spec: str, out: str | Path, *, kind: str = "char", vocab_size: int = 8192, val_fraction: float = 0.1,
             local: str | None = None, force: bool = False, log=print, tokenizer_from: str | None = None) -> dict:
     """Tokenize a corpus into OUT (written to a temporary folder, then renamed into place), with a tokenizer
-    trained on it, or with a model's (tokenizer_from: "hf:DIR", a GPT-2 folder, for fine-tuning it)."""
+    trained on it, or with a model's (tokenizer_from: "hf:DIR" or "nanogpt:PATH", for fine-tuning it)."""
     out = Path(out)
     given = None
     if tokenizer_from:
-        from hpclm.interop import hf
-        if not tokenizer_from.startswith(hf.PREFIX):
-            raise HpclmError(f"--tokenizer-from {tokenizer_from}: give hf:DIR, a GPT-2 folder in transformers' format")
-        given = hf.read_tokenizer(tokenizer_from[len(hf.PREFIX):])
+        from hpclm import interop
+        given = interop.read_tokenizer(tokenizer_from)
         kind = given.kind
     if kind not in tokenizers.KINDS:
         raise HpclmError(f"unknown tokenizer '{kind}': use one of {', '.join(tokenizers.KINDS)}")

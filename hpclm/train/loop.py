@@ -123,6 +123,21 @@ def _restore(run: Run, path: Path, say) -> None:
     run.resumed_from = str(path)
 
 
+def _start_from(run: Run, imported, say) -> None:
+    """Rank 0: the weights of init.from, and its AdamW state when it has one laid out as hpclm's."""
+    run.model.load_state_dict(imported.state)
+    if imported.optimizer is None:
+        return
+    from hpclm.interop import nanogpt
+    state, why = nanogpt.optimizer_state_for(run.optimizer, imported.optimizer)
+    if state is None:
+        say(f"note: the optimizer state in {run.cfg.init.from_} is not used ({why}): AdamW starts fresh")
+        return
+    run.optimizer.load_state_dict(state)
+    step = next(iter(run.optimizer.state.values()), {}).get("step")
+    say(f"hpclm train: AdamW continues from that checkpoint's state ({int(step) if step is not None else 0} updates)")
+
+
 def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     dist.init(fusion_threshold_mb=cfg.dist.fusion_threshold_mb or None, cycle_time_ms=cfg.dist.cycle_time_ms or None,
               timeline=cfg.dist.timeline or None, mpi_yield_when_idle=cfg.dist.mpi_yield_when_idle)
@@ -142,8 +157,8 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     if ckpt:
         _restore(run, Path(ckpt), say)
     elif cfg.init.from_:
-        if dist.is_main():  # the other ranks take the weights from the broadcast below
-            run.model.load_state_dict(initial_weights(cfg, data))
+        if dist.is_main():  # the other ranks take the weights (and optimizer state) from the broadcast below
+            _start_from(run, initial_weights(cfg, data), say)
         say(f"hpclm train: starting from the weights of {cfg.init.from_}")
     if dist.is_distributed():
         dist.broadcast_training_state(run.model, run.optimizer, root=0)

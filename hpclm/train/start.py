@@ -42,26 +42,27 @@ def _read_ckpt_signature(path: Path) -> tuple[dict, str]:
     return model_signature(ckpt_cfg, int(meta["vocab_size"])), meta.get("tokenizer_sha256", "")
 
 
-def initial_weights(cfg: Config, data: Dataset) -> dict | None:
-    """The state_dict a fresh run starts from (init.from), after checking it is this config's model over
-    this dataset's tokenizer; None without init.from."""
+def initial_weights(cfg: Config, data: Dataset):
+    """The model a fresh run starts from (init.from, as an interop.Imported), after checking it is this
+    config's model over this dataset's tokenizer; None without init.from."""
     spec = cfg.init.from_
     if not spec:
         return None
-    from hpclm.interop import hf
-    theirs, state, _, meta = hf.read(spec[len(hf.PREFIX):])
+    from hpclm import interop
+    imported = interop.read(spec, "init.from")
+    theirs, meta = imported.cfg, imported.meta
     if cfg.model.arch != "gpt":
-        raise HpclmError(f"init.from {spec} holds a GPT-2, but model.arch = {cfg.model.arch!r}: set model.arch = 'gpt'")
+        raise HpclmError(f"init.from {spec} holds a GPT, but model.arch = {cfg.model.arch!r}: set model.arch = 'gpt'")
     for key in ("model.n_layer", "model.n_head", "model.n_embd", "model.bias", "model.activation", "data.block_size"):
         section, name = key.split(".")
         ours, want = getattr(getattr(cfg, section), name), getattr(getattr(theirs, section), name)
         if ours != want:
             raise HpclmError(f"init.from {spec}: {key} = {ours!r} here but {want!r} in that model: set {key} = "
-                             f"{config_mod._toml_value(want)} (fine-tuning keeps the model's shape)")
+                             f"{config_mod.toml_value(want)} (fine-tuning keeps the model's shape)")
     if meta["tokenizer_sha256"] != data.meta.get("tokenizer_sha256") or int(meta["vocab_size"]) != data.vocab_size:
         raise HpclmError(f"init.from {spec}: {data.path} was tokenized with another tokenizer than that model's: "
                          f"prepare it with `hpclm prepare SOURCE --out DIR --tokenizer-from {spec}`")
-    return state
+    return imported
 
 
 def plan_start(out: Path, cfg: Config, data: Dataset, resume: str, force: bool, warn) -> str | None:
