@@ -94,6 +94,7 @@ class CheckpointConfig:
     every_iters: int = 100
     keep_last: int = 3  # 0: keep all
     resume: str = "auto"
+    format: str = "pt"  # the weights' file: "pt" (torch.save) or "safetensors"; optimizer and loop state stay .pt
 
 
 @dataclass
@@ -135,6 +136,7 @@ CHOICES = {
     "model.softmax": ("auto", "fused", "torch", "sdpa"),
     "precision.dtype": ("fp32", "fp16", "bf16"),
     "checkpoint.resume": ("auto", "never"),
+    "checkpoint.format": ("pt", "safetensors"),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 

@@ -40,7 +40,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
         cfg = config_mod.from_dict(tomllib.loads(checkpoint.load(where, "config.toml")))
         meta = json.loads(checkpoint.load(where, "meta.json"))
         tok = tokenizers.from_json(checkpoint.load(where, "tokenizer.json"))
-        state, step = checkpoint.load(where, "model.pt", device), checkpoint.step_of(where)
+        state, step = checkpoint.load_weights(where, device), checkpoint.step_of(where)
     model = build_model(cfg, int(meta["vocab_size"]))
     model.load_state_dict(state)
     return Trained(model.to(device).eval(), cfg, meta, tok, step, where)

@@ -73,6 +73,32 @@ def test_resume_equals_uninterrupted_run_exactly(shakespeare_dir, tmp_path, prec
         assert scalers[0]["scale"] > 8.0  # it grew, across the resume as in one run
 
 
+def test_safetensors_weights_resume_exactly_and_read_back_tied(shakespeare_dir, tmp_path, capsys):
+    """checkpoint.format = "safetensors" for the first half, "pt" after the resume: the same run as all-pt."""
+    from safetensors.torch import load_file
+    common = ["checkpoint.every_iters=10", "train.eval_interval=10", "model.dropout=0.1", "optim.lr_decay_iters=20"]
+    _train(shakespeare_dir, tmp_path / "whole", "train.max_iters=20", *common)
+    _train(shakespeare_dir, tmp_path / "split", "train.max_iters=10", *common, 'checkpoint.format="safetensors"')
+    assert _train(shakespeare_dir, tmp_path / "split", "train.max_iters=20", *common)["start_step"] == 10
+    half = checkpoint.root(tmp_path / "split") / "iter_0000010"
+    assert {p.name for p in half.iterdir()} >= {"model.safetensors", "optimizer.pt"} and not (half / "model.pt").exists()
+    assert "model.safetensors" in json.loads((half / checkpoint.MANIFEST).read_text())["files"]
+    want = checkpoint.load(checkpoint.root(tmp_path / "whole") / "iter_0000010", "model.pt")
+    stored = load_file(half / "model.safetensors")  # any safetensors reader: every tensor once, the tied head not again
+    assert stored.keys() == want.keys() - {"lm_head.weight"} and all(torch.equal(stored[k], want[k]) for k in stored)
+    got = checkpoint.load_weights(half)
+    assert got.keys() == want.keys() and got["lm_head.weight"] is got["transformer.wte.weight"]
+    a, b = (checkpoint.load_weights(checkpoint.resolve(tmp_path / run)) for run in ("whole", "split"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed from safetensors exactly
+    texts = []
+    for run in ("whole", "split"):
+        capsys.readouterr()
+        assert cli.main(["generate", "--ckpt", str(checkpoint.root(tmp_path / run) / "iter_0000010"),
+                         "--max-new-tokens", "30"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and len(texts[0]) == 1 + 30 + 1  # the prompt, 30 characters, the newline
+
+
 KILL_DURING_WRITE = textwrap.dedent("""
     import os, signal, sys
     from hpclm import config

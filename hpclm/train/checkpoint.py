@@ -5,11 +5,14 @@ SHA-256 of each file) is written last, the folder is renamed to iter_NNNNNNN, th
 iteration number) is replaced atomically, and only then are old checkpoints pruned. A process
 killed at any point leaves `latest` naming a complete checkpoint.
 
+The model's weights are model.pt (torch.save) or, with checkpoint.format = "safetensors",
+model.safetensors (a tied tensor stored once; optimizer and loop state stay .pt); either is read back.
+
 Nothing diverged is written: the drivers check the recent losses, the weights and the optimizer state
 first (non_finite), so every checkpoint on disk, and the one `latest` names in particular, is finite.
 
 Reading: a checkpoint is used only when its manifest is well formed, every file matches it, and every
-file parses (tensors through torch.load(weights_only=True), config, meta, tokenizer); a truncated or
+file parses (tensors through torch.load(weights_only=True) or safetensors, config, meta, tokenizer); a truncated or
 corrupt `latest` is renamed to iter_NNNNNNN.corrupt and the newest good one before it is used instead.
 A run directory that had checkpoints but has none usable left is an error, never a fresh start.
 """
@@ -21,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import sys
 import tomllib
 import warnings
@@ -35,6 +39,7 @@ from hpclm.errors import HpclmError
 DIRNAME = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"
+WEIGHTS = {"pt": "model.pt", "safetensors": "model.safetensors"}  # the model's file, by checkpoint.format
 _NAME = re.compile(r"^iter_(\d{7,})$")
 _LEFTOVER = re.compile(r"^\.(tmp|old|del)-")
 
@@ -66,6 +71,48 @@ def tensor_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:  # an install problem, not a corrupt checkpoint: never a reason to move one aside
+        raise HpclmError("checkpoint.format = 'safetensors' needs the safetensors package: pip install safetensors "
+                         "(scripts/setup.sh installs it)") from None
+    return safetensors.torch
+
+
+def weights_file(state: dict, fmt: str = "pt") -> tuple[str, bytes]:
+    """A model state_dict as the checkpoint file checkpoint.format names: ("model.pt", torch.save's bytes) or
+    ("model.safetensors", ...). safetensors holds each tensor once, so a tied one (the output embedding) is
+    named in the file's metadata ("tied": {name: the name it shares}) and restored by load_weights."""
+    if fmt == "pt":
+        return WEIGHTS["pt"], tensor_bytes(state)
+    first, tied, tensors = {}, {}, {}
+    for key, t in state.items():
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and view in first:
+            tied[key] = first[view]
+            continue
+        first[view] = key
+        tensors[key] = t.detach().to("cpu").contiguous()
+    return WEIGHTS["safetensors"], _safetensors().save(tensors, metadata={"tied": json.dumps(tied)})
+
+
+def _weights_from_safetensors(data: bytes) -> dict:
+    tensors = _safetensors().load(data)
+    (header_len,) = struct.unpack("<Q", data[:8])
+    tied = json.loads(json.loads(data[8:8 + header_len]).get("__metadata__", {}).get("tied", "{}"))
+    return {**tensors, **{key: tensors[same] for key, same in tied.items()}}
+
+
+def load_weights(path: Path, map_location="cpu") -> dict:
+    """The model state_dict of a checkpoint folder, whichever format it was written in."""
+    f = path / WEIGHTS["safetensors"]
+    if not f.is_file():
+        return load(path, WEIGHTS["pt"], map_location)
+    state = _weights_from_safetensors(f.read_bytes())
+    return {k: v.to(map_location) for k, v in state.items()}
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -193,8 +240,12 @@ def _manifest_problem(manifest) -> str | None:
 
 def _content_problem(fname: str, data: bytes, parsed: dict) -> str | None:
     """Why one file of a checkpoint does not parse as what its name says (None: it does)."""
+    if fname.endswith(".safetensors"):
+        _safetensors()
     try:
-        if fname.endswith(".pt"):
+        if fname.endswith(".safetensors"):
+            _weights_from_safetensors(data)
+        elif fname.endswith(".pt"):
             with warnings.catch_warnings():  # torch warns about the pickle protocol of what it then refuses
                 warnings.simplefilter("ignore")
                 torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

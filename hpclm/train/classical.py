@@ -93,7 +93,7 @@ def save(cfg: Config, out: Path, data: Dataset, model, state: dict) -> Path:
         refuse_diverged(state["step"], out, {"model": model.state_dict()},
                         losses_finite=state.get("loss") is None or math.isfinite(state["loss"]))
         return {
-            "model.pt": checkpoint.tensor_bytes(model.state_dict()),
+            **dict([checkpoint.weights_file(model.state_dict(), cfg.checkpoint.format)]),
             "state.pt": checkpoint.tensor_bytes({"format": STATE_FORMAT, **state}),
             "config.toml": config_mod.to_toml(cfg),
             "meta.json": (data.path / "meta.json").read_text(encoding="utf-8"),
@@ -117,7 +117,7 @@ def fit(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool 
     ckpt = open_run_dir(cfg, out, data, resume or cfg.checkpoint.resume, force)
     state = {"step": 0}
     if ckpt:
-        model.load_state_dict(checkpoint.load(Path(ckpt), "model.pt", device))
+        model.load_state_dict(checkpoint.load_weights(Path(ckpt), device))
         state = {k: v for k, v in checkpoint.load(Path(ckpt), "state.pt").items() if k != "format"}
     elif arch == "hmm":
         unigram = torch.bincount(torch.from_numpy(np.asarray(data.train).astype(np.int64)), minlength=data.vocab_size)

@@ -104,7 +104,7 @@ class Run:
 
 
 def _restore(run: Run, path: Path, say) -> None:
-    run.model.load_state_dict(checkpoint.load(path, "model.pt", run.device))
+    run.model.load_state_dict(checkpoint.load_weights(path, run.device))
     run.optimizer.load_state_dict(checkpoint.load(path, "optimizer.pt", run.device))
     state = checkpoint.load(path, "state.pt")
     run.scaler.load_state_dict(state["loss_scaler"])
@@ -188,7 +188,7 @@ def save_checkpoint(run: Run, step: int, recent_losses=0.0) -> Path | None:
                      "next_step": step, "grad_accum": run.cfg.train.grad_accum},
         }
         return {
-            "model.pt": checkpoint.tensor_bytes(run.model.state_dict()),
+            **dict([checkpoint.weights_file(run.model.state_dict(), run.cfg.checkpoint.format)]),
             "optimizer.pt": checkpoint.tensor_bytes(run.optimizer.state_dict()),
             "state.pt": checkpoint.tensor_bytes(state),
             "config.toml": config_mod.to_toml(run.cfg),
