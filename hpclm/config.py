@@ -109,6 +109,33 @@ class MetricsConfig:
 
 
 @dataclass
+class AnomalyConfig:
+    action: str = "rollback"  # on a loss spike or a non-finite step: rollback | skip | stop | off
+    window: int = 50  # steps of rank-averaged loss a step's loss is judged against
+    min_window: int = 10  # steps the window holds before a spike can be called
+    spike_ratio: float = 2.0  # a spike: loss > spike_ratio x the window's mean ...
+    spike_sigmas: float = 6.0  # ... and > the mean + spike_sigmas x its standard deviation
+    skip_batches: int = 20  # rollback: global batches skipped after the spike's, besides those since the checkpoint
+    rollback_steps: int = 0  # rollback to the newest checkpoint at least this many steps before the spike
+    max_rollbacks: int = 3  # anomalies in one streak (each within `window` steps of the last) before stopping
+    hang_timeout_s: float = 0.0  # a step running longer is a hang (0: max(300 s, 20 x median step); < 0: off)
+    straggler_ratio: float = 1.3  # a straggler: compute time > this x the median of the other ranks ...
+    straggler_intervals: int = 3  # ... for this many log intervals in a row
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests and drills: off by default."""
+    inject_spike_at: int = 0  # multiply the loss of the update that makes this step by inject_spike_scale (0: off)
+    inject_spike_scale: float = 20.0
+    inject_slow_rank: int = -1  # this rank's compute takes inject_slow_factor x as long (-1: off)
+    inject_slow_factor: float = 1.5
+    inject_hang_rank: int = -1  # this rank stops answering (sleeps) at step inject_hang_at (-1: off)
+    inject_hang_at: int = 0
+    record_samples: bool = False  # each rank writes the global sample indices it trains on to OUT/debug/
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -119,6 +146,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict:
         """Sections -> keys -> values, keys as written in TOML (a field `from_` is the key `from`)."""
@@ -137,6 +166,7 @@ CHOICES = {
     "precision.dtype": ("fp32", "fp16", "bf16"),
     "checkpoint.resume": ("auto", "never"),
     "checkpoint.format": ("pt", "safetensors"),
+    "anomaly.action": ("rollback", "skip", "stop", "off"),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
@@ -273,6 +303,15 @@ def validate(cfg: Config) -> None:
         (cfg.checkpoint.every_iters >= 0, "checkpoint.every_iters must be >= 0 (0: only at the end)"),
         (cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last must be >= 0 (0: keep all)"),
         (0 <= cfg.metrics.prometheus_port <= 65535, "metrics.prometheus_port must be in 0..65535 (0: off)"),
+        (cfg.anomaly.window >= 1 and 1 <= cfg.anomaly.min_window <= cfg.anomaly.window,
+         "anomaly.window must be >= 1 and anomaly.min_window in 1..anomaly.window"),
+        (cfg.anomaly.spike_ratio > 1 and cfg.anomaly.spike_sigmas >= 0, "anomaly.spike_ratio must be > 1, spike_sigmas >= 0"),
+        (cfg.anomaly.skip_batches >= 0 and cfg.anomaly.rollback_steps >= 0 and cfg.anomaly.max_rollbacks >= 0,
+         "anomaly.skip_batches, rollback_steps and max_rollbacks must be >= 0"),
+        (cfg.anomaly.straggler_ratio > 1 and cfg.anomaly.straggler_intervals >= 1,
+         "anomaly.straggler_ratio must be > 1 and straggler_intervals >= 1"),
+        (cfg.debug.inject_spike_scale > 0 and cfg.debug.inject_slow_factor >= 1,
+         "debug.inject_spike_scale must be > 0 and inject_slow_factor >= 1"),
     ]
     for section in SECTIONS:  # no setting means anything as inf or NaN (an infinite loss scale skips every step)
         body = getattr(cfg, section)

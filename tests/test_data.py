@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from hpclm import cli, data
@@ -159,6 +160,18 @@ def test_batches_are_a_function_of_seed_stream_rank_and_index():
     other_rank, _ = data.get_batch(tokens, 4, 16, data.batch_rng(1, "train", 1, 7))
     other_step, _ = data.get_batch(tokens, 4, 16, data.batch_rng(1, "train", 0, 8))
     assert not (x1 == other_rank).all() and not (x1 == other_step).all()
+
+
+def test_training_samples_are_a_function_of_seed_and_global_index_alone():
+    tokens = np.arange(1000, dtype=np.uint16)
+    whole, _ = data.get_samples(tokens, 7, np.arange(8), 16)
+    halves = [data.get_samples(tokens, 7, np.arange(4) + k, 16)[0] for k in (0, 4)]  # two ranks' shares
+    assert torch.equal(whole, torch.cat(halves))
+    assert not torch.equal(whole, data.get_samples(tokens, 8, np.arange(8), 16)[0])  # the seed matters
+    starts = data.batches.sample_starts(7, np.arange(20000), 984)
+    assert starts.min() >= 0 and starts.max() < 984
+    counts = np.bincount(starts // 123, minlength=8)  # 8 bins of the span: near 2500 each
+    assert counts.min() > 2200 and counts.max() < 2800, counts
 
 
 def test_token_dtype_fits_the_vocabulary():

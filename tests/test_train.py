@@ -115,10 +115,10 @@ KILL_DURING_WRITE = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)  # new folder complete, `latest` not yet replaced
         real_fsync(path)
     real_prune, real_rmtree = checkpoint.prune, checkpoint.shutil.rmtree
-    def prune(run_dir, keep_last):
+    def prune(run_dir, keep_last, *keep_from):
         if where == "before-prune" and checkpoint.read_latest(run_dir) == 20:
             os.kill(os.getpid(), signal.SIGKILL)  # `latest` on the new checkpoint, the old ones not yet pruned
-        return real_prune(run_dir, keep_last)
+        return real_prune(run_dir, keep_last, *keep_from)
     def rmtree(path, *a, **k):
         if where == "mid-prune" and path.name.startswith(".del-iter_0000010"):
             (path / "model.pt").unlink()
@@ -332,13 +332,14 @@ def test_two_ranks_under_mpirun_then_one(shakespeare_dir, tmp_path, capsys):
     assert "resumed from" in resumed.stdout and "iter_0000040" in resumed.stdout
     assert [r["step"] for r in records(out, "train")][-1] == 50
 
-    # on one rank: the dropout RNG of two cannot be restored (a note says so); the token count goes on
+    # on one rank: gradient accumulation 2 keeps the global batch of 8 (a note says so); the token count goes on
     capsys.readouterr()
     summary = _train(shakespeare_dir, out, *overrides[1:], "train.max_iters=52")
-    assert "the checkpoint was written by 2 ranks, this run has 1: dropout RNG reseeded" in capsys.readouterr().out
+    assert ("the checkpoint was written by 2 ranks, this run has 1: train.grad_accum becomes 2 to keep the global "
+            "batch of 8 sequences") in capsys.readouterr().out
     last = records(out, "train")[-1]
     assert summary["start_step"] == 50 and last["step"] == 52 and last["ranks"] == 1
-    assert last["tokens"] == 50 * 2 * 4 * 32 + 2 * 1 * 4 * 32  # 50 steps of 2 ranks, then 2 of one
+    assert last["tokens"] == 52 * 2 * 4 * 32  # 50 steps of 2 ranks x 4, then 2 of one rank x 4 x 2 micro-batches
     assert torch.load(checkpoint.resolve(out) / "state.pt", weights_only=True)["tokens"] == last["tokens"]
 
 

@@ -1,7 +1,9 @@
 """A prepared dataset (train.bin, val.bin, meta.json, tokenizer.json) and the batches drawn from it.
 
-Batches are drawn with a numpy generator seeded by (seed, split, rank, step), so any step's batch
-can be recomputed: a resumed run continues the exact batch sequence of an uninterrupted one.
+Training samples are numbered globally (0, 1, 2, ... across all ranks and steps) and sample g's window
+is fixed by (seed, g) alone (sample_starts), so a run resumed on another number of ranks continues at
+the next unseen sample: no window is trained on twice or skipped, whatever the layout. Eval batches
+are drawn with a numpy generator seeded by (seed, split, rank, index).
 """
 from __future__ import annotations
 
@@ -89,15 +91,41 @@ STREAMS = {"train": 0, "eval_train": 1, "eval_val": 2}
 def batch_rng(seed: int, stream: str, rank: int, index: int) -> np.random.Generator:
     """The generator of one batch: fixed by (seed, stream, rank, index), independent of history.
 
-    Streams: "train" (index = step * grad_accum + micro-step), "eval_train"/"eval_val" (index = eval batch).
+    Streams: "eval_train"/"eval_val" (index = eval batch); "train" is not drawn this way (sample_starts).
     """
     return np.random.default_rng([seed, STREAMS[stream], rank, index])
 
 
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def sample_starts(seed: int, indices, span: int) -> np.ndarray:
+    """Window starts in 0..span-1 of the global training samples `indices`, each fixed by (seed, index)
+    alone: a counter-based hash (splitmix64), independent of which rank or step draws it."""
+    key = _splitmix64(np.array([seed % 2**64], dtype=np.uint64))
+    return (_splitmix64(np.asarray(indices, dtype=np.uint64) ^ key) % np.uint64(span)).astype(np.int64)
+
+
+def get_samples(tokens: np.ndarray, seed: int, indices, block_size: int,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The training windows of global samples `indices` (sample_starts)."""
+    return windows(tokens, sample_starts(seed, indices, len(tokens) - block_size), block_size, device)
+
+
 def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator,
               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows: x = tokens[i : i+T], y = tokens[i+1 : i+T+1]."""
-    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
+    """Random windows drawn from rng."""
+    return windows(tokens, rng.integers(0, len(tokens) - block_size, size=batch_size), block_size, device)
+
+
+def windows(tokens: np.ndarray, starts: np.ndarray, block_size: int,
+            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """x = tokens[i : i+T], y = tokens[i+1 : i+T+1] for each start i."""
     windows = torch.from_numpy(tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
     x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
     if torch.device(device).type == "cuda":

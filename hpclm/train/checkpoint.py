@@ -122,7 +122,7 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _discard(path: Path) -> None:
+def discard(path: Path) -> None:
     """Remove a folder so that it never looks like a checkpoint while half deleted."""
     trash = path.with_name(f".del-{path.name}-{os.getpid()}")
     os.rename(path, trash)
@@ -147,14 +147,15 @@ def non_finite(named: dict) -> list[str]:
     return bad
 
 
-def save_from_rank0(run_dir: str | Path, step: int, make_files, keep_last: int = 3) -> Path | None:
+def save_from_rank0(run_dir: str | Path, step: int, make_files, keep_last: int = 3,
+                    keep_from: int | None = None) -> Path | None:
     """Every rank enters; rank 0 builds the files (make_files(), which may refuse with an HpclmError) and
     saves them; an error there stops every rank with the same one line. Returns the checkpoint's path on
     rank 0."""
     error, path = None, None
     if dist.is_main():
         try:
-            path = save(run_dir, step, make_files(), keep_last)
+            path = save(run_dir, step, make_files(), keep_last, keep_from)
         except HpclmError as e:
             error = str(e)
         except OSError as e:
@@ -166,8 +167,9 @@ def save_from_rank0(run_dir: str | Path, step: int, make_files, keep_last: int =
     return path
 
 
-def save(run_dir: str | Path, step: int, files: dict[str, bytes | str], keep_last: int = 3) -> Path:
-    """Write files as checkpoint `step`, point `latest` at it, then prune to the newest keep_last (0: all)."""
+def save(run_dir: str | Path, step: int, files: dict[str, bytes | str], keep_last: int = 3,
+         keep_from: int | None = None) -> Path:
+    """Write files as checkpoint `step`, point `latest` at it, then prune (keep_last, keep_from)."""
     r = root(run_dir)
     r.mkdir(parents=True, exist_ok=True)
     tmp = r / f".tmp-{name(step)}-{os.getpid()}"
@@ -195,19 +197,27 @@ def save(run_dir: str | Path, step: int, files: dict[str, bytes | str], keep_las
         os.rename(tmp, final)
     atomic.fsync(r)
     atomic.write_text(r / LATEST, f"{step}\n", durable=True)
-    prune(run_dir, keep_last)
+    prune(run_dir, keep_last, keep_from)
     return final
 
 
-def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest keep_last checkpoints (never the one `latest` names); returns those deleted."""
+def prune(run_dir: str | Path, keep_last: int, keep_from: int | None = None) -> list[Path]:
+    """Delete all but the newest keep_last checkpoints (never the one `latest` names); returns those deleted.
+
+    keep_from (a rollback's reach, anomaly.rollback_steps before the current step): the newest checkpoint
+    at or before it is kept too, and every one after it, so whichever a rollback from now on picks exists."""
     if keep_last <= 0:
         return []
     latest = read_latest(run_dir)
+    found = listing(run_dir)
+    reach = None
+    if keep_from is not None:
+        before = [step_of(p) for p in found if step_of(p) <= keep_from]
+        reach = before[-1] if before else -1
     removed = []
-    for path in listing(run_dir)[:-keep_last]:
-        if step_of(path) != latest:
-            _discard(path)
+    for path in found[:-keep_last]:
+        if step_of(path) != latest and (reach is None or step_of(path) < reach):
+            discard(path)
             removed.append(path)
     return removed
 
@@ -380,4 +390,4 @@ def load(path: Path, fname: str, map_location="cpu"):
 def remove_all(run_dir: str | Path) -> None:
     r = root(run_dir)
     if r.exists():
-        _discard(r)
+        discard(r)

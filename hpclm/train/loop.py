@@ -3,11 +3,17 @@
 Every rank runs this same program. Rank 0 alone writes OUT/config.toml, OUT/metrics.jsonl and
 checkpoints, and prints progress; every collective is entered by every rank. Each step:
 
-    for each micro-batch: forward, backward  batch drawn by generator (seed, rank, step, micro)
+    for each micro-batch: forward, backward  the next global samples (data.get_samples), this rank's share
     synchronize_gradients                    Horovod's DistributedOptimizer averages over ranks
+    the rank-averaged loss                   one tiny allreduce; judged by anomaly.SpikeDetector
     scaler.unscale_and_check                 fp16: hpclm.amp.DynamicLossScaler, agreed over ranks
     clip, optimizer.step, scaler.update      lr = lr_at(applied updates): warmup + cosine decay;
-                                             a step skipped for overflow does not advance it
+                                             a step skipped for overflow or an anomaly does not advance it
+
+An anomaly (a loss spike, a non-finite loss or gradient norm) is answered per anomaly.action: skip the
+update, roll back to a checkpoint and skip the batches since it and anomaly.skip_batches more, or stop.
+A hang watchdog (hpclm.train.watchdog) ends a rank whose step runs past anomaly.hang_timeout_s, and every
+log interval the ranks' compute times are gathered to name stragglers.
 """
 from __future__ import annotations
 
@@ -25,14 +31,18 @@ import torch
 from hpclm import atomic, config as config_mod
 from hpclm.comm import dist
 from hpclm.config import Config, OptimConfig
-from hpclm.data import Dataset, batch_rng, get_batch, load_dataset
-from hpclm.errors import EXIT_PREEMPTED, Preempted
+import numpy as np
+
+from hpclm.data import Dataset, get_samples, load_dataset
+from hpclm.errors import EXIT_PREEMPTED, HpclmError, Preempted
 from hpclm.evaluate import estimate_loss
 from hpclm.models import build_model, count_parameters
 from hpclm.train import checkpoint
+from hpclm.train.anomaly import SpikeDetector, StragglerWatch
 from hpclm.train.amp import CPU_HALF_FLAGS, LossScaleError, autocast, cpu_computes, make_loss_scaler
 from hpclm.train.metrics import RunOutputs
 from hpclm.train.start import PREEMPTED_MARKER, initial_weights, open_run_dir, refuse_diverged, resolve_device
+from hpclm.train.watchdog import HangWatchdog
 
 STATE_FORMAT = 1
 
@@ -86,7 +96,10 @@ class Run:
     start_step: int = 0
     start_tokens: int = 0  # training tokens consumed before start_step (all ranks, at whatever rank count ran them)
     lr_step: int = 0  # optimizer updates applied: the LR schedule's position (fp16 skips do not count)
+    next_sample: int = 0  # the first global training sample the next step trains on
+    detector: SpikeDetector | None = None
     resumed_from: str | None = None
+    sample_log: object = None  # debug.record_samples: this rank's file of the sample indices it trained on
 
     @property
     def global_batch(self) -> int:
@@ -111,14 +124,14 @@ def _restore(run: Run, path: Path, say) -> None:
     run.start_step = int(state["step"])
     run.lr_step = int(state.get("lr_step", run.start_step))
     run.start_tokens = int(state.get("tokens", run.start_step * run.tokens_per_step))
+    run.next_sample = int(state.get("data", {}).get("next_sample", run.start_tokens // run.cfg.data.block_size))
+    run.detector.load_state_dict(state.get("anomaly", {}))
     rng = state["rng"]["torch"]
     if len(rng) == dist.size():
         torch.set_rng_state(rng[dist.rank()])
         if run.device.type == "cuda" and state["rng"].get("cuda"):
             torch.cuda.set_rng_state(state["rng"]["cuda"][dist.rank()], run.device)
-    else:
-        say(f"note: the checkpoint was written by {len(rng)} ranks, this run has {dist.size()}: dropout RNG reseeded; "
-            "batches continue by (seed, rank, step)")
+    else:  # on another number of ranks (open_run_dir said what happens to the batch): dropout reseeded
         torch.manual_seed(run.cfg.train.seed + 1 + dist.rank() + run.start_step)
     run.resumed_from = str(path)
 
@@ -144,6 +157,7 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     device = resolve_device(cfg.train.device)
     data = load_dataset(cfg.data.path, cfg.data.block_size)
     scaler = make_loss_scaler(cfg.precision)
+    ckpt = open_run_dir(cfg, out, data, resume, force, say)  # first: a resume may set train.grad_accum
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (broadcast makes sure)
     model = build_model(cfg, data.vocab_size).to(device)
     # Horovod rebuilds the optimizer when wrapping it, so wrap first and load a checkpoint's state after.
@@ -151,9 +165,8 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
                                            backward_passes_per_step=cfg.train.grad_accum,
                                            fp16_compression=cfg.dist.fp16_compression)
     torch.manual_seed(cfg.train.seed + 1 + dist.rank())  # dropout differs across ranks
-    run = Run(cfg, out, data, model, optimizer, scaler, device, params=[p for p in model.parameters() if p.requires_grad])
-
-    ckpt = open_run_dir(cfg, out, data, resume, force)
+    run = Run(cfg, out, data, model, optimizer, scaler, device, params=[p for p in model.parameters() if p.requires_grad],
+              detector=SpikeDetector.from_config(cfg.anomaly))
     if ckpt:
         _restore(run, Path(ckpt), say)
     elif cfg.init.from_:
@@ -184,8 +197,9 @@ def save_checkpoint(run: Run, step: int, recent_losses=0.0) -> Path | None:
             "rng": rngs, "loss_scaler": run.scaler.state_dict(), "lr_step": run.lr_step,
             "lr_schedule": {"lr": lr_at(run.lr_step, o, run.cfg.train.max_iters), "max_lr": o.lr, "min_lr": o.min_lr,
                             "warmup_iters": o.warmup_iters, "decay_iters": o.lr_decay_iters or run.cfg.train.max_iters},
-            "data": {"sampler": "seeded (seed, rank, step * grad_accum + micro)", "seed": run.cfg.train.seed,
-                     "next_step": step, "grad_accum": run.cfg.train.grad_accum},
+            "data": {"sampler": "global samples, window of sample g fixed by (seed, g)", "seed": run.cfg.train.seed,
+                     "next_step": step, "next_sample": run.next_sample, "grad_accum": run.cfg.train.grad_accum},
+            "global_batch": run.global_batch, "anomaly": run.detector.state_dict(),
         }
         return {
             **dict([checkpoint.weights_file(run.model.state_dict(), run.cfg.checkpoint.format)]),
@@ -195,7 +209,8 @@ def save_checkpoint(run: Run, step: int, recent_losses=0.0) -> Path | None:
             "meta.json": json.dumps(run.data.meta, indent=2) + "\n",
             "tokenizer.json": (run.data.path / "tokenizer.json").read_text(encoding="utf-8"),
         }
-    return checkpoint.save_from_rank0(run.out, step, files, run.cfg.checkpoint.keep_last)
+    keep_from = step - run.cfg.anomaly.rollback_steps if run.cfg.anomaly.action == "rollback" else None
+    return checkpoint.save_from_rank0(run.out, step, files, run.cfg.checkpoint.keep_last, keep_from)
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -226,49 +241,165 @@ class PreemptionSignals:
 
 
 def micro_batches(run: Run, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's grad_accum batches for `step`, drawn from generators seeded by (seed, rank, step, micro)."""
-    cfg, accum = run.cfg, run.cfg.train.grad_accum
-    return [get_batch(run.data.train, cfg.train.batch_size, cfg.data.block_size,
-                      batch_rng(cfg.train.seed, "train", dist.rank(), step * accum + micro), run.device)
-            for micro in range(accum)]
+    """This rank's grad_accum batches for `step`: micro-batch m of rank r holds the global samples
+    next_sample + (m * ranks + r) * batch_size + 0..batch_size-1, so the step as a whole trains on the next
+    global_batch samples whatever the layout."""
+    cfg, batch, ranks = run.cfg, run.cfg.train.batch_size, dist.size()
+    out = []
+    for micro in range(cfg.train.grad_accum):
+        indices = run.next_sample + (micro * ranks + dist.rank()) * batch + np.arange(batch)
+        if run.sample_log is not None:
+            run.sample_log.write(f"{step + 1} {' '.join(map(str, indices.tolist()))}\n")
+        out.append(get_samples(run.data.train, cfg.train.seed, indices, cfg.data.block_size, run.device))
+    return out
 
 
-def forward_backward(run: Run, batches, amp) -> torch.Tensor:
-    """Accumulate the (loss-scaled) gradients of the mean loss over `batches`; returns this rank's mean loss."""
+def forward_backward(run: Run, batches, amp, loss_factor: float = 1.0) -> torch.Tensor:
+    """Accumulate the (loss-scaled) gradients of the mean loss over `batches`; returns this rank's mean loss.
+    loss_factor multiplies the loss (debug.inject_spike_at)."""
     loss_sum = torch.zeros((), device=run.device)
     for x, y in batches:
         with amp:
             _, loss = run.model(x, y)
+        loss = loss * loss_factor
         run.scaler.scale_loss(loss / len(batches)).backward()
         loss_sum += loss.detach().float()
     return loss_sum / len(batches)
 
 
-def apply_update(run: Run) -> tuple[float, bool]:
-    """Average gradients over ranks, unscale and check them, clip, step; returns (grad norm, applied).
+@dataclass
+class StepResult:
+    loss: float  # averaged over ranks
+    norm: float
+    applied: bool
+    anomaly: str | None  # why the step is an anomaly (its update was not applied), else None
+    compute_s: float  # this rank's forward and backward
+    wait_s: float  # this rank's wait for the gradient exchange
 
-    Every rank reaches the same decision: the overflow flag is agreed by a MAX allreduce."""
+
+def apply_update(run: Run, local_loss: torch.Tensor) -> StepResult:
+    """Average gradients over ranks, unscale and check them, judge the step, clip, step.
+
+    Every rank reaches the same decisions: the overflow flag is agreed by a MAX allreduce, the loss is
+    averaged over ranks, and the gradient norm is computed from the averaged gradients."""
     opt = run.optimizer
+    t0 = time.perf_counter()
     dist.synchronize_gradients(opt)
+    wait = time.perf_counter() - t0
+    loss = float(dist.allreduce(local_loss.reshape(1), "avg")[0]) if dist.is_distributed() else float(local_loss)
     finite = run.scaler.unscale_and_check(run.params)
     norm = float("inf")
     if finite:
         norm = float(grad_norm_and_clip(run.params, run.cfg.optim.grad_clip))
+    why = None
+    if run.cfg.anomaly.action != "off":  # an fp16 overflow is the loss scaler's to handle, not an anomaly
+        why = run.detector.judge(loss, norm_finite=math.isfinite(norm) or not finite)
+    applied = finite and why is None
+    if applied:
         lr = lr_at(run.lr_step, run.cfg.optim, run.cfg.train.max_iters)
         for group in opt.param_groups:
             group["lr"] = lr
         dist.step_synchronized(opt)
         run.lr_step += 1
-    run.scaler.update(finite)
+    if why is None:
+        run.scaler.update(finite)
     opt.zero_grad()
-    return norm, finite
+    return StepResult(loss, norm, applied, why, 0.0, wait)
 
 
-def train_step(run: Run, step: int, amp) -> tuple[torch.Tensor, float, bool]:
-    """One optimizer update; returns (this rank's mean loss, grad norm, applied)."""
-    loss = forward_backward(run, micro_batches(run, step), amp)
-    norm, applied = apply_update(run)
-    return loss, norm, applied
+def train_step(run: Run, step: int, amp) -> StepResult:
+    """One optimizer update on the next global batch of samples."""
+    d = run.cfg.debug
+    if d.inject_hang_rank == dist.rank() and d.inject_hang_at == step + 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # debug.inject_hang_*: this rank stops as a SIGSTOP would stop it
+    injected = d.inject_spike_at == step + 1 and not any(h["step"] == step + 1 for h in run.detector.history)
+    t0 = time.perf_counter()
+    loss = forward_backward(run, micro_batches(run, step), amp, d.inject_spike_scale if injected else 1.0)
+    compute = time.perf_counter() - t0
+    if d.inject_slow_rank == dist.rank():  # debug.inject_slow_*: this rank computes inject_slow_factor x as long
+        time.sleep((d.inject_slow_factor - 1) * compute)
+        compute *= d.inject_slow_factor
+    result = apply_update(run, loss)
+    result.compute_s = compute
+    run.next_sample += run.global_batch
+    return result
+
+
+def rollback_target(run: Run, step: int) -> Path | None:
+    """Rank 0's pick, known to every rank: the newest complete checkpoint at least anomaly.rollback_steps
+    steps before `step` (None: there is none)."""
+    path = None
+    if dist.is_main():
+        limit = step - run.cfg.anomaly.rollback_steps
+        good = [p for p in reversed(checkpoint.listing(run.out)) if checkpoint.step_of(p) <= limit]
+        path = next((str(p) for p in good if checkpoint.verify(p) is None), None)
+    if dist.is_distributed():
+        path = dist.broadcast_object(path, 0)
+    return Path(path) if path else None
+
+
+def handle_anomaly(run: Run, step: int, result: StepResult, say, record) -> int:
+    """The answer to an anomaly in the update that would have made step+1; returns the step to run next."""
+    a, done, why = run.cfg.anomaly, step + 1, result.anomaly
+    action = a.action
+    target = rollback_target(run, step) if action == "rollback" else None
+    if action == "rollback" and target is None:
+        action = "skip"  # nothing to roll back to yet
+    entry = {"action": action, "why": why}
+    if action == "rollback":
+        skip_to = run.next_sample + a.skip_batches * run.global_batch  # next_sample is already past the spike's batch
+        history = run.detector.state_dict()
+        _restore(run, target, say)  # weights, optimizer, scaler, RNG, the loss window, the checkpoint's next_sample
+        entry.update({"to_step": run.start_step, "skipped_samples": [run.next_sample, skip_to]})
+        run.detector.load_state_dict({**history, "losses": run.detector.losses})
+        run.next_sample = skip_to
+    in_bounds = run.detector.note(done, entry)
+    if a.action == "stop" or not in_bounds:
+        newest = checkpoint.read_latest(run.out)
+        kept = (f"{checkpoint.root(run.out) / checkpoint.name(newest)} stays the newest checkpoint" if newest is not None
+                else "no checkpoint was written")
+        streak = run.detector.history[-run.detector.streak:]
+        what = ("anomaly.action = 'stop'" if a.action == "stop" else
+                f"{len(streak)} anomalies in a row, more than anomaly.max_rollbacks = {a.max_rollbacks} (answered by "
+                + ", ".join(f"{h['action']} at step {h['step']}" + (f" to step {h['to_step']}" if "to_step" in h else "")
+                            for h in streak[:-1]) + ")")
+        raise HpclmError(f"training diverged: at step {done} {why}; {what}; {kept}: resume from it with a lower optim.lr, "
+                         "a longer optim.warmup_iters or optim.grad_clip")
+    record({"kind": "anomaly", "step": done, **entry, "loss": result.loss, "streak": run.detector.streak}, show=False)
+    if action == "skip":
+        say(f"hpclm train: anomaly at step {done}: {why}; the update is skipped "
+            f"(streak {run.detector.streak} of at most {a.max_rollbacks})")
+        return done
+    back = run.start_step
+    if dist.is_main():
+        for path in checkpoint.listing(run.out):  # the abandoned trajectory's checkpoints
+            if checkpoint.step_of(path) > back:
+                checkpoint.discard(path)
+    save_checkpoint(run, back)  # the rollback is durable: a resume from here replays the same skip
+    first, last = entry["skipped_samples"]
+    say(f"hpclm train: anomaly at step {done}: {why}; rolled back to step {back} ({target.name}), skipping global "
+        f"samples {first}..{last - 1} (those since the checkpoint and anomaly.skip_batches = {a.skip_batches} batches "
+        f"more); streak {run.detector.streak} of at most {a.max_rollbacks}")
+    return back
+
+
+def rank_times(compute_s: float, wait_s: float, stragglers: StragglerWatch, say) -> dict:
+    """Every rank: each rank's compute and gradient-exchange wait per step over the last log interval, from
+    one allreduce; the ranks slow long enough are named (once) through `say`. The fields of a train record."""
+    ranks, me = dist.size(), dist.rank()
+    mine = torch.zeros(2 * ranks, dtype=torch.float64)
+    mine[me], mine[ranks + me] = compute_s, wait_s
+    both = dist.allreduce(mine, "sum").tolist()
+    compute, wait = both[:ranks], both[ranks:]
+    for rank, ratio in stragglers.observe(compute):
+        others = sorted(x for i, x in enumerate(compute) if i != rank)
+        say(f"hpclm train: rank {rank} is a straggler: its forward and backward take {compute[rank] * 1e3:.1f} ms a step, "
+            f"{ratio:.2f}x the other ranks' median ({others[len(others) // 2] * 1e3:.1f} ms), for "
+            f"{stragglers.intervals} log intervals in a row; the others wait for it in every gradient exchange")
+    order = sorted(compute)
+    return {"compute_s_min": order[0], "compute_s_median": order[len(order) // 2], "compute_s_max": order[-1],
+            "slowest_rank": compute.index(order[-1]), "exchange_wait_s_max": max(wait),
+            "straggler_rank": stragglers.slowest() if stragglers.named else -1, "rank_compute_s": compute}
 
 
 def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool = False,
@@ -306,36 +437,57 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
         summary.update(losses)
 
     signals = PreemptionSignals()
+    a = cfg.anomaly
+    watchdog = HangWatchdog(out, dist.rank(), dist.size(), a.hang_timeout_s).start() if a.hang_timeout_s >= 0 else None
+    stragglers = StragglerWatch(a.straggler_ratio, a.straggler_intervals)
+    if cfg.debug.record_samples:
+        (out / "debug").mkdir(parents=True, exist_ok=True)
+        run.sample_log = open(out / "debug" / f"samples-rank-{dist.rank()}.txt", "a", buffering=1)
     try:
         signals.__enter__()
         if run.start_step >= max_iters:
             say(f"already at step {run.start_step} (train.max_iters = {max_iters}): raise train.max_iters to train further")
         elif run.start_step == 0 and t.eval_interval:
             evaluate(0)
-        loss_acc, steps_acc, time_acc, train_time, updates = 0.0, 0, 0.0, 0.0, 0
-        for step in range(run.start_step, max_iters):
+        loss_acc, loss_n, steps_acc, time_acc, compute_acc, wait_acc = 0.0, 0, 0, 0.0, 0.0, 0.0
+        train_time, updates, steps_run = 0.0, 0, 0
+        step = run.start_step
+        while step < max_iters:
             t0 = time.perf_counter()
-            loss, norm, applied = train_step(run, step, amp)
-            updates += applied
-            loss_acc = loss_acc + loss
+            if watchdog:
+                watchdog.step_started(step)
+            result = train_step(run, step, amp)
+            if watchdog:
+                watchdog.step_done()
+            if result.anomaly:
+                resume_at = handle_anomaly(run, step, result, say, record)
+                if resume_at != step + 1:  # rolled back: the interval's figures restart with it
+                    step, loss_acc, loss_n, steps_acc, time_acc, compute_acc, wait_acc = resume_at, 0.0, 0, 0, 0.0, 0.0, 0.0
+                    continue
+            else:
+                loss_acc, loss_n = loss_acc + result.loss, loss_n + 1
+            updates += result.applied
             if run.device.type == "cuda" and (step + 1) % t.log_interval == 0:
                 torch.cuda.synchronize(run.device)
             dt = time.perf_counter() - t0
-            time_acc, steps_acc, train_time = time_acc + dt, steps_acc + 1, train_time + dt
-            done = step + 1
+            time_acc, steps_acc, train_time, steps_run = time_acc + dt, steps_acc + 1, train_time + dt, steps_run + 1
+            compute_acc, wait_acc = compute_acc + result.compute_s, wait_acc + result.wait_s
+            done = step = step + 1
             outputs.step()
             if done % t.log_interval == 0 or done == max_iters:
-                if dist.is_distributed():  # every rank logs at the same steps: one small allreduce
-                    loss_acc = dist.allreduce(loss_acc.reshape(1), "avg")[0]
-                mean_loss = float(loss_acc) / steps_acc
+                mean_loss = loss_acc / loss_n if loss_n else float("nan")  # anomalous steps' losses are left out
                 refuse_diverged(done, out, {}, losses_finite=math.isfinite(mean_loss))  # the same on every rank
-                record({"kind": "train", "step": done, "tokens": run.tokens_at(done), "loss": mean_loss,
-                        "lr": lr_at(max(run.lr_step - 1, 0), cfg.optim, max_iters),
-                        "tokens_per_s": run.tokens_per_step * steps_acc / time_acc, "step_time_s": time_acc / steps_acc,
-                        "grad_norm": norm, "loss_scale": float(run.scaler.scale),
-                        "skipped_steps": int(run.scaler.skipped_steps), "ranks": dist.size()})
+                rec = {"kind": "train", "step": done, "tokens": run.tokens_at(done), "loss": mean_loss,
+                       "lr": lr_at(max(run.lr_step - 1, 0), cfg.optim, max_iters),
+                       "tokens_per_s": run.tokens_per_step * steps_acc / time_acc, "step_time_s": time_acc / steps_acc,
+                       "grad_norm": result.norm, "loss_scale": float(run.scaler.scale),
+                       "skipped_steps": int(run.scaler.skipped_steps), "ranks": dist.size(),
+                       "anomalies": len(run.detector.history)}
+                if dist.is_distributed():  # every rank logs at the same steps: one small allreduce of their times
+                    rec.update(rank_times(compute_acc / steps_acc, wait_acc / steps_acc, stragglers, say))
+                record(rec)
                 summary["loss"] = mean_loss
-                loss_acc, steps_acc, time_acc = 0.0, 0, 0.0
+                loss_acc, loss_n, steps_acc, time_acc, compute_acc, wait_acc = 0.0, 0, 0, 0.0, 0.0, 0.0
             if (t.eval_interval and done % t.eval_interval == 0) or done == max_iters:
                 evaluate(done)
             every = cfg.checkpoint.every_iters
@@ -354,15 +506,19 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
                 name = signal.Signals(signals.received).name if signals.received else "a signal on another rank"
                 raise Preempted(f"stopped after step {done} on {name}; checkpoint {path} written; the same command "
                                 f"resumes from it (exit code {EXIT_PREEMPTED}: requeue)")
-        trained = summary["step"] - run.start_step
-        if trained and not updates:  # e.g. fp16 overflowing at every scale the run reached
-            raise LossScaleError(f"every one of the {trained} steps of this run was skipped (fp16 gradients overflowed at "
+        if steps_run and not updates:  # e.g. fp16 overflowing at every scale the run reached
+            raise LossScaleError(f"every one of the {steps_run} steps of this run was skipped (fp16 gradients overflowed at "
                                  f"every loss scale down to {run.scaler.scale:g}): nothing was trained; lower "
                                  "precision.init_scale or optim.lr, or use precision.dtype bf16 or fp32")
-        if trained:
+        if steps_run:
             summary["train_time_s"] = train_time
-            summary["tokens_per_s"] = run.tokens_per_step * trained / train_time
+            summary["tokens_per_s"] = run.tokens_per_step * steps_run / train_time
+        summary["anomalies"] = [dict(h) for h in run.detector.history]
     finally:
         signals.__exit__()
+        if watchdog:
+            watchdog.close()
+        if run.sample_log is not None:
+            run.sample_log.close()
         outputs.close()
     return summary

@@ -6,6 +6,11 @@ Only rank 0 writes; the drivers hand these objects plain dicts.
     {"kind": "train", "step", "tokens", "loss", "lr", "tokens_per_s", "step_time_s", "grad_norm",
      "loss_scale", "skipped_steps", "ranks"}
     {"kind": "eval", "step", "tokens", "train_loss", "val_loss"}
+    {"kind": "anomaly", "step", "action", "why", "loss", "streak", ["to_step", "skipped_samples"]}
+
+A train record also has "anomalies" (answered so far) and, on several ranks, the ranks' compute and
+exchange-wait times: compute_s_min/median/max, slowest_rank, exchange_wait_s_max, straggler_rank,
+rank_compute_s (a list by rank).
 
 `step` counts optimizer updates done; `tokens` the training tokens consumed by all ranks so far;
 a train record's loss, tokens/s and step time are means over the steps since the previous record.
@@ -127,12 +132,19 @@ class Prometheus:
         "grad_norm": "gradient norm before clipping", "loss_scale": "FP16 loss scale",
         "skipped_steps": "optimizer steps skipped for non-finite gradients", "ranks": "data-parallel ranks",
         "train_loss": "evaluated training loss", "val_loss": "evaluated validation loss",
+        "anomalies": "loss spikes and non-finite steps answered (skip or rollback) so far",
+        "compute_s_min": "fastest rank's forward and backward seconds per step",
+        "compute_s_median": "median rank's forward and backward seconds per step",
+        "compute_s_max": "slowest rank's forward and backward seconds per step",
+        "slowest_rank": "the rank with the longest forward and backward in the last log interval",
+        "exchange_wait_s_max": "longest wait of a rank for the gradient exchange, seconds per step",
+        "straggler_rank": "a rank named as a straggler (-1: none)",
     }
 
     def __init__(self, port: int, host: str = "127.0.0.1"):
         from prometheus_client import CollectorRegistry, start_http_server
         self._lock = threading.Lock()
-        self._values = dict.fromkeys(self.GAUGES, 0.0)
+        self._values = {**dict.fromkeys(self.GAUGES, 0.0), "straggler_rank": -1.0}
         self.registry = CollectorRegistry()
         self.registry.register(self)
         try:

@@ -121,13 +121,43 @@ def check_outputs(cfg: Config, out: Path, *, write_probe: bool) -> None:
             raise HpclmError(f"cannot write to {out}: {stop} is not a writable directory; pick another --out")
 
 
-def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool) -> str | None:
+def resume_layout(cfg: Config, ckpt: str | Path, world: int) -> tuple[dict, str]:
+    """Resuming on another number of ranks than wrote the checkpoint: the train.grad_accum (else
+    train.batch_size) that keeps its global batch when the config's batch settings are the checkpoint's,
+    and a note saying what changes. ({}, "") on the same number of ranks."""
+    state = checkpoint.load(Path(ckpt), "state.pt")
+    before = int(state.get("world_size", world))
+    if before == world:
+        return {}, ""
+    old = config_mod.from_dict(tomllib.loads(checkpoint.load(Path(ckpt), "config.toml"))).train
+    batch, accum = cfg.train.batch_size, cfg.train.grad_accum
+    total = int(state.get("global_batch", old.batch_size * before * old.grad_accum))
+    head = f"note: the checkpoint was written by {before} ranks, this run has {world}"
+    tail = "training continues at the next unseen global sample, so none is trained on twice or skipped"
+    if batch * world * accum == total:
+        return {}, f"{head}: the global batch stays {total} sequences; {tail}"
+    if (batch, accum) == (old.batch_size, old.grad_accum):
+        if total % (world * batch) == 0:
+            return {"grad_accum": total // (world * batch)}, (f"{head}: train.grad_accum becomes {total // (world * batch)} "
+                                                              f"to keep the global batch of {total} sequences; {tail}")
+        if total % (world * accum) == 0:
+            return {"batch_size": total // (world * accum)}, (f"{head}: train.batch_size becomes {total // (world * accum)} "
+                                                              f"to keep the global batch of {total} sequences; {tail}")
+    return {}, (f"{head}: the global batch changes from {total} to {batch * world * accum} sequences (the learning-rate "
+                f"schedule keeps its steps); {tail}")
+
+
+def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool, say=None) -> str | None:
     """Every rank: rank 0 checks OUT, writes OUT/config.toml and picks the checkpoint to resume (None: fresh).
-    Everything is checked before anything is written."""
+    Everything is checked before anything is written. With `say` (the gradient loop), a resume on another
+    number of ranks sets cfg.train.grad_accum or batch_size on every rank as resume_layout decides."""
     plan = None
     if dist.is_main():
         try:
             ckpt = plan_start(out, cfg, data, resume, force, warn)
+            layout, note = resume_layout(cfg, ckpt, dist.size()) if ckpt and say else ({}, "")
+            for key, value in layout.items():
+                setattr(cfg.train, key, value)
             if ckpt is None:
                 initial_weights(cfg, data)  # refused here, before anything is written
             check_outputs(cfg, out, write_probe=True)
@@ -136,13 +166,17 @@ def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool
             checkpoint.clean_leftovers(out)
             (out / PREEMPTED_MARKER).unlink(missing_ok=True)
             atomic.write_text(out / "config.toml", config_mod.to_toml(cfg, "resolved config of this run (hpclm train)"))
-            plan = {"ckpt": ckpt}
+            plan = {"ckpt": ckpt, "layout": layout, "note": note}
         except (HpclmError, OSError) as e:
             plan = {"error": str(e) if isinstance(e, HpclmError) else f"cannot write to {out}: {e}"}
     if dist.is_distributed():
         plan = dist.broadcast_object(plan, 0)
     if "error" in plan:
         raise HpclmError(plan["error"])
+    for key, value in plan["layout"].items():
+        setattr(cfg.train, key, value)
+    if plan["note"]:
+        say(plan["note"])
     return plan["ckpt"]
 
 
