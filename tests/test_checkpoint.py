@@ -79,3 +79,12 @@ def test_resaving_a_step_replaces_it_whole(tmp_path):
     path = checkpoint.save(tmp_path, 7, files)
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.pt"]
     assert [p.name for p in checkpoint.root(tmp_path).iterdir() if p.name.startswith(".")] == []
+
+
+def test_prune_keeps_what_a_rollback_could_reach(tmp_path):
+    """keep_from: the newest checkpoint at or before it, and every one after it, survive keep_last."""
+    for step in range(10, 110, 10):
+        checkpoint.save(tmp_path, step, {"a.json": "{}"}, keep_last=2, keep_from=step - 25)
+    assert _steps(tmp_path) == [70, 80, 90, 100]  # 75 reaches back to 70
+    checkpoint.save(tmp_path, 110, {"a.json": "{}"}, keep_last=2)  # without: only keep_last
+    assert _steps(tmp_path) == [100, 110]

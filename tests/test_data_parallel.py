@@ -42,8 +42,8 @@ STEPS = textwrap.dedent("""
         if mode == "inject" and r == 1 and step in (2, 3):  # a non-finite gradient on rank 1 only
             hook = run.params[0].register_hook(lambda g: g * float("inf"))
         before = [p.detach().clone() for p in run.params]
-        loop.forward_backward(run, batches, amp)
-        norm, applied = loop.apply_update(run)
+        result = loop.apply_update(run, loop.forward_backward(run, batches, amp))
+        applied = result.applied
         if hook:
             hook.remove()
         report["steps"].append({"applied": applied, "scale": run.scaler.scale, "lr_step": run.lr_step,

@@ -119,6 +119,33 @@ def _wait_for_step(slurm, job_id, out, log, step, restart, deadline):
                 f"{log.read_text() if log.exists() else 'no log'}")
 
 
+# PYTHON for train.sbatch in the hang test: on the job's first run rank 1 stops itself (SIGSTOP) at step 12.
+HANG_PYTHON = """#!/bin/bash
+extra=()
+if [ "$1 $2 $3" = "-m hpclm train" ] && [ -z "${SLURM_RESTART_COUNT:-}" ]; then
+  extra=(--set debug.inject_hang_rank=1 --set debug.inject_hang_at=12)
+fi
+exec "$TEST_PYTHON" "$@" "${extra[@]}"
+"""
+
+
+@requires_horovod
+def test_a_hung_rank_requeues_the_job_which_resumes_and_finishes(slurm, shakespeare_dir, tmp_path):
+    out, wrapper, log = tmp_path / "run", tmp_path / "python", tmp_path / "train-%j.out"
+    wrapper.write_text(HANG_PYTHON)
+    wrapper.chmod(0o755)
+    args = _train_args(shakespeare_dir, "train.max_iters=30", "checkpoint.every_iters=5", "train.eval_interval=0",
+                       "anomaly.hang_timeout_s=4.0")
+    job_id = slurm.sbatch("-n", "2", "-o", str(log), str(REPO / "slurm" / "train.sbatch"), "configs/demo.toml", *args,
+                          "--out", str(out), cwd=REPO, env=job_env(PYTHON=str(wrapper), TEST_PYTHON=sys.executable))
+    info = slurm.wait(job_id, timeout=hang_guard(150))
+    text = Path(str(log).replace("%j", str(job_id))).read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
+    assert "hpclm train: hang: rank 0's step 12" in text and "a rank hung (srun exit code" in text, text
+    assert "rank 1: no heartbeat for" in (out / "hang" / "rank-0.txt").read_text()
+    assert "resumed from" in text and records(out, "train")[-1]["step"] == 30
+
+
 @requires_horovod
 def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, shakespeare_dir, tmp_path):
     """Two preemptions by USR1 (the first ending in srun exit code 143 with OUT/preempted, the second in

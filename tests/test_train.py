@@ -284,6 +284,10 @@ def test_prometheus_endpoint_serves_the_latest_record():
         prom.update({"kind": "train", "step": 42, "loss": 1.25, "tokens_per_s": 1000.0})
         body = urllib.request.urlopen(prom.url, timeout=10).read().decode()
         assert "hpclm_step 42.0" in body and "hpclm_loss 1.25" in body and "hpclm_tokens_per_s 1000.0" in body
+        assert "hpclm_straggler_rank -1.0" in body  # none named yet (0 would name rank 0)
+        prom.update({"kind": "train", "straggler_rank": 1, "compute_s_max": 0.5, "rank_compute_s": [0.2, 0.5]})
+        body = urllib.request.urlopen(prom.url, timeout=10).read().decode()
+        assert "hpclm_straggler_rank 1.0" in body and "hpclm_compute_s_max 0.5" in body
         with pytest.raises(HpclmError, match="cannot serve Prometheus metrics on 127.0.0.1:"):
             Prometheus(prom.server.server_port)
     finally:
