@@ -101,6 +101,9 @@ class _SingleProcess:
     def any_rank(self, flag):
         return flag
 
+    def mean_over_ranks(self, value):
+        return value
+
     def broadcast_training_state(self, model, optimizer, root):
         pass
 
@@ -141,16 +144,28 @@ class _Horovod:
     def allgather_object(self, obj):
         return self.hvd.allgather_object(obj, name="hpclm.allgather_object")
 
-    def any_rank(self, flag):
-        # One MPI_Allreduce on Horovod's MPI (initialised with MPI_THREAD_MULTIPLE) takes microseconds;
-        # a Horovod op waits for its ~1 ms cycle, too slow to ask every step.
+    @staticmethod
+    def _mpi():
+        """mpi4py's MPI when Horovod's MPI is initialised with MPI_THREAD_MULTIPLE (safe beside Horovod's thread)."""
         try:
             from mpi4py import MPI
-            if MPI.Is_initialized() and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
-                return bool(MPI.COMM_WORLD.allreduce(int(flag), op=MPI.MAX))
         except ImportError:
-            pass
+            return None
+        return MPI if MPI.Is_initialized() and MPI.Query_thread() == MPI.THREAD_MULTIPLE else None
+
+    # One MPI_Allreduce on Horovod's MPI takes microseconds; a Horovod op waits for its ~1 ms cycle, too
+    # slow to ask every step. So the per-step agreements go through mpi4py where they can.
+    def any_rank(self, flag):
+        mpi = self._mpi()
+        if mpi is not None:
+            return bool(mpi.COMM_WORLD.allreduce(int(flag), op=mpi.MAX))
         return self.allreduce(torch.tensor([float(flag)]), "max").item() > 0
+
+    def mean_over_ranks(self, value):
+        mpi = self._mpi()
+        if mpi is not None:
+            return mpi.COMM_WORLD.allreduce(float(value), op=mpi.SUM) / self.size()
+        return float(self.allreduce(torch.tensor([float(value)], dtype=torch.float64), "avg")[0])
 
     def distributed_optimizer(self, optimizer, named_parameters, backward_passes_per_step, fp16_compression):
         compression = self.hvd.Compression.fp16 if fp16_compression else self.hvd.Compression.none
@@ -297,6 +312,12 @@ def allgather_object(obj: Any) -> list:
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is True on at least one (every rank must call it)."""
     return _get().any_rank(bool(flag))
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of a number over ranks, the same on every rank (every rank must call it): microseconds,
+    cheap enough for every step."""
+    return _get().mean_over_ranks(float(value))
 
 
 def distributed_optimizer(optimizer: torch.optim.Optimizer, named_parameters, *, backward_passes_per_step: int = 1,

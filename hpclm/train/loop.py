@@ -5,7 +5,7 @@ checkpoints, and prints progress; every collective is entered by every rank. Eac
 
     for each micro-batch: forward, backward  the next global samples (data.get_samples), this rank's share
     synchronize_gradients                    Horovod's DistributedOptimizer averages over ranks
-    the rank-averaged loss                   one tiny allreduce; judged by anomaly.SpikeDetector
+    the rank-averaged loss                   one MPI_Allreduce of a number; judged by anomaly.SpikeDetector
     scaler.unscale_and_check                 fp16: hpclm.amp.DynamicLossScaler, agreed over ranks
     clip, optimizer.step, scaler.update      lr = lr_at(applied updates): warmup + cosine decay;
                                              a step skipped for overflow or an anomaly does not advance it
@@ -269,7 +269,7 @@ def forward_backward(run: Run, batches, amp, loss_factor: float = 1.0) -> torch.
 
 @dataclass
 class StepResult:
-    loss: float  # averaged over ranks
+    loss: float  # averaged over ranks (anomaly.action "off": this rank's)
     norm: float
     applied: bool
     anomaly: str | None  # why the step is an anomaly (its update was not applied), else None
@@ -286,13 +286,15 @@ def apply_update(run: Run, local_loss: torch.Tensor) -> StepResult:
     t0 = time.perf_counter()
     dist.synchronize_gradients(opt)
     wait = time.perf_counter() - t0
-    loss = float(dist.allreduce(local_loss.reshape(1), "avg")[0]) if dist.is_distributed() else float(local_loss)
+    judged = run.cfg.anomaly.action != "off"
+    # judged: the rank-averaged loss, every step; off: this rank's (averaged over ranks at each log interval)
+    loss = dist.mean_over_ranks(float(local_loss)) if judged and dist.is_distributed() else float(local_loss)
     finite = run.scaler.unscale_and_check(run.params)
     norm = float("inf")
     if finite:
         norm = float(grad_norm_and_clip(run.params, run.cfg.optim.grad_clip))
     why = None
-    if run.cfg.anomaly.action != "off":  # an fp16 overflow is the loss scaler's to handle, not an anomaly
+    if judged:  # an fp16 overflow is the loss scaler's to handle, not an anomaly
         why = run.detector.judge(loss, norm_finite=math.isfinite(norm) or not finite)
     applied = finite and why is None
     if applied:
@@ -383,14 +385,15 @@ def handle_anomaly(run: Run, step: int, result: StepResult, say, record) -> int:
     return back
 
 
-def rank_times(compute_s: float, wait_s: float, stragglers: StragglerWatch, say) -> dict:
-    """Every rank: each rank's compute and gradient-exchange wait per step over the last log interval, from
-    one allreduce; the ranks slow long enough are named (once) through `say`. The fields of a train record."""
+def rank_times(compute_s: float, wait_s: float, loss: float, stragglers: StragglerWatch, say) -> tuple[dict, float]:
+    """Every rank: each rank's compute and gradient-exchange wait per step over the last log interval, and
+    the mean over ranks of `loss`, from one allreduce; the ranks slow long enough are named (once) through
+    `say`. Returns the fields of a train record and the mean loss."""
     ranks, me = dist.size(), dist.rank()
-    mine = torch.zeros(2 * ranks, dtype=torch.float64)
-    mine[me], mine[ranks + me] = compute_s, wait_s
+    mine = torch.zeros(2 * ranks + 1, dtype=torch.float64)
+    mine[me], mine[ranks + me], mine[-1] = compute_s, wait_s, loss
     both = dist.allreduce(mine, "sum").tolist()
-    compute, wait = both[:ranks], both[ranks:]
+    compute, wait = both[:ranks], both[ranks:-1]
     for rank, ratio in stragglers.observe(compute):
         others = sorted(x for i, x in enumerate(compute) if i != rank)
         say(f"hpclm train: rank {rank} is a straggler: its forward and backward take {compute[rank] * 1e3:.1f} ms a step, "
@@ -399,7 +402,7 @@ def rank_times(compute_s: float, wait_s: float, stragglers: StragglerWatch, say)
     order = sorted(compute)
     return {"compute_s_min": order[0], "compute_s_median": order[len(order) // 2], "compute_s_max": order[-1],
             "slowest_rank": compute.index(order[-1]), "exchange_wait_s_max": max(wait),
-            "straggler_rank": stragglers.slowest() if stragglers.named else -1, "rank_compute_s": compute}
+            "straggler_rank": stragglers.slowest() if stragglers.named else -1, "rank_compute_s": compute}, both[-1] / ranks
 
 
 def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool = False,
@@ -476,15 +479,18 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
             outputs.step()
             if done % t.log_interval == 0 or done == max_iters:
                 mean_loss = loss_acc / loss_n if loss_n else float("nan")  # anomalous steps' losses are left out
+                times = {}
+                if dist.is_distributed():  # every rank logs at the same steps: one small allreduce of their times
+                    times, mean_of_ranks = rank_times(compute_acc / steps_acc, wait_acc / steps_acc, mean_loss,
+                                                      stragglers, say)
+                    mean_loss = mean_loss if a.action != "off" else mean_of_ranks
                 refuse_diverged(done, out, {}, losses_finite=math.isfinite(mean_loss))  # the same on every rank
                 rec = {"kind": "train", "step": done, "tokens": run.tokens_at(done), "loss": mean_loss,
                        "lr": lr_at(max(run.lr_step - 1, 0), cfg.optim, max_iters),
                        "tokens_per_s": run.tokens_per_step * steps_acc / time_acc, "step_time_s": time_acc / steps_acc,
                        "grad_norm": result.norm, "loss_scale": float(run.scaler.scale),
                        "skipped_steps": int(run.scaler.skipped_steps), "ranks": dist.size(),
-                       "anomalies": len(run.detector.history)}
-                if dist.is_distributed():  # every rank logs at the same steps: one small allreduce of their times
-                    rec.update(rank_times(compute_acc / steps_acc, wait_acc / steps_acc, stragglers, say))
+                       "anomalies": len(run.detector.history), **times}
                 record(rec)
                 summary["loss"] = mean_loss
                 loss_acc, loss_n, steps_acc, time_acc, compute_acc, wait_acc = 0.0, 0, 0, 0.0, 0.0, 0.0
