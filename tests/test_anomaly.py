@@ -78,6 +78,9 @@ def test_skip_drops_the_update_and_stop_stops_with_one_line(shakespeare_dir, tmp
     assert [(h["step"], h["action"]) for h in skipped["anomalies"]] == [(25, "skip")]
     state = checkpoint.load(checkpoint.resolve(tmp_path / "skip"), "state.pt")
     assert state["step"] == 40 and state["lr_step"] == 39  # 40 steps, one update dropped
+    off = _train(shakespeare_dir, tmp_path / "off", *INJECT, 'anomaly.action="off"')  # trained on, as before
+    spike_window = next(r for r in records(tmp_path / "off", "train") if r["step"] == 25)
+    assert off["anomalies"] == [] and spike_window["loss"] > 10  # the 20x loss is in the mean of steps 21..25
     capsys.readouterr()
     sets = [f"data.path={json.dumps(str(shakespeare_dir))}", *TINY, *SPIKE, *INJECT, 'anomaly.action="stop"']
     assert cli.main(["train", "--out", str(tmp_path / "stop"), *[f"--set={s}" for s in sets]]) == 2

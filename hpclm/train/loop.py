@@ -269,7 +269,7 @@ def forward_backward(run: Run, batches, amp, loss_factor: float = 1.0) -> torch.
 
 @dataclass
 class StepResult:
-    loss: float  # averaged over ranks (anomaly.action "off": this rank's)
+    loss: float | torch.Tensor  # averaged over ranks (anomaly.action "off": this rank's, a tensor)
     norm: float
     applied: bool
     anomaly: str | None  # why the step is an anomaly (its update was not applied), else None
@@ -287,8 +287,11 @@ def apply_update(run: Run, local_loss: torch.Tensor) -> StepResult:
     dist.synchronize_gradients(opt)
     wait = time.perf_counter() - t0
     judged = run.cfg.anomaly.action != "off"
-    # judged: the rank-averaged loss, every step; off: this rank's (averaged over ranks at each log interval)
-    loss = dist.mean_over_ranks(float(local_loss)) if judged and dist.is_distributed() else float(local_loss)
+    # judged: the rank-averaged loss as a number, every step (on a GPU a device sync); off: this rank's loss
+    # tensor, read (and averaged over ranks) at each log interval
+    loss = local_loss.detach()
+    if judged:
+        loss = dist.mean_over_ranks(float(loss)) if dist.is_distributed() else float(loss)
     finite = run.scaler.unscale_and_check(run.params)
     norm = float("inf")
     if finite:
@@ -478,7 +481,7 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
             done = step = step + 1
             outputs.step()
             if done % t.log_interval == 0 or done == max_iters:
-                mean_loss = loss_acc / loss_n if loss_n else float("nan")  # anomalous steps' losses are left out
+                mean_loss = float(loss_acc) / loss_n if loss_n else float("nan")  # anomalous steps' losses left out
                 times = {}
                 if dist.is_distributed():  # every rank logs at the same steps: one small allreduce of their times
                     times, mean_of_ranks = rank_times(compute_acc / steps_acc, wait_acc / steps_acc, mean_loss,
