@@ -124,12 +124,17 @@ def _sets(data_dir, spec, *extra):
     return [a for s in sets for a in ("--set", s)]
 
 
-def test_init_from_nanogpt_takes_its_weights_and_its_adamw_state(nanogpt_runs, shakespeare_dir, tmp_path, capsys):  # noqa: F811
+def test_init_from_nanogpt_takes_its_weights_and_its_adamw_state(nanogpt_runs, shakespeare_dir, tmp_path, capsys,
+                                                                 monkeypatch):  # noqa: F811
     root, models, nano_opt, _ = nanogpt_runs
     spec = f"nanogpt:{root / 'out-compiled'}"
     frozen = ["optim.lr=1e-30", "optim.min_lr=1e-30", "train.max_iters=1"]
+    from hpclm.interop import nanogpt
+    reads, real_load = [], nanogpt.load_checkpoint
+    monkeypatch.setattr(nanogpt, "load_checkpoint", lambda path: reads.append(path) or real_load(path))
     capsys.readouterr()
     assert cli.main(["train", "--out", str(tmp_path / "run"), *_sets(shakespeare_dir, spec, *frozen)]) == 0
+    assert len(reads) == 1  # checked and loaded from one read
     out = capsys.readouterr().out
     assert f"starting from the weights of {spec}" in out and f"AdamW continues from that checkpoint's state ({ITERS} updates)" in out
     ckpt = checkpoint.resolve(tmp_path / "run")

@@ -114,7 +114,7 @@ def fit(cfg: Config, out: str | Path, *, resume: str | None = None, force: bool 
     if arch == "hmm":
         windows, total_tokens = hmm_windows(data, cfg.data.block_size, dist.rank(), dist.size())
         windows = windows.to(device)
-    ckpt = open_run_dir(cfg, out, data, resume or cfg.checkpoint.resume, force)
+    ckpt = open_run_dir(cfg, out, data, resume or cfg.checkpoint.resume, force).ckpt
     state = {"step": 0}
     if ckpt:
         model.load_state_dict(checkpoint.load_weights(Path(ckpt), device))

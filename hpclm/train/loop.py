@@ -41,7 +41,7 @@ from hpclm.train import checkpoint
 from hpclm.train.anomaly import SpikeDetector, StragglerWatch
 from hpclm.train.amp import CPU_HALF_FLAGS, LossScaleError, autocast, cpu_computes, make_loss_scaler
 from hpclm.train.metrics import RunOutputs
-from hpclm.train.start import PREEMPTED_MARKER, initial_weights, open_run_dir, refuse_diverged, resolve_device
+from hpclm.train.start import PREEMPTED_MARKER, open_run_dir, refuse_diverged, resolve_device
 from hpclm.train.watchdog import HangWatchdog
 
 STATE_FORMAT = 1
@@ -157,7 +157,7 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     device = resolve_device(cfg.train.device)
     data = load_dataset(cfg.data.path, cfg.data.block_size)
     scaler = make_loss_scaler(cfg.precision)
-    ckpt = open_run_dir(cfg, out, data, resume, force, say)  # first: a resume may set train.grad_accum
+    start = open_run_dir(cfg, out, data, resume, force, say)  # first: a resume may set train.grad_accum
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (broadcast makes sure)
     model = build_model(cfg, data.vocab_size).to(device)
     # Horovod rebuilds the optimizer when wrapping it, so wrap first and load a checkpoint's state after.
@@ -167,11 +167,11 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     torch.manual_seed(cfg.train.seed + 1 + dist.rank())  # dropout differs across ranks
     run = Run(cfg, out, data, model, optimizer, scaler, device, params=[p for p in model.parameters() if p.requires_grad],
               detector=SpikeDetector.from_config(cfg.anomaly))
-    if ckpt:
-        _restore(run, Path(ckpt), say)
+    if start.ckpt:
+        _restore(run, Path(start.ckpt), say)
     elif cfg.init.from_:
-        if dist.is_main():  # the other ranks take the weights (and optimizer state) from the broadcast below
-            _start_from(run, initial_weights(cfg, data), say)
+        if dist.is_main():  # read and checked by open_run_dir; the other ranks take it from the broadcast below
+            _start_from(run, start.imported, say)
         say(f"hpclm train: starting from the weights of {cfg.init.from_}")
     if dist.is_distributed():
         dist.broadcast_training_state(run.model, run.optimizer, root=0)

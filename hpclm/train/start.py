@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -147,11 +148,17 @@ def resume_layout(cfg: Config, ckpt: str | Path, world: int) -> tuple[dict, str]
                 f"schedule keeps its steps); {tail}")
 
 
-def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool, say=None) -> str | None:
+@dataclass
+class StartPlan:
+    ckpt: str | None  # the checkpoint to resume from (None: a fresh start)
+    imported: object = None  # rank 0, a fresh start with init.from: the model it read and checked (interop.Imported)
+
+
+def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool, say=None) -> StartPlan:
     """Every rank: rank 0 checks OUT, writes OUT/config.toml and picks the checkpoint to resume (None: fresh).
     Everything is checked before anything is written. With `say` (the gradient loop), a resume on another
     number of ranks sets cfg.train.grad_accum or batch_size on every rank as resume_layout decides."""
-    plan = None
+    plan, imported = None, None
     if dist.is_main():
         try:
             ckpt = plan_start(out, cfg, data, resume, force, warn)
@@ -159,7 +166,7 @@ def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool
             for key, value in layout.items():
                 setattr(cfg.train, key, value)
             if ckpt is None:
-                initial_weights(cfg, data)  # refused here, before anything is written
+                imported = initial_weights(cfg, data)  # refused here, before anything is written
             check_outputs(cfg, out, write_probe=True)
             if force:
                 checkpoint.remove_all(out)
@@ -177,7 +184,7 @@ def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool
         setattr(cfg.train, key, value)
     if plan["note"]:
         say(plan["note"])
-    return plan["ckpt"]
+    return StartPlan(plan["ckpt"], imported)
 
 
 def check_start(cfg: Config, out: Path, resume: str, force: bool) -> str:
