@@ -116,7 +116,7 @@ class AnomalyConfig:
     spike_ratio: float = 2.0  # a spike: loss > spike_ratio x the window's mean ...
     spike_sigmas: float = 6.0  # ... and > the mean + spike_sigmas x its standard deviation
     skip_batches: int = 20  # rollback: global batches skipped after the spike's, besides those since the checkpoint
-    rollback_steps: int = 0  # rollback to the newest checkpoint at least this many steps before the spike
+    rollback_steps: int = 50  # rollback to the newest checkpoint at least this many steps before the spike
     max_rollbacks: int = 3  # anomalies in one streak (each within `window` steps of the last) before stopping
     hang_timeout_s: float = 0.0  # a step running longer is a hang (0: max(300 s, 20 x median step); < 0: off)
     straggler_ratio: float = 1.3  # a straggler: compute time > this x the median of the other ranks ...

@@ -16,7 +16,8 @@ from hpclm.train import anomaly, checkpoint, train
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPIKE = ["train.max_iters=40", "checkpoint.every_iters=10", "train.eval_interval=0", "train.log_interval=5",
-         "train.eval_iters=20", "optim.lr_decay_iters=40", "anomaly.window=20", "anomaly.min_window=5", "anomaly.skip_batches=5"]
+         "train.eval_iters=20", "optim.lr_decay_iters=40", "anomaly.window=20", "anomaly.min_window=5", "anomaly.skip_batches=5",
+         "anomaly.rollback_steps=0"]
 INJECT = ["debug.inject_spike_at=25", "debug.inject_spike_scale=20.0"]
 
 
@@ -71,6 +72,15 @@ def test_a_spike_rolls_back_skips_its_batches_and_a_resume_replays_it(shakespear
     assert tail(tmp_path / "split") == tail(tmp_path / "spiked")
     a, b = (checkpoint.load_weights(checkpoint.resolve(tmp_path / run)) for run in ("spiked", "split"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rollback_steps_reaches_back_and_pruning_keeps_what_it_needs(shakespeare_dir, tmp_path):  # noqa: F811
+    """keep_last 1 would leave only the newest checkpoint; a rollback 10 steps back still finds step 10's."""
+    _train(shakespeare_dir, tmp_path / "run", *INJECT, "anomaly.rollback_steps=10", "checkpoint.every_iters=5",
+           "checkpoint.keep_last=1", "train.max_iters=30")
+    [event] = records(tmp_path / "run", "anomaly")
+    assert event["action"] == "rollback" and event["to_step"] == 10  # the newest at or before step 24 - 10
+    assert [checkpoint.step_of(p) for p in checkpoint.listing(tmp_path / "run")] == [20, 25, 30]  # 30 - 10 reaches 20
 
 
 def test_skip_drops_the_update_and_stop_stops_with_one_line(shakespeare_dir, tmp_path, capsys):  # noqa: F811
