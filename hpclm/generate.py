@@ -9,11 +9,10 @@ from pathlib import Path
 
 import torch
 
-from hpclm import config as config_mod
+from hpclm import config as config_mod, interop
 from hpclm.config import Config
 from hpclm.data import tokenizers
 from hpclm.errors import HpclmError
-from hpclm import interop
 from hpclm.models import build_model
 from hpclm.train import checkpoint
 

@@ -128,7 +128,8 @@ def read(path: str | Path):
     tok = read_tokenizer(path, ckpt)
     if tok.vocab_size > vocab:
         raise _bad(path, f"its meta.pkl has {tok.vocab_size} characters, the model {vocab} tokens")
-    expected = build_model(cfg, vocab).state_dict()
+    with torch.device("meta"):  # names and shapes only: no memory, no initialisation
+        expected = build_model(cfg, vocab).state_dict()
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
     if missing or extra:

@@ -57,9 +57,6 @@ class SpikeDetector:
         self.history.append({"step": step, "streak": self.streak, **entry})
         return self.streak <= self.max_streak
 
-    def forget_window(self) -> None:
-        self.losses.clear()
-
     def state_dict(self) -> dict:
         return {"losses": list(self.losses), "streak": self.streak, "streak_until": self.streak_until,
                 "history": [dict(h) for h in self.history]}
@@ -82,7 +79,8 @@ class StragglerWatch:
         out = []
         for rank, t in enumerate(compute_s):
             others = [x for i, x in enumerate(compute_s) if i != rank]
-            ratio = t / statistics.median(others) if others and statistics.median(others) > 0 else 1.0
+            median = statistics.median(others) if others else 0.0
+            ratio = t / median if median > 0 else 1.0
             self.slow_for[rank] = self.slow_for.get(rank, 0) + 1 if ratio > self.ratio else 0
             if self.slow_for[rank] >= self.intervals and rank not in self.named:
                 self.named.add(rank)

@@ -26,13 +26,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hpclm import atomic, config as config_mod
 from hpclm.comm import dist
 from hpclm.config import Config, OptimConfig
-import numpy as np
-
 from hpclm.data import Dataset, get_samples, load_dataset
 from hpclm.errors import EXIT_PREEMPTED, HpclmError, Preempted
 from hpclm.evaluate import estimate_loss
@@ -116,7 +115,7 @@ class Run:
         return self.start_tokens + (step - self.start_step) * self.tokens_per_step
 
 
-def _restore(run: Run, path: Path, say) -> None:
+def _restore(run: Run, path: Path) -> None:
     run.model.load_state_dict(checkpoint.load_weights(path, run.device))
     run.optimizer.load_state_dict(checkpoint.load(path, "optimizer.pt", run.device))
     state = checkpoint.load(path, "state.pt")
@@ -168,7 +167,7 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     run = Run(cfg, out, data, model, optimizer, scaler, device, params=[p for p in model.parameters() if p.requires_grad],
               detector=SpikeDetector.from_config(cfg.anomaly))
     if start.ckpt:
-        _restore(run, Path(start.ckpt), say)
+        _restore(run, Path(start.ckpt))
     elif cfg.init.from_:
         if dist.is_main():  # read and checked by open_run_dir; the other ranks take it from the broadcast below
             _start_from(run, start.imported, say)
@@ -354,7 +353,7 @@ def handle_anomaly(run: Run, step: int, result: StepResult, say, record) -> int:
     if action == "rollback":
         skip_to = run.next_sample + a.skip_batches * run.global_batch  # next_sample is already past the spike's batch
         history = run.detector.state_dict()
-        _restore(run, target, say)  # weights, optimizer, scaler, RNG, the loss window, the checkpoint's next_sample
+        _restore(run, target)  # weights, optimizer, scaler, RNG, the loss window, the checkpoint's next_sample
         entry.update({"to_step": run.start_step, "skipped_samples": [run.next_sample, skip_to]})
         run.detector.load_state_dict({**history, "losses": run.detector.losses})
         run.next_sample = skip_to
@@ -398,9 +397,8 @@ def rank_times(compute_s: float, wait_s: float, loss: float, stragglers: Straggl
     both = dist.allreduce(mine, "sum").tolist()
     compute, wait = both[:ranks], both[ranks:-1]
     for rank, ratio in stragglers.observe(compute):
-        others = sorted(x for i, x in enumerate(compute) if i != rank)
         say(f"hpclm train: rank {rank} is a straggler: its forward and backward take {compute[rank] * 1e3:.1f} ms a step, "
-            f"{ratio:.2f}x the other ranks' median ({others[len(others) // 2] * 1e3:.1f} ms), for "
+            f"{ratio:.2f}x the other ranks' median ({compute[rank] / ratio * 1e3:.1f} ms), for "
             f"{stragglers.intervals} log intervals in a row; the others wait for it in every gradient exchange")
     order = sorted(compute)
     return {"compute_s_min": order[0], "compute_s_median": order[len(order) // 2], "compute_s_max": order[-1],
