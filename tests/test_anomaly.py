@@ -2,6 +2,7 @@
 ending the job with a diagnosis, a slow rank named, a checkpoint resumed on another number of ranks with
 no training sample seen twice or skipped. Faults are injected with the [debug] settings."""
 import json
+import statistics
 import time
 
 import pytest
@@ -150,7 +151,9 @@ def test_a_slow_rank_is_named_and_a_checkpoint_resumes_on_1_and_3_ranks_without_
     assert two.stdout.count("is a straggler") == 1 and "rank 1 is a straggler: its forward and backward take" in two.stdout
     rows = _rank_records(out)
     assert rows[-1]["straggler_rank"] == 1 and all(r["slowest_rank"] == 1 for r in rows)
-    assert all(r["rank_compute_s"][1] > 1.3 * r["rank_compute_s"][0] for r in rows[1:])  # past the first steps
+    # half speed shows in the gathered times: over the run, though one interval can be disturbed (CI measured
+    # one at 1.23x when the other rank's compute was inflated by contention for the 2 cores)
+    assert statistics.median(r["rank_compute_s"][1] / r["rank_compute_s"][0] for r in rows) > 1.3
 
     one = mpirun(1, ["-m", "hpclm", "train", "--out", str(out), *sets, "--set=train.max_iters=20"])
     assert one.returncode == 0, one.stderr[-2000:]
