@@ -99,8 +99,10 @@ def _add_generate(sub):
     p.add_argument("--ckpt", required=True, metavar="DIR", help="a run directory (its latest checkpoint), a checkpoint folder, hf:DIR (a GPT-2 folder) or nanogpt:PATH (nanoGPT's ckpt.pt)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=500, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.8, metavar="T")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0: greedy (the likeliest token)")
     p.add_argument("--top-k", type=int, default=200, metavar="K", help="sample among the K likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="sample among the likeliest tokens whose "
+                   "probabilities reach P together (1: all)")
     p.add_argument("--seed", type=int, default=1337, metavar="S")
     _runs(p, "generate")
 
@@ -119,6 +121,19 @@ def _add_export(sub):
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (replaced whole with --force)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     _runs(p, "export")
+
+
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions)",
+                       description="Continuous batching, a bounded queue (429 with Retry-After beyond it), per-client "
+                                   "rate limits, Prometheus /metrics; SIGTERM drains, then exits 0.")
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a run directory (its latest checkpoint), a checkpoint "
+                   "folder, hf:DIR or nanogpt:PATH")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, help="port (default 8000; 0: any free port, printed at start)")
+    p.add_argument("--config", metavar="FILE", help="TOML file with a [serve] table (configs/serve.toml)")
+    p.add_argument("--set", action="append", metavar="serve.KEY=VALUE", help="override one setting (repeatable)")
+    _runs(p, "serve")
 
 
 def _add_report(sub):
@@ -170,7 +185,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hpclm", description="High-performance language-model training on HPC clusters.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_info, _add_prepare, _add_train, _add_generate, _add_eval, _add_export, _add_report, _add_bench, _add_probe):
+    for add in (_add_info, _add_prepare, _add_train, _add_generate, _add_eval, _add_export, _add_serve, _add_report, _add_bench, _add_probe):
         add(sub)
     return parser
 

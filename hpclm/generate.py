@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from hpclm import config as config_mod, interop
 from hpclm.config import Config
 from hpclm.data import tokenizers
 from hpclm.errors import HpclmError
+from hpclm.infer import SamplingParams, generate_ids, next_token
 from hpclm.models import build_model
 from hpclm.train import checkpoint
 
@@ -47,26 +47,21 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
 
 @torch.no_grad()
 def sample(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 200,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Append max_new_tokens tokens to idx [B, T], each drawn from the model's last-position distribution."""
+           generator: torch.Generator | None = None, top_p: float = 1.0) -> torch.Tensor:
+    """Append max_new_tokens tokens to idx [B, T] by full recomputation: each step runs the model over the last
+    block_size tokens of every row (the reference the incremental decoders of hpclm.infer are tested against)."""
+    params = SamplingParams(temperature, top_k or 0, top_p)
     for _ in range(max_new_tokens):
-        context = idx[:, -model.block_size:]
-        logits, _ = model(context)
-        logits = logits[:, -1, :].float()
-        # shifted to a max of 0 first, so a tiny temperature sharpens to the likeliest token instead of overflowing
-        logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
-        if top_k:
-            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-            logits[logits < kth] = -float("inf")
-        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
-        idx = torch.cat([idx, nxt], dim=1)
+        logits, _ = model(idx[:, -model.block_size:])
+        nxt = [[next_token(row, params, generator)] for row in logits[:, -1]]
+        idx = torch.cat([idx, torch.tensor(nxt, dtype=idx.dtype, device=idx.device)], dim=1)
     return idx
 
 
 def generate_text(trained: Trained, prompt: str = "\n", max_new_tokens: int = 500, temperature: float = 0.8,
-                  top_k: int | None = 200, seed: int = 1337) -> str:
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise HpclmError(f"--temperature must be a finite number > 0, got {temperature}")
+                  top_k: int | None = 200, seed: int = 1337, top_p: float = 1.0) -> str:
+    """prompt and max_new_tokens tokens after it, drawn by the incremental decoder (hpclm.infer)."""
+    params = SamplingParams(temperature, top_k or 0, top_p).check(lambda name: "--" + name.replace("_", "-"))
     if not 0 <= seed < 2**63:
         raise HpclmError(f"--seed must be in 0..2**63 - 1, got {seed}")
     try:
@@ -76,19 +71,16 @@ def generate_text(trained: Trained, prompt: str = "\n", max_new_tokens: int = 50
                          "character (a byte the terminal's encoding could not decode)") from None
     if max_new_tokens < 0:
         raise HpclmError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    if top_k is not None and top_k < 0:
-        raise HpclmError(f"--top-k must be >= 0 (0: off), got {top_k}")
     ids = trained.tokenizer.encode(prompt)
     if len(ids) == 0:
         raise HpclmError("--prompt encodes to no tokens: give at least one character")
     device = next(iter([*trained.model.parameters(), *trained.model.buffers()]), torch.empty(0)).device
     g = torch.Generator(device=device).manual_seed(seed)
-    out = sample(trained.model, torch.tensor(ids, dtype=torch.long, device=device)[None], max_new_tokens,
-                 temperature, top_k or None, g)
-    return trained.tokenizer.decode(out[0].cpu().numpy())
+    out = generate_ids(trained.model, [int(i) for i in ids], max_new_tokens, params, g)
+    return trained.tokenizer.decode(out)
 
 
 def main(args) -> int:
     trained = load_trained(args.ckpt)
-    print(generate_text(trained, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    print(generate_text(trained, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.top_p))
     return 0
