@@ -168,16 +168,21 @@ CHOICES = {
     "checkpoint.format": ("pt", "safetensors"),
     "anomaly.action": ("rollback", "skip", "stop", "off"),
 }
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               list: "a list of strings"}
 
 
 _DEFAULTS = Config()
 MAX_SEED = 2**62  # seeds are offset by rank and step for torch and numpy generators (64-bit): room to spare
 
 
-def _key_types(section: str) -> dict[str, type]:
-    """Key -> type (int, float, bool or str: the type of its default) of one section."""
-    body = getattr(_DEFAULTS, section)
+def _sections(cfg) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cfg))
+
+
+def _key_types(section: str, defaults=_DEFAULTS) -> dict[str, type]:
+    """Key -> type (int, float, bool, str or list of str: the type of its default) of one section."""
+    body = getattr(defaults, section)
     return {_key(f.name): type(getattr(body, f.name)) for f in dataclasses.fields(body)}
 
 
@@ -191,6 +196,7 @@ def _coerce(key: str, value, want: type, where: str):
     ok = (isinstance(value, bool) if want is bool else
           isinstance(value, int) and not isinstance(value, bool) if want is int else
           isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
+          isinstance(value, list) and all(isinstance(v, str) for v in value) if want is list else
           isinstance(value, str))
     if not ok:
         raise ConfigError(f"{key}{where} must be {_TYPE_NAMES[want]}, got {value!r} ({type(value).__name__})")
@@ -200,10 +206,12 @@ def _coerce(key: str, value, want: type, where: str):
     return value
 
 
-def _apply(cfg: Config, section: str, key: str, value, where: str) -> None:
-    if section not in SECTIONS:
-        raise _unknown("section", section, SECTIONS, where)
-    types = _key_types(section)
+def _apply(cfg, section: str, key: str, value, where: str) -> None:
+    """Set one key of cfg (a Config, or another dataclass of section dataclasses such as the serve config)."""
+    sections = _sections(cfg)
+    if section not in sections:
+        raise _unknown("section", section, sections, where)
+    types = _key_types(section, _DEFAULTS if isinstance(cfg, Config) else type(cfg)())
     if key not in types:
         raise _unknown(f"key in [{section}]", key, sorted(types), where)
     body = getattr(cfg, section)
@@ -211,12 +219,12 @@ def _apply(cfg: Config, section: str, key: str, value, where: str) -> None:
     setattr(body, name, _coerce(f"{section}.{key}", value, types[key], where))
 
 
-def apply_dict(cfg: Config, data: dict, where: str = "") -> Config:
+def apply_dict(cfg, data: dict, where: str = ""):
     for section, body in data.items():
         if not isinstance(body, dict):
-            if section in SECTIONS:
+            if section in _sections(cfg):
                 raise ConfigError(f"'{section}'{where} must be a [{section}] table, got {body!r}")
-            raise _unknown("section", section, SECTIONS, where)
+            raise _unknown("section", section, _sections(cfg), where)
         for key, value in body.items():
             _apply(cfg, section, key, value, where)
     return cfg
@@ -235,9 +243,10 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return section, key.strip(), value
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
-    """Defaults, then the TOML file (if any), then `section.key=value` overrides; validated."""
-    cfg = Config()
+def load(path: str | Path | None = None, overrides: list[str] | tuple = (), make=None, check=None):
+    """Defaults, then the TOML file (if any), then `section.key=value` overrides; validated. A Config, or
+    `make()` checked by `check(cfg)` for another file of sections (the serve config)."""
+    cfg = make() if make else Config()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -250,7 +259,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> C
     for text in overrides:
         section, key, value = parse_override(text)
         _apply(cfg, section, key, value, " (from --set)")
-    validate(cfg)
+    (check or validate)(cfg)
     return cfg
 
 

@@ -61,7 +61,7 @@ def test_errors_in_a_file_name_the_file(tmp_path):
 
 
 def test_shipped_configs_load_and_shakespeare_matches_nanogpt_cpu_run():
-    shipped = sorted((REPO / "configs").glob("*.toml"))
+    shipped = sorted(f for f in (REPO / "configs").glob("*.toml") if f.stem != "serve")  # serve.toml: hpclm serve's
     assert [f.stem for f in shipped] == ["demo", "gru", "hmm", "ngram", "shakespeare-char"]
     for f in shipped:  # every key a file sets arrives with the file's value; the rest keep their defaults
         cfg, written = config.load(f), tomllib.loads(f.read_text())
@@ -78,6 +78,17 @@ def test_shipped_configs_load_and_shakespeare_matches_nanogpt_cpu_run():
     assert (s.optim.beta2, s.model.dropout, s.train.eval_interval, s.train.eval_iters) == (0.99, 0.0, 250, 20)
     g = config.load(REPO / "configs" / "gru.toml")
     assert (g.model.arch, g.model.n_embd, g.model.hidden_size) == ("gru", 100, 128)
+
+
+def test_shipped_serve_config_loads_with_its_values():
+    from hpclm.serve import config as serve_config
+    written = tomllib.loads((REPO / "configs" / "serve.toml").read_text())["serve"]
+    cfg = serve_config.load(REPO / "configs" / "serve.toml", ["serve.api_keys=[\"a\", \"b\"]"])
+    assert written and all(getattr(cfg, k) == v for k, v in written.items()) and cfg.api_keys == ["a", "b"]
+    with pytest.raises(ConfigError, match=r"unknown key in \[serve\] 'max_runing'.*did you mean 'max_running'"):
+        serve_config.load(None, ["serve.max_runing=2"])
+    with pytest.raises(ConfigError, match="serve.api_keys .*must be a list of strings"):
+        serve_config.load(None, ["serve.api_keys=3"])
 
 
 def test_cli_config_error_is_one_line_and_writes_nothing(tmp_path):
