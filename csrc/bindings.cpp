@@ -11,6 +11,7 @@
 #include "comm/reduce.h"
 #include "common/cpu_features.h"
 #include "common/dtype.h"
+#include "gemm/gemm.h"
 #include "softmax/softmax.h"
 
 #ifdef HPCLM_WITH_MPI
@@ -239,6 +240,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dst"), py::arg("src"), py::arg("count"), py::arg("dtype"), py::arg("op") = "sum",
       py::arg("threads") = 1,
       "dst[i] = dst[i] op src[i] over `count` contiguous elements at the given addresses.");
+
+  // --- inference matmul (csrc/gemm/gemm.h) ---
+  m.attr("GEMM_PANEL") = kGemmPanel;
+  m.def(
+      "gemm_packed",
+      [](uintptr_t x, uintptr_t panels, uintptr_t bias, uintptr_t y, int64_t M, int64_t N, int64_t K, int64_t ldx,
+         int64_t ldy, int threads) {
+        GemmArgs a{reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(panels),
+                   reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(y), M, N, K, ldx, ldy};
+        py::gil_scoped_release release;
+        gemm_packed(a, threads);
+      },
+      py::arg("x"), py::arg("panels"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"), py::arg("K"),
+      py::arg("ldx"), py::arg("ldy"), py::arg("threads") = 1,
+      "CPU float32: y[M, N] = x[M, K] @ W^T + bias (bias 0: none), W packed in panels of GEMM_PANEL columns "
+      "([ceil(N / GEMM_PANEL)][K][GEMM_PANEL]); row strides ldx, ldy in elements.");
 
   // --- softmax (csrc/softmax/softmax.h) ---
   m.def(

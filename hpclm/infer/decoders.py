@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hpclm.errors import HpclmError
+from hpclm.kernels.gemm import PackedLinear
 
 
 def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
@@ -70,9 +71,26 @@ class Decoder:
         return torch.as_tensor(ids, dtype=torch.long, device=self.device)
 
 
+class _PackedBlock:
+    """A transformer block's matrices packed for hpclm's inference matmul (a copy of each weight)."""
+
+    def __init__(self, block):
+        self.ln_1, self.ln_2, self.gelu = block.ln_1, block.ln_2, block.mlp.gelu
+        self.qkv, self.attn_out = PackedLinear(block.attn.c_attn), PackedLinear(block.attn.c_proj)
+        self.fc, self.mlp_out = PackedLinear(block.mlp.c_fc), PackedLinear(block.mlp.c_proj)
+
+    def mlp(self, x):
+        return self.mlp_out(self.gelu(self.fc(x)))
+
+
 class GPTDecoder(Decoder):
+    """Matrices through hpclm's packed float32 matmul where it serves (batch-invariant: a sequence's logits
+    are the same whatever else is in the batch), else torch's."""
+
     def __init__(self, model, capacity: int):
         super().__init__(model, capacity)
+        self.blocks = [_PackedBlock(b) for b in model.transformer.h]
+        self.lm_head = PackedLinear(model.lm_head)
         attn = model.transformer.h[0].attn
         self.n_head, self.n_embd = attn.n_head, attn.n_embd
         self.max_length = model.block_size
@@ -89,7 +107,7 @@ class GPTDecoder(Decoder):
         return y.transpose(1, 2).reshape(B, T, self.n_embd)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.transformer.ln_f(x)).float()
+        return self.lm_head(self.model.transformer.ln_f(x)).float()
 
     @torch.no_grad()
     def _prefill(self, slot, ids, start):
@@ -99,8 +117,8 @@ class GPTDecoder(Decoder):
         # query i (position start + i) sees the cached positions 0..start + i
         mask = None if start == 0 else (torch.arange(end, device=self.device)[None, :]
                                         <= torch.arange(start, end, device=self.device)[:, None])
-        for layer, block in enumerate(t.h):
-            q, k, v = (self._heads(z) for z in block.attn.c_attn(block.ln_1(x)).split(self.n_embd, dim=2))
+        for layer, block in enumerate(self.blocks):
+            q, k, v = (self._heads(z) for z in block.qkv(block.ln_1(x)).split(self.n_embd, dim=2))
             self.keys[layer, slot, :, start:end] = k[0]
             self.values[layer, slot, :, start:end] = v[0]
             if mask is None:
@@ -108,7 +126,7 @@ class GPTDecoder(Decoder):
             else:
                 y = F.scaled_dot_product_attention(q, self.keys[layer, slot:slot + 1, :, :end],
                                                    self.values[layer, slot:slot + 1, :, :end], attn_mask=mask)
-            x = x + block.attn.c_proj(self._merge(y))
+            x = x + block.attn_out(self._merge(y))
             x = x + block.mlp(block.ln_2(x))
         return self._logits(x[:, -1])[0]
 
@@ -122,9 +140,11 @@ class GPTDecoder(Decoder):
         # a contiguous run of slots is a view of the cache; any other set is gathered
         first = slots[0]
         contiguous = slots == list(range(first, first + len(slots)))
-        mask = (torch.arange(span, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
-        for layer, block in enumerate(t.h):
-            q, k, v = (self._heads(z) for z in block.attn.c_attn(block.ln_1(x)).split(self.n_embd, dim=2))
+        # an additive mask (0 or -inf), which the CPU kernel of SDPA takes faster than a boolean one
+        seen = (torch.arange(span, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        mask = torch.zeros(seen.shape, dtype=self.dtype, device=self.device).masked_fill_(~seen, float("-inf"))
+        for layer, block in enumerate(self.blocks):
+            q, k, v = (self._heads(z) for z in block.qkv(block.ln_1(x)).split(self.n_embd, dim=2))
             self.keys[layer, rows, :, pos] = k[:, :, 0]
             self.values[layer, rows, :, pos] = v[:, :, 0]
             if contiguous:
@@ -133,7 +153,7 @@ class GPTDecoder(Decoder):
             else:
                 keys, values = self.keys[layer, rows, :, :span], self.values[layer, rows, :, :span]
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-            x = x + block.attn.c_proj(self._merge(y))
+            x = x + block.attn_out(self._merge(y))
             x = x + block.mlp(block.ln_2(x))
         return self._logits(x[:, 0])
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import secrets
+import threading
 import time
 
 from fastapi import FastAPI, Request
@@ -39,6 +40,27 @@ class ApiError(Exception):
 
 def _sse(data) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class Mailbox:
+    """Hands the scheduler thread's events to the event loop's queues: events posted while the loop is busy
+    go over in one wake-up (one call_soon_threadsafe), not one each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock, self.pending = loop, threading.Lock(), []
+
+    def post(self, queue: asyncio.Queue, event) -> None:
+        with self.lock:
+            self.pending.append((queue, event))
+            first = len(self.pending) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            batch, self.pending = self.pending, []
+        for queue, event in batch:
+            queue.put_nowait(event)
 
 
 class Served:
@@ -166,6 +188,7 @@ class Ask:
 def create_app(served: Served) -> FastAPI:
     app = FastAPI(title="hpclm serve", docs_url=None, redoc_url=None, openapi_url=None)
     scheduler, cfg = served.scheduler, served.cfg
+    mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -208,9 +231,10 @@ def create_app(served: Served) -> FastAPI:
                            "Retry-After seconds", "requests", code="rate_limit_exceeded",
                            headers={**verdict.headers, "retry-after": str(math.ceil(verdict.retry_after))})
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        mailbox = mailboxes.setdefault(loop, Mailbox(loop))
 
         def emit(event):
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            mailbox.post(events, event)
 
         def on_finish(c):  # the tokens held for max_tokens but not generated go back to the client's bucket
             served.limits.refund(client, c.max_tokens - len(c.output))
@@ -240,12 +264,15 @@ def create_app(served: Served) -> FastAPI:
                     "total_tokens": f.prompt_tokens + f.completion_tokens}
 
         if ask.stream:
+            # a token's chunk is this text around the JSON string of its piece
+            head, tail = _sse(body("\0", None)).split(json.dumps("\0"))
+
             async def stream():
                 try:
                     while True:
                         event = await events.get()
                         if isinstance(event, Piece):
-                            yield _sse(body(event.text, None))
+                            yield head + json.dumps(event.text, ensure_ascii=False) + tail
                             continue
                         if event.reason == "error":
                             yield _sse({"error": {"message": event.error, "type": "server_error", "param": None,

@@ -51,14 +51,19 @@ class TextStream:
     def __init__(self, tokenizer, stop: tuple[str, ...]):
         self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
         self.ids: list[int] = []
+        self.clean = 0  # ids before this index decode to whole characters: self.stable
+        self.stable = ""
         self.sent = 0
         self.text = ""
 
     def add(self, token: int) -> tuple[str, bool]:
         """(new text to send, whether a stop string ended the completion)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        tail = self.tokenizer.decode(self.ids[self.clean:])  # only the ids since the last whole character
+        text = self.stable + tail
+        if not tail.endswith("\ufffd"):
+            self.stable, self.clean = text, len(self.ids)
+        cuts = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
         if cuts:
             self.text = text[:min(cuts)]
             return self._advance(len(self.text)), True
