@@ -1,0 +1,221 @@
+"""Serving throughput and latency (the metrics of vLLM's `bench serve`): hpclm serve with continuous batching
+against the same model served one request at a time (serve.max_running = 1), both measured in this run.
+
+A fixed prompt set from Tiny Shakespeare's val split, each request asking for --max-tokens new tokens
+(streamed, greedy), sent at Poisson arrival rates (requests/s; "inf": all at once) with at most
+--concurrency requests in flight. Per rate and server: request and output-token throughput; TTFT, TPOT
+((e2e - ttft) / (tokens - 1)), ITL (every gap between streamed tokens) and E2E, each mean / p50 / p99; goodput
+(requests/s meeting the TTFT and TPOT SLOs). A lone request's TPOT is measured first.
+Goal: at rate inf (--concurrency in flight), output tokens/s >= 6x the one-at-a-time server's, with TPOT p50
+<= 2x the lone request's.
+
+    python benchmarks/serve.py [--rates 1,4,16,inf] [--requests 32] [--json PATH] [--plot PNG]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import shakespeare_data  # noqa: E402
+from hpclm.bench import harness  # noqa: E402
+
+GOAL_THROUGHPUT_RATIO = 6.0
+GOAL_TPOT_RATIO = 2.0
+
+
+def make_checkpoint(data_dir: Path, out: Path, n_layer: int, n_embd: int, block: int) -> Path:
+    """A GPT of random weights (speed does not depend on them) saved as a normal checkpoint."""
+    from hpclm import config
+    from hpclm.train import train
+    if not (out / "checkpoints").is_dir():
+        cfg = config.load(None, [f"data.path={json.dumps(str(data_dir))}", f"model.n_layer={n_layer}",
+                                 f"model.n_head={n_layer}", f"model.n_embd={n_embd}", f"data.block_size={block}",
+                                 "train.max_iters=1", "train.eval_interval=0", "train.eval_iters=1",
+                                 "train.batch_size=1"])
+        train(cfg, out, progress_bar=False, resume="never", force=True)
+    return out
+
+
+class Server:
+    def __init__(self, ckpt: Path, threads: int, *sets: str):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "hpclm", "serve", "--ckpt", str(ckpt), "--port", "0",
+                                      "--set", f"serve.threads={threads}", *[a for s in sets for a in ("--set", s)]],
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        got = []
+        t = threading.Thread(target=lambda: got.append(self.proc.stdout.readline()), daemon=True)
+        t.start()
+        t.join(120)
+        if not got or "http://" not in got[0]:
+            self.proc.kill()
+            raise SystemExit(f"hpclm serve did not start: {got}")
+        self.url = "http://" + got[0].split("http://")[1].split("/v1")[0]
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+async def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    arrivals = []
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"ok": False, "status": r.status_code}
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["text"]:
+                    arrivals.append(time.perf_counter() - start)
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    e2e = time.perf_counter() - start
+    return {"ok": True, "ttft": arrivals[0], "e2e": e2e, "tokens": tokens,
+            "tpot": (e2e - arrivals[0]) / max(1, tokens - 1), "itl": [b - a for a, b in zip(arrivals, arrivals[1:])]}
+
+
+async def run_load(url: str, prompts: list[str], max_tokens: int, rate: float, concurrency: int, seed: int) -> dict:
+    import httpx
+    rng = random.Random(seed)
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        async def limited(p):
+            async with gate:
+                return await one_request(client, url, p, max_tokens)
+
+        start, tasks = time.perf_counter(), []
+        for p in prompts:
+            tasks.append(asyncio.create_task(limited(p)))
+            if math.isfinite(rate):
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return {"duration": duration, "results": results}
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))] if values else float("nan")
+
+
+def summarise(load: dict, slo_ttft: float, slo_tpot: float) -> dict:
+    ok = [r for r in load["results"] if r["ok"]]
+    out = {"completed": len(ok), "failed": len(load["results"]) - len(ok), "duration_s": load["duration"],
+           "request_throughput": len(ok) / load["duration"],
+           "output_throughput": sum(r["tokens"] for r in ok) / load["duration"],
+           "goodput": sum(r["ttft"] <= slo_ttft and r["tpot"] <= slo_tpot for r in ok) / load["duration"]}
+    for name, values in (("ttft", [r["ttft"] for r in ok]), ("tpot", [r["tpot"] for r in ok]),
+                         ("itl", [x for r in ok for x in r["itl"]]), ("e2e", [r["e2e"] for r in ok])):
+        out[name] = {"mean_ms": 1e3 * statistics.fmean(values), "p50_ms": 1e3 * pct(values, 50),
+                     "p99_ms": 1e3 * pct(values, 99)}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    shakespeare_data.add_arguments(ap, "serve")
+    ap.add_argument("--rates", default="1,4,16,inf", help="request rates, requests/s (inf: all at once)")
+    ap.add_argument("--requests", type=int, default=32, help="requests per rate (default 32)")
+    ap.add_argument("--concurrency", type=int, default=16, help="requests in flight at most (default 16)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompt-chars", type=int, default=64, help="characters (= tokens) per prompt (default 64)")
+    ap.add_argument("--n-layer", type=int, default=6)
+    ap.add_argument("--n-embd", type=int, default=384)
+    ap.add_argument("--threads", type=int, default=2, help="the server's torch threads (default 2)")
+    ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    ap.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    ap.add_argument("--servers", default="batched,one_at_a_time", help="which servers to run (default both)")
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    args = ap.parse_args(argv)
+    rates = [float(r) for r in args.rates.split(",")]
+    data_dir = shakespeare_data.prepare(args)
+    block = args.prompt_chars + args.max_tokens
+    ckpt = make_checkpoint(data_dir, Path(args.work).resolve() / f"gpt-{args.n_layer}x{args.n_embd}-{block}",
+                           args.n_layer, args.n_embd, block)
+    from hpclm.data import load_dataset, tokenizers
+    val = load_dataset(data_dir, block).val
+    tok = tokenizers.from_json((data_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    rng = random.Random(0)
+    prompts = [tok.decode(val[i:i + args.prompt_chars]) for i in (rng.randrange(len(val) - args.prompt_chars)
+                                                                 for _ in range(args.requests))]
+    servers = {"batched": [f"serve.max_running={args.concurrency}", f"serve.max_queued={args.requests}"],
+               "one_at_a_time": ["serve.max_running=1", f"serve.max_queued={args.requests}"]}
+    print(f"serve benchmark: GPT {args.n_layer}x{args.n_embd} (context {block}), {args.requests} requests x "
+          f"{args.max_tokens} tokens per rate, concurrency {args.concurrency}, server threads {args.threads}")
+    rows, results, lone = [], {}, None
+    for name, sets in servers.items():
+        if name not in args.servers.split(","):
+            continue
+        server = Server(ckpt, args.threads, *sets)
+        try:
+            if lone is None:  # a lone request's TPOT: the batched server with nothing else running
+                asyncio.run(run_load(server.url, prompts[:2], args.max_tokens, math.inf, 1, 0))
+                lone = summarise(asyncio.run(run_load(server.url, prompts[:5], args.max_tokens, math.inf, 1, 0)),
+                                 args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+                print(f"  lone request: TPOT p50 {lone['tpot']['p50_ms']:.2f} ms, TTFT p50 {lone['ttft']['p50_ms']:.1f} ms")
+            for rate in rates:
+                s = summarise(asyncio.run(run_load(server.url, prompts, args.max_tokens, rate, args.concurrency, 1)),
+                              args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+                results[(name, rate)] = s
+                rows.append([name, rate, s["completed"], s["request_throughput"], s["output_throughput"],
+                             s["ttft"]["p50_ms"], s["ttft"]["p99_ms"], s["tpot"]["mean_ms"], s["tpot"]["p50_ms"],
+                             s["tpot"]["p99_ms"], s["itl"]["p50_ms"], s["itl"]["p99_ms"], s["e2e"]["p50_ms"],
+                             s["e2e"]["p99_ms"], s["goodput"]])
+                print(f"  {name} rate {rate}: {s['output_throughput']:.0f} tok/s, TPOT p50 {s['tpot']['p50_ms']:.1f} ms")
+        finally:
+            server.close()
+    cols = [harness.Column("server", 13), harness.Column("rate", 5), harness.Column("done", 4)] + [
+        harness.Column(title, max(9, len(title)), "{:" + fmt + "}", unit) for title, fmt, unit in (
+            ("req/s", ".2f", ""), ("out tok/s", ".0f", ""), ("TTFT p50", ".0f", "ms"), ("TTFT p99", ".0f", "ms"),
+            ("TPOT mean", ".1f", "ms"), ("TPOT p50", ".1f", "ms"), ("TPOT p99", ".1f", "ms"), ("ITL p50", ".1f", "ms"),
+            ("ITL p99", ".1f", "ms"), ("E2E p50", ".0f", "ms"), ("E2E p99", ".0f", "ms"), ("goodput", ".2f", "req/s"))]
+    print("\n".join(harness.format_table(cols, rows)))
+    top = rates[-1]
+    ratio = results[("batched", top)]["output_throughput"] / results[("one_at_a_time", top)]["output_throughput"]
+    tpot_ratio = results[("batched", top)]["tpot"]["p50_ms"] / lone["tpot"]["p50_ms"]
+    met = ratio >= GOAL_THROUGHPUT_RATIO and tpot_ratio <= GOAL_TPOT_RATIO
+    print(f"at rate {top} ({args.concurrency} in flight): output tokens/s {ratio:.2f}x one-at-a-time (goal >= "
+          f"{GOAL_THROUGHPUT_RATIO}), TPOT p50 {tpot_ratio:.2f}x a lone request's (goal <= {GOAL_TPOT_RATIO}): "
+          f"{'met' if met else 'MISSED'}")
+    if args.json:
+        harness.write_json(args.json, {
+            "benchmark": "serve", "host": harness.host_info(threads=args.threads),
+            "settings": {k: getattr(args, k) for k in ("requests", "concurrency", "max_tokens", "prompt_chars",
+                                                        "n_layer", "n_embd", "threads", "slo_ttft_ms", "slo_tpot_ms")},
+            "lone": lone, "runs": [{"server": n, "rate": r, **s} for (n, r), s in results.items()],
+            "throughput_ratio": ratio, "tpot_ratio": tpot_ratio,
+            "goal": {"throughput_ratio_min": GOAL_THROUGHPUT_RATIO, "tpot_ratio_max": GOAL_TPOT_RATIO, "met": met}})
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        labels = [str(r) for r in rates]
+        for name in servers:
+            a.plot(labels, [results[(name, r)]["output_throughput"] for r in rates], "o-", label=name)
+            b.plot(labels, [results[(name, r)]["tpot"]["p50_ms"] for r in rates], "o-", label=name)
+        b.axhline(lone["tpot"]["p50_ms"], ls=":", c="gray", label="lone request")
+        a.set(xlabel="request rate (req/s)", ylabel="output tokens/s", title="throughput")
+        b.set(xlabel="request rate (req/s)", ylabel="TPOT p50 (ms)", title="time per output token")
+        a.legend()
+        b.legend()
+        harness.save_figure(fig, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
