@@ -22,7 +22,7 @@ demo: setup
 	$(PYTHON) -m hpclm report runs/demo
 
 test: setup
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=25 tests
 
 # The quick benchmarks (a few minutes in all): the kernels against their peers, the allreduce probe and a
 # short scaling run; each writes runs/bench/NAME.json (and a PNG). Exit code 1: a result was wrong.

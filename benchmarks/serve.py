@@ -5,7 +5,9 @@ A fixed prompt set from Tiny Shakespeare's val split, each request asking for --
 (streamed, greedy), sent at Poisson arrival rates (requests/s; "inf": all at once) with at most
 --concurrency requests in flight. Per rate and server: request and output-token throughput; TTFT, TPOT
 ((e2e - ttft) / (tokens - 1)), ITL (every gap between streamed tokens) and E2E, each mean / p50 / p99; goodput
-(requests/s meeting the TTFT and TPOT SLOs). A lone request's TPOT is measured first.
+(requests/s meeting the TTFT and TPOT SLOs). A lone request's TPOT is measured first; then
+`hpclm generate`'s incremental decoding against the full-recompute loop (tokens/s, same tokens).
+Exit code 1 if a request failed or the two decodings differ.
 Goal: at rate inf (--concurrency in flight), output tokens/s >= 6x the one-at-a-time server's, with TPOT p50
 <= 2x the lone request's.
 
@@ -106,6 +108,27 @@ async def run_load(url: str, prompts: list[str], max_tokens: int, rate: float, c
     return {"duration": duration, "results": results}
 
 
+def generate_speed(ckpt: Path, prompt: str, tokens: int, threads: int) -> dict:
+    """hpclm generate's decoding (incremental) against the full-recompute loop it replaced: tokens/s, same
+    tokens (checked), in this process."""
+    import torch
+    from hpclm.generate import load_trained, sample
+    from hpclm.infer import SamplingParams, generate_ids
+    torch.set_num_threads(threads)
+    trained = load_trained(ckpt)
+    ids = [int(i) for i in trained.tokenizer.encode(prompt)]
+    out = {}
+    for name, run in (("incremental", lambda g: generate_ids(trained.model, ids, tokens, SamplingParams(0.8, 200), g)),
+                      ("full_recompute", lambda g: sample(trained.model, torch.tensor([ids]), tokens, 0.8, 200,
+                                                          g)[0].tolist())):
+        run(torch.Generator().manual_seed(0))
+        start = time.perf_counter()
+        got = run(torch.Generator().manual_seed(1))
+        out[name] = {"tokens_per_s": tokens / (time.perf_counter() - start), "tokens": got}
+    same = out["incremental"].pop("tokens") == out["full_recompute"].pop("tokens")
+    return {**out, "same_tokens": same, "speedup": out["incremental"]["tokens_per_s"] / out["full_recompute"]["tokens_per_s"]}
+
+
 def pct(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))] if values else float("nan")
@@ -178,6 +201,10 @@ def main(argv=None) -> int:
                 print(f"  {name} rate {rate}: {s['output_throughput']:.0f} tok/s, TPOT p50 {s['tpot']['p50_ms']:.1f} ms")
         finally:
             server.close()
+    gen = generate_speed(ckpt, prompts[0], args.max_tokens, args.threads)
+    print(f"  hpclm generate, {args.max_tokens} tokens: incremental {gen['incremental']['tokens_per_s']:.0f} tokens/s, "
+          f"full recompute {gen['full_recompute']['tokens_per_s']:.0f} tokens/s ({gen['speedup']:.1f}x; same tokens: "
+          f"{gen['same_tokens']})")
     cols = [harness.Column("server", 13), harness.Column("rate", 5), harness.Column("done", 4)] + [
         harness.Column(title, max(9, len(title)), "{:" + fmt + "}", unit) for title, fmt, unit in (
             ("req/s", ".2f", ""), ("out tok/s", ".0f", ""), ("TTFT p50", ".0f", "ms"), ("TTFT p99", ".0f", "ms"),
@@ -188,6 +215,7 @@ def main(argv=None) -> int:
     ratio = results[("batched", top)]["output_throughput"] / results[("one_at_a_time", top)]["output_throughput"]
     tpot_ratio = results[("batched", top)]["tpot"]["p50_ms"] / lone["tpot"]["p50_ms"]
     met = ratio >= GOAL_THROUGHPUT_RATIO and tpot_ratio <= GOAL_TPOT_RATIO
+    failed = sum(s["failed"] for s in results.values()) + (not gen["same_tokens"])
     print(f"at rate {top} ({args.concurrency} in flight): output tokens/s {ratio:.2f}x one-at-a-time (goal >= "
           f"{GOAL_THROUGHPUT_RATIO}), TPOT p50 {tpot_ratio:.2f}x a lone request's (goal <= {GOAL_TPOT_RATIO}): "
           f"{'met' if met else 'MISSED'}")
@@ -196,7 +224,7 @@ def main(argv=None) -> int:
             "benchmark": "serve", "host": harness.host_info(threads=args.threads),
             "settings": {k: getattr(args, k) for k in ("requests", "concurrency", "max_tokens", "prompt_chars",
                                                         "n_layer", "n_embd", "threads", "slo_ttft_ms", "slo_tpot_ms")},
-            "lone": lone, "runs": [{"server": n, "rate": r, **s} for (n, r), s in results.items()],
+            "lone": lone, "generate": gen, "runs": [{"server": n, "rate": r, **s} for (n, r), s in results.items()],
             "throughput_ratio": ratio, "tpot_ratio": tpot_ratio,
             "goal": {"throughput_ratio_min": GOAL_THROUGHPUT_RATIO, "tpot_ratio_max": GOAL_TPOT_RATIO, "met": met}})
     if args.plot:
@@ -214,7 +242,7 @@ def main(argv=None) -> int:
         a.legend()
         b.legend()
         harness.save_figure(fig, args.plot)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
