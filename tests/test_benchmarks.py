@@ -156,3 +156,23 @@ def test_baselines_benchmark_scores_its_rows_like_hpclm_eval(tmp_path):
     scored = run_python(["-m", "hpclm", "eval", "--ckpt", str(tmp_path / "runs" / "ngram-3")])
     assert scored.returncode == 0, scored.stderr
     assert f"val loss {row['val_loss']:.4f}" in scored.stdout  # the row's figure is what hpclm eval prints
+
+
+@requires_shakespeare
+def test_serve_benchmark_measures_both_servers_and_generate(tmp_path):
+    pytest.importorskip("fastapi", reason="FastAPI is not installed (pip install -e .[serve])")
+    out = tmp_path / "serve.json"
+    proc = run_python([str(REPO / "benchmarks" / "serve.py"), "--from", str(SHAKESPEARE), "--work", str(tmp_path / "w"),
+                       "--rates", "inf", "--requests", "4", "--concurrency", "4", "--max-tokens", "12",
+                       "--prompt-chars", "8", "--n-layer", "2", "--n-embd", "64", "--threads", "1",
+                       "--json", str(out), "--plot", str(tmp_path / "serve.png")], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    runs = {r["server"]: r for r in doc["runs"]}
+    assert set(runs) == {"batched", "one_at_a_time"} and all(r["completed"] == 4 and not r["failed"] for r in runs.values())
+    assert doc["throughput_ratio"] == pytest.approx(runs["batched"]["output_throughput"]
+                                                    / runs["one_at_a_time"]["output_throughput"])
+    assert doc["tpot_ratio"] == pytest.approx(runs["batched"]["tpot"]["p50_ms"] / doc["lone"]["tpot"]["p50_ms"])
+    assert runs["batched"]["output_throughput"] == pytest.approx(4 * 12 / runs["batched"]["duration_s"])
+    assert doc["generate"]["same_tokens"] and doc["generate"]["incremental"]["tokens_per_s"] > 0
+    assert (tmp_path / "serve.png").stat().st_size > 0 and "at rate inf" in proc.stdout

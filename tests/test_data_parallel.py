@@ -150,7 +150,7 @@ def test_fp16_ends_close_to_fp32(shakespeare_dir, tmp_path):
             losses[dtype], dtypes[dtype] = s["val_loss"], sorted(seen)
         print(json.dumps({"losses": losses, "dtypes": dtypes}))
     """)
-    cfg = _cfg(shakespeare_dir, "model.n_embd=64", "model.n_layer=2", "train.max_iters=300", "train.eval_interval=0",
+    cfg = _cfg(shakespeare_dir, "model.n_embd=64", "model.n_layer=2", "train.max_iters=200", "train.eval_interval=0",
                "train.eval_iters=20", "train.log_interval=50", "checkpoint.every_iters=0", "train.batch_size=8")
     proc = run_python(["-c", script, str(tmp_path), *cfg], timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -158,7 +158,7 @@ def test_fp16_ends_close_to_fp32(shakespeare_dir, tmp_path):
     losses = result["losses"]
     # fp16 training really ran its matmuls in float16 (a no-op autocast would pass the loss checks below)
     assert result["dtypes"] == {"fp32": ["torch.float32"], "fp16": ["torch.float16"]}
-    assert losses["fp32"] < 2.6  # it learned something
+    assert losses["fp32"] < 2.7  # it learned something (ln 65 = 4.17 untrained)
     assert abs(losses["fp16"] - losses["fp32"]) < 0.05, losses
     assert max(r["loss_scale"] for r in records(tmp_path / "fp16", "train")) >= 2.0**16
 

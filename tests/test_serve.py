@@ -305,13 +305,11 @@ def test_drain_timeout_ends_what_is_left_with_an_error(served_run):
 
 
 def test_bad_serve_settings_are_one_line(served_run):
+    import socket
     from conftest import run_python
     proc = run_python(["-m", "hpclm", "serve", "--ckpt", str(served_run), "--set", "serve.max_running=0"])
     assert proc.returncode == 2 and proc.stderr.strip() == "hpclm serve: error: serve.max_running must be >= 1"
-    busy = Server(served_run)
-    try:
-        proc = run_python(["-m", "hpclm", "serve", "--ckpt", str(served_run), "--port", str(busy.port)])
-        assert proc.returncode == 2 and "cannot listen on 127.0.0.1" in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
-    finally:
-        busy.close()
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        proc = run_python(["-m", "hpclm", "serve", "--ckpt", str(served_run), "--port", str(busy.getsockname()[1])])
+    assert proc.returncode == 2 and "cannot listen on 127.0.0.1" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

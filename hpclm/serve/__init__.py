@@ -56,14 +56,17 @@ def main(args) -> int:
     overrides = [*(args.set or []), *([f"serve.host={json.dumps(args.host)}"] if args.host else []),
                  *([f"serve.port={args.port}"] if args.port is not None else [])]
     cfg = serve_config.load(args.config, overrides)
-    served, trained = build(args.ckpt, cfg)
-    from hpclm.serve.app import create_app
-    try:
+    try:  # before the model loads: a port in use is known at once
         sock = socket.create_server((cfg.host, cfg.port), family=socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
     except OSError as e:
-        served.scheduler.stop()
         raise HpclmError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror}): choose another --port "
                          "(0: any free one)") from None
+    try:
+        served, trained = build(args.ckpt, cfg)
+    except BaseException:
+        sock.close()
+        raise
+    from hpclm.serve.app import create_app
     host, port = sock.getsockname()[:2]
     server = draining_server(uvicorn, uvicorn.Config(create_app(served), log_level="warning", access_log=False,
                                                      timeout_graceful_shutdown=5), served)

@@ -213,7 +213,7 @@ def create_app(served: Served) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return Response(served.metrics.exposition(), media_type="text/plain; version=0.0.4")
+        return Response(served.metrics.exposition(), media_type=served.metrics.content_type)
 
     @app.get("/v1/models")
     async def models():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -60,7 +61,8 @@ class Verdict:
 
 
 class ClientLimits:
-    """The buckets of every client seen, each client's created on its first request."""
+    """The buckets of every client seen, each client's created on its first request. Thread-safe: the event
+    loop admits, the scheduler thread refunds."""
 
     MAX_CLIENTS = 10_000  # beyond, idle (full) buckets are forgotten: they hold nothing a new one would not
 
@@ -68,6 +70,7 @@ class ClientLimits:
         self.requests_per_s, self.tokens_per_min, self.clock = requests_per_s, tokens_per_min, clock
         self.requests_burst = requests_burst or max(1, math.floor(requests_per_s))
         self.clients: dict[str, tuple[TokenBucket | None, TokenBucket | None]] = {}
+        self.lock = threading.RLock()
 
     @property
     def enabled(self) -> bool:
@@ -83,6 +86,10 @@ class ClientLimits:
         return self.clients[client]
 
     def headers(self, client: str) -> dict[str, str]:
+        with self.lock:
+            return self._headers(client)
+
+    def _headers(self, client: str) -> dict[str, str]:
         requests, tokens = self._buckets(client)
         out = {}
         if requests:
@@ -97,18 +104,23 @@ class ClientLimits:
 
     def admit(self, client: str, max_tokens: int) -> Verdict:
         """Take one request and max_tokens generated tokens from the client's buckets, or neither."""
+        with self.lock:
+            return self._admit(client, max_tokens)
+
+    def _admit(self, client: str, max_tokens: int) -> Verdict:
         requests, tokens = self._buckets(client)
         wait = requests.take(1) if requests else 0.0
         if wait:
-            return Verdict(wait, "requests", self.headers(client))
+            return Verdict(wait, "requests", self._headers(client))
         wait = tokens.take(max_tokens) if tokens else 0.0
         if wait:
             requests and requests.give_back(1)
-            return Verdict(wait, "tokens", self.headers(client))
-        return Verdict(0.0, "", self.headers(client))
+            return Verdict(wait, "tokens", self._headers(client))
+        return Verdict(0.0, "", self._headers(client))
 
     def refund(self, client: str, unused_tokens: int) -> None:
         """Give back the tokens a finished request held but did not generate."""
-        tokens = self._buckets(client)[1]
-        if tokens and unused_tokens > 0:
-            tokens.give_back(unused_tokens)
+        with self.lock:
+            tokens = self._buckets(client)[1]
+            if tokens and unused_tokens > 0:
+                tokens.give_back(unused_tokens)

@@ -1,7 +1,7 @@
 """The server's Prometheus metrics (vLLM's names, prefixed hpclm_serve_), in a registry of their own."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0, 160.0)
@@ -41,6 +41,8 @@ class ServeMetrics:
 
     def finish(self, reason: str) -> None:
         self.finished.labels(model_name=self.model_name, finish_reason=reason).inc()
+
+    content_type = CONTENT_TYPE_LATEST
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
