@@ -29,6 +29,7 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, con
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < kVecs; ++j) acc[i][j] = vf{};
   for (int64_t k = 0; k < K; ++k) {
+    __builtin_prefetch(panel + (k + 16) * kGemmPanel);  // the panel row 16 ahead (past its end: harmless)
     vf w[kVecs];
     for (int j = 0; j < kVecs; ++j) w[j] = *reinterpret_cast<const vf_unaligned*>(panel + k * kGemmPanel + j * kLanes);
     for (int i = 0; i < R; ++i) {
