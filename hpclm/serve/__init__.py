@@ -56,6 +56,7 @@ def main(args) -> int:
     overrides = [*(args.set or []), *([f"serve.host={json.dumps(args.host)}"] if args.host else []),
                  *([f"serve.port={args.port}"] if args.port is not None else [])]
     cfg = serve_config.load(args.config, overrides)
+    logging.getLogger("hpclm.serve").addHandler(logging.StreamHandler(sys.stderr))  # a failed step's traceback
     try:  # before the model loads: a port in use is known at once
         sock = socket.create_server((cfg.host, cfg.port), family=socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
     except OSError as e:
@@ -101,5 +102,3 @@ def draining_server(uvicorn, config, served):
 
     return DrainingServer(config)
 
-
-logging.getLogger("hpclm.serve").addHandler(logging.StreamHandler(sys.stderr))

@@ -194,6 +194,8 @@ class Scheduler:
     # --- the scheduler thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.cfg.threads:  # OpenMP's thread count is per calling thread: this one runs the model
+            torch.set_num_threads(self.cfg.threads)
         while True:
             with self.cond:
                 while not (self.waiting or self.running or self.stopped):
