@@ -129,6 +129,27 @@ def generate_speed(ckpt: Path, prompt: str, tokens: int, threads: int) -> dict:
     return {**out, "same_tokens": same, "speedup": out["incremental"]["tokens_per_s"] / out["full_recompute"]["tokens_per_s"]}
 
 
+def decode_step_ms(ckpt: Path, batches: list[int], context: int, steps: int, threads: int) -> dict:
+    """The decoder alone, in this process: ms per batched decode step of B sequences, each at `context`
+    tokens (what a served step costs before HTTP, sampling and scheduling)."""
+    import torch
+    from hpclm.generate import load_trained
+    from hpclm.infer import make_decoder
+    torch.set_num_threads(threads)
+    model = load_trained(ckpt).model
+    out = {}
+    for b in batches:
+        decoder = make_decoder(model, b)
+        for slot in range(b):
+            decoder.prefill(slot, [1] * context)
+        decoder.decode(list(range(b)), [1] * b)
+        start = time.perf_counter()
+        for _ in range(steps):
+            decoder.decode(list(range(b)), [1] * b)
+        out[str(b)] = 1e3 * (time.perf_counter() - start) / steps
+    return out
+
+
 def pct(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))] if values else float("nan")
@@ -202,6 +223,10 @@ def main(argv=None) -> int:
         finally:
             server.close()
     gen = generate_speed(ckpt, prompts[0], args.max_tokens, args.threads)
+    steps = decode_step_ms(ckpt, [1, args.concurrency], args.prompt_chars + args.max_tokens // 2,
+                           max(1, min(32, args.max_tokens // 2 - 2)), args.threads)
+    print(f"  decoder alone, a step at context {args.prompt_chars + args.max_tokens // 2}: "
+          + ", ".join(f"batch {b}: {ms:.2f} ms" for b, ms in steps.items()))
     print(f"  hpclm generate, {args.max_tokens} tokens: incremental {gen['incremental']['tokens_per_s']:.0f} tokens/s, "
           f"full recompute {gen['full_recompute']['tokens_per_s']:.0f} tokens/s ({gen['speedup']:.1f}x; same tokens: "
           f"{gen['same_tokens']})")
@@ -224,7 +249,7 @@ def main(argv=None) -> int:
             "benchmark": "serve", "host": harness.host_info(threads=args.threads),
             "settings": {k: getattr(args, k) for k in ("requests", "concurrency", "max_tokens", "prompt_chars",
                                                         "n_layer", "n_embd", "threads", "slo_ttft_ms", "slo_tpot_ms")},
-            "lone": lone, "generate": gen, "runs": [{"server": n, "rate": r, **s} for (n, r), s in results.items()],
+            "lone": lone, "generate": gen, "decode_step_ms": steps, "runs": [{"server": n, "rate": r, **s} for (n, r), s in results.items()],
             "throughput_ratio": ratio, "tpot_ratio": tpot_ratio,
             "goal": {"throughput_ratio_min": GOAL_THROUGHPUT_RATIO, "tpot_ratio_max": GOAL_TPOT_RATIO, "met": met}})
     if args.plot:

@@ -22,6 +22,12 @@ SHARED_DATA = next((p for p in (REPO.parent / "shared" / "data", REPO.parent.par
 TIMEOUT_SCALE = float(os.environ.get("HPCLM_TEST_TIMEOUT_SCALE", "1"))
 
 
+# A second build configuration (no CUDA, a marker define) that the build tests share: the first to build it
+# compiles, the others find its CMake tree up to date.
+SECOND_BUILD = {"HPCLM_CUDA": "0", "HPCLM_CMAKE_ARGS": "-DCMAKE_CXX_FLAGS=-DHPCLM_TEST_BUILD_OPTION"}
+SECOND_BUILD_MARK = "-DHPCLM_TEST_BUILD_OPTION"
+
+
 def hang_guard(seconds: float) -> float:
     """A time limit of `seconds` on the reference machine, scaled by HPCLM_TEST_TIMEOUT_SCALE."""
     return seconds * TIMEOUT_SCALE

@@ -175,4 +175,16 @@ def test_serve_benchmark_measures_both_servers_and_generate(tmp_path):
     assert doc["tpot_ratio"] == pytest.approx(runs["batched"]["tpot"]["p50_ms"] / doc["lone"]["tpot"]["p50_ms"])
     assert runs["batched"]["output_throughput"] == pytest.approx(4 * 12 / runs["batched"]["duration_s"])
     assert doc["generate"]["same_tokens"] and doc["generate"]["incremental"]["tokens_per_s"] > 0
+    assert set(doc["decode_step_ms"]) == {"1", "4"} and all(ms > 0 for ms in doc["decode_step_ms"].values())
     assert (tmp_path / "serve.png").stat().st_size > 0 and "at rate inf" in proc.stdout
+
+
+def test_gemm_benchmark_checks_and_times_both(tmp_path):
+    pytest.importorskip("hpclm._C", reason="hpclm._C is not built")
+    out = tmp_path / "gemm.json"
+    proc = run_python([str(REPO / "benchmarks" / "gemm.py"), "--n-embd", "64", "--n-layer", "1", "--rows", "1,5",
+                       "--iters", "2", "--repeats", "1", "--threads", "1", "--json", str(out)], timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert [r["rows"] for r in doc["rows"]] == [1, 5] and doc["wrong"] == 0
+    assert all(r["speedup"] == pytest.approx(r["torch_ms"] / r["packed_ms"]) for r in doc["rows"])

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import hang_guard, REPO, run_python
+from conftest import SECOND_BUILD, SECOND_BUILD_MARK, hang_guard, REPO, run_python
 from hpclm import native
 
 C = native.require()
@@ -163,8 +163,7 @@ def test_make_build_rebuilds_what_a_changed_option_changes():
                            "print(json.dumps([i['cxx_flags'], i['with_cuda']]))"])
         return __import__("json").loads(info.stdout)
 
-    mark = "-DHPCLM_TEST_BUILD_OPTION"
-    other = {"HPCLM_CUDA": "0", "HPCLM_CMAKE_ARGS": f"-DCMAKE_CXX_FLAGS={mark}"}
+    mark, other = SECOND_BUILD_MARK, SECOND_BUILD
     default = {"HPCLM_CUDA": INFO["cuda_requested"], "HPCLM_CMAKE_ARGS": ""}
     try:
         for _ in range(2):  # the second round finds both configurations built and up to date

@@ -247,14 +247,19 @@ def test_overload_gets_429_with_retry_after_and_admitted_requests_complete(serve
         s.close()
 
 
-def test_deadline_ends_a_request_with_timeout(served_run):
-    s = Server(served_run, "serve.request_timeout_s=0.3", "serve.max_running=1")
+def test_deadline_ends_a_request_with_timeout_and_a_drain_timeout_ends_the_rest_with_an_error(served_run):
+    s = Server(served_run, "serve.request_timeout_s=0.3", "serve.drain_timeout_s=0", "serve.max_running=1")
     try:
         slow = {"prompt": PROMPT, "max_tokens": 240, "temperature": 1.0}
         chunks, done = _stream(s.url, slow)
         assert done and chunks[-1]["choices"][0]["finish_reason"] == "timeout" and len(chunks) < 240
         r = httpx.post(f"{s.url}/v1/completions", json=slow, timeout=30)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        # SIGTERM with no time to drain: the running stream ends with an error event, the server exits 0
+        chunks, done = _stream(s.url, slow, on_open=lambda: s.proc.send_signal(signal.SIGTERM))
+        assert done and chunks[-1]["error"]["code"] == "generation_ended"
+        assert "drain_timeout_s" in chunks[-1]["error"]["message"]
+        assert s.proc.wait(timeout=hang_guard(30)) == 0
     finally:
         s.close()
 
@@ -284,22 +289,6 @@ def test_sigterm_drains_running_streams_refuses_new_requests_and_exits_0(served_
         for chunks, done in results.values():
             assert done and chunks[-1]["choices"][0]["finish_reason"] == "length"
             assert chunks[-1]["usage"]["completion_tokens"] == 200
-    finally:
-        s.close()
-
-
-def test_drain_timeout_ends_what_is_left_with_an_error(served_run):
-    s = Server(served_run, "serve.drain_timeout_s=0", "serve.max_running=1")
-    try:
-        got = []
-        t = threading.Thread(target=lambda: got.append(_stream(s.url, {"prompt": PROMPT, "max_tokens": 240},
-                             on_open=lambda: s.proc.send_signal(signal.SIGTERM))), daemon=True)
-        t.start()
-        t.join(hang_guard(60))
-        chunks, done = got[0]
-        assert done and chunks[-1]["error"]["code"] == "generation_ended"
-        assert "drain_timeout_s" in chunks[-1]["error"]["message"]
-        assert s.proc.wait(timeout=hang_guard(30)) == 0
     finally:
         s.close()
 
