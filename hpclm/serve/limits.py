@@ -70,11 +70,7 @@ class ClientLimits:
         self.requests_per_s, self.tokens_per_min, self.clock = requests_per_s, tokens_per_min, clock
         self.requests_burst = requests_burst or max(1, math.floor(requests_per_s))
         self.clients: dict[str, tuple[TokenBucket | None, TokenBucket | None]] = {}
-        self.lock = threading.RLock()
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.requests_per_s or self.tokens_per_min)
+        self.lock = threading.Lock()
 
     def _buckets(self, client: str):
         if client not in self.clients:
@@ -84,10 +80,6 @@ class ClientLimits:
                 TokenBucket(self.requests_per_s, self.requests_burst, self.clock) if self.requests_per_s else None,
                 TokenBucket(self.tokens_per_min / 60.0, self.tokens_per_min, self.clock) if self.tokens_per_min else None)
         return self.clients[client]
-
-    def headers(self, client: str) -> dict[str, str]:
-        with self.lock:
-            return self._headers(client)
 
     def _headers(self, client: str) -> dict[str, str]:
         requests, tokens = self._buckets(client)
@@ -105,18 +97,15 @@ class ClientLimits:
     def admit(self, client: str, max_tokens: int) -> Verdict:
         """Take one request and max_tokens generated tokens from the client's buckets, or neither."""
         with self.lock:
-            return self._admit(client, max_tokens)
-
-    def _admit(self, client: str, max_tokens: int) -> Verdict:
-        requests, tokens = self._buckets(client)
-        wait = requests.take(1) if requests else 0.0
-        if wait:
-            return Verdict(wait, "requests", self._headers(client))
-        wait = tokens.take(max_tokens) if tokens else 0.0
-        if wait:
-            requests and requests.give_back(1)
-            return Verdict(wait, "tokens", self._headers(client))
-        return Verdict(0.0, "", self._headers(client))
+            requests, tokens = self._buckets(client)
+            wait = requests.take(1) if requests else 0.0
+            if wait:
+                return Verdict(wait, "requests", self._headers(client))
+            wait = tokens.take(max_tokens) if tokens else 0.0
+            if wait:
+                requests and requests.give_back(1)
+                return Verdict(wait, "tokens", self._headers(client))
+            return Verdict(0.0, "", self._headers(client))
 
     def refund(self, client: str, unused_tokens: int) -> None:
         """Give back the tokens a finished request held but did not generate."""

@@ -102,7 +102,6 @@ class Completion:
     text: TextStream | None = None
     cancelled: bool = False
     done: bool = False
-    first_token_at: float = 0.0
     last_token_at: float = 0.0
 
     @property
@@ -112,7 +111,7 @@ class Completion:
 
 class Scheduler:
     def __init__(self, model, tokenizer, cfg, metrics):
-        self.model, self.tokenizer, self.cfg, self.metrics = model, tokenizer, cfg, metrics
+        self.tokenizer, self.cfg, self.metrics = tokenizer, cfg, metrics
         self.decoder = make_decoder(model, cfg.max_running)
         self.max_length = self.decoder.max_length
         self.free_slots = list(range(cfg.max_running))
@@ -179,12 +178,10 @@ class Scheduler:
             self.cond.notify()
         self.thread.join(timeout=30)
         with self.cond:
-            for c in [*self.waiting, *self.running]:
+            ended, self.waiting, self.waiting_tokens = [*self.waiting, *self.running], collections.deque(), 0
+            for c in ended:
                 self._finish(c, "error", message)
-
-    def counts(self) -> tuple[int, int]:
-        with self.cond:
-            return len(self.running), len(self.waiting)
+            self.metrics.waiting.set(0)
 
     def _retry_after(self) -> float:
         """Seconds until a slot is likely free: the recent mean request time x the queue ahead per slot."""
@@ -261,7 +258,6 @@ class Scheduler:
         if c.output:
             self.metrics.inter_token_latency.observe(now - c.last_token_at)
         else:
-            c.first_token_at = now
             self.metrics.time_to_first_token.observe(now - c.arrival)
         c.last_token_at = now
         c.output.append(token)
