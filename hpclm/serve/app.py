@@ -233,8 +233,9 @@ def create_app(served: Served) -> FastAPI:
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         mailbox = mailboxes.setdefault(loop, Mailbox(loop))
 
-        def emit(event):
-            mailbox.post(events, event)
+        def emit(event):  # a plain (not streamed) answer waits only for the end
+            if ask.stream or isinstance(event, Finished):
+                mailbox.post(events, event)
 
         def on_finish(c):  # the tokens held for max_tokens but not generated go back to the client's bucket
             served.limits.refund(client, c.max_tokens - len(c.output))
@@ -292,13 +293,11 @@ def create_app(served: Served) -> FastAPI:
         while True:
             try:
                 event = await asyncio.wait_for(events.get(), 0.5)
+                break
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     scheduler.cancel(c)
                     return Response(status_code=499)
-                continue
-            if isinstance(event, Finished):
-                break
         if event.reason == "timeout":
             raise ApiError(504, f"the request did not finish within serve.request_timeout_s = {cfg.request_timeout_s} "
                            "s (queue wait included): ask for fewer tokens or retry later", "server_error",
