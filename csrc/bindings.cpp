@@ -11,6 +11,7 @@
 #include "comm/reduce.h"
 #include "common/cpu_features.h"
 #include "common/dtype.h"
+#include "attention/decode_attention.h"
 #include "gemm/gemm.h"
 #include "softmax/softmax.h"
 
@@ -256,6 +257,25 @@ PYBIND11_MODULE(_C, m) {
       py::arg("ldx"), py::arg("ldy"), py::arg("threads") = 1,
       "CPU float32: y[M, N] = x[M, K] @ W^T + bias (bias 0: none), W packed in panels of GEMM_PANEL columns "
       "([ceil(N / GEMM_PANEL)][K][GEMM_PANEL]); row strides ldx, ldy in elements.");
+
+  // --- attention of one decoding step over a KV cache (csrc/attention/decode_attention.h) ---
+  m.def(
+      "decode_attention",
+      [](uintptr_t qkv, uintptr_t keys, uintptr_t values, uintptr_t slots, uintptr_t positions, uintptr_t y, int64_t B,
+         int64_t H, int64_t D, int64_t P, int64_t ldqkv, int64_t ldy, double scale, int threads) {
+        DecodeAttentionArgs a{reinterpret_cast<const float*>(qkv), reinterpret_cast<float*>(keys),
+                              reinterpret_cast<float*>(values), reinterpret_cast<const int64_t*>(slots),
+                              reinterpret_cast<const int64_t*>(positions), reinterpret_cast<float*>(y),
+                              B, H, D, P, ldqkv, ldy, static_cast<float>(scale)};
+        py::gil_scoped_release release;
+        decode_attention(a, threads);
+      },
+      py::arg("qkv"), py::arg("keys"), py::arg("values"), py::arg("slots"), py::arg("positions"), py::arg("y"),
+      py::arg("B"), py::arg("H"), py::arg("D"), py::arg("P"), py::arg("ldqkv"), py::arg("ldy"), py::arg("scale"),
+      py::arg("threads") = 1,
+      "CPU float32, one decoding step: for each of B sequences write its key and value (columns H*D.. and "
+      "2*H*D.. of its qkv row) into the cache [slots, H, P, D] at slots[b], positions[b], then "
+      "y[b] = softmax(scale * q K^T) V over positions 0..positions[b], per head (int64 slots, positions).");
 
   // --- softmax (csrc/softmax/softmax.h) ---
   m.def(

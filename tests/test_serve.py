@@ -248,14 +248,19 @@ def test_overload_gets_429_with_retry_after_and_admitted_requests_complete(serve
 
 
 def test_deadline_ends_a_request_with_timeout_and_a_drain_timeout_ends_the_rest_with_an_error(served_run):
-    s = Server(served_run, "serve.request_timeout_s=0.3", "serve.drain_timeout_s=0", "serve.max_running=1")
+    # 240 tokens take several times the 0.05 s deadline (queue wait included) on any machine
+    s = Server(served_run, "serve.request_timeout_s=0.05", "serve.max_running=1")
     try:
         slow = {"prompt": PROMPT, "max_tokens": 240, "temperature": 1.0}
         chunks, done = _stream(s.url, slow)
         assert done and chunks[-1]["choices"][0]["finish_reason"] == "timeout" and len(chunks) < 240
         r = httpx.post(f"{s.url}/v1/completions", json=slow, timeout=30)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-        # SIGTERM with no time to drain: the running stream ends with an error event, the server exits 0
+    finally:
+        s.close()
+    # SIGTERM with no time to drain: the running stream ends with an error event, the server exits 0
+    s = Server(served_run, "serve.drain_timeout_s=0")
+    try:
         chunks, done = _stream(s.url, slow, on_open=lambda: s.proc.send_signal(signal.SIGTERM))
         assert done and chunks[-1]["error"]["code"] == "generation_ended"
         assert "drain_timeout_s" in chunks[-1]["error"]["message"]
@@ -270,7 +275,7 @@ def test_sigterm_drains_running_streams_refuses_new_requests_and_exits_0(served_
         results, opened = {}, threading.Barrier(4, timeout=hang_guard(60))
 
         def stream(i):
-            results[i] = _stream(s.url, {"prompt": PROMPT, "max_tokens": 200, "temperature": 1.0, "seed": i},
+            results[i] = _stream(s.url, {"prompt": PROMPT, "max_tokens": 240, "temperature": 1.0, "seed": i},
                                  on_open=opened.wait)
 
         threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(3)]
@@ -278,7 +283,9 @@ def test_sigterm_drains_running_streams_refuses_new_requests_and_exits_0(served_
             t.start()
         opened.wait()
         s.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
+        deadline = time.monotonic() + hang_guard(10)
+        while httpx.get(f"{s.url}/ready", timeout=30).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.005)
         refused = httpx.post(f"{s.url}/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=30)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
         assert httpx.get(f"{s.url}/ready", timeout=30).status_code == 503
@@ -288,7 +295,7 @@ def test_sigterm_drains_running_streams_refuses_new_requests_and_exits_0(served_
         assert len(results) == 3
         for chunks, done in results.values():
             assert done and chunks[-1]["choices"][0]["finish_reason"] == "length"
-            assert chunks[-1]["usage"]["completion_tokens"] == 200
+            assert chunks[-1]["usage"]["completion_tokens"] == 240
     finally:
         s.close()
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hpclm.errors import HpclmError
+from hpclm.kernels.attention import decode_attention
 from hpclm.kernels.gemm import PackedLinear
 
 
@@ -84,8 +85,9 @@ class _PackedBlock:
 
 
 class GPTDecoder(Decoder):
-    """Matrices through hpclm's packed float32 matmul where it serves (batch-invariant: a sequence's logits
-    are the same whatever else is in the batch), else torch's."""
+    """Matrices through hpclm's packed float32 matmul and a decoding step's attention through hpclm's kernel
+    where they serve (both batch-invariant: a sequence's logits are the same whatever else is in the batch),
+    else torch's."""
 
     def __init__(self, model, capacity: int):
         super().__init__(model, capacity)
@@ -133,29 +135,14 @@ class GPTDecoder(Decoder):
     @torch.no_grad()
     def _decode(self, slots, tokens):
         t = self.model.transformer
-        pos = self._tokens([self.lengths[s] for s in slots])
-        rows = self._tokens(slots)
-        span = int(pos.max()) + 1
-        x = (t.wte(self._tokens(tokens)) + t.wpe(pos))[:, None]
-        # a contiguous run of slots is a view of the cache; any other set is gathered
-        first = slots[0]
-        contiguous = slots == list(range(first, first + len(slots)))
-        # an additive mask (0 or -inf), which the CPU kernel of SDPA takes faster than a boolean one
-        seen = (torch.arange(span, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
-        mask = torch.zeros(seen.shape, dtype=self.dtype, device=self.device).masked_fill_(~seen, float("-inf"))
+        positions = [self.lengths[s] for s in slots]
+        x = t.wte(self._tokens(tokens)) + t.wpe(self._tokens(positions))  # [B, C]: one token per sequence
         for layer, block in enumerate(self.blocks):
-            q, k, v = (self._heads(z) for z in block.qkv(block.ln_1(x)).split(self.n_embd, dim=2))
-            self.keys[layer, rows, :, pos] = k[:, :, 0]
-            self.values[layer, rows, :, pos] = v[:, :, 0]
-            if contiguous:
-                keys = self.keys[layer, first:first + len(slots), :, :span]
-                values = self.values[layer, first:first + len(slots), :, :span]
-            else:
-                keys, values = self.keys[layer, rows, :, :span], self.values[layer, rows, :, :span]
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-            x = x + block.attn_out(self._merge(y))
+            y = decode_attention(block.qkv(block.ln_1(x)), self.keys[layer], self.values[layer], slots, positions,
+                                 self.n_head)
+            x = x + block.attn_out(y)
             x = x + block.mlp(block.ln_2(x))
-        return self._logits(x[:, 0])
+        return self._logits(x)
 
 
 class GRUDecoder(Decoder):
