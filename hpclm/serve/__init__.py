@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import socket
 import sys
 import threading
@@ -32,7 +33,7 @@ def _imports():
 
 
 def build(ckpt: str, cfg):
-    """(Served, the loaded model's Trained) for a checkpoint, its scheduler started."""
+    """(Served, the loaded model's Trained) for a checkpoint; its scheduler is not running yet."""
     import torch
     from hpclm import interop
     from hpclm.generate import load_trained
@@ -46,7 +47,6 @@ def build(ckpt: str, cfg):
     name = cfg.model_name or Path(where).resolve().name or "model"
     metrics = ServeMetrics(name)
     scheduler = Scheduler(trained.model, trained.tokenizer, cfg, metrics)
-    scheduler.start()
     return Served(scheduler, trained.tokenizer, name, cfg, metrics, int(trained.meta["vocab_size"])), trained
 
 
@@ -75,14 +75,33 @@ def main(args) -> int:
     print(f"hpclm serve: model '{served.name}' ({trained.cfg.model.arch}, {trained.path}, step {trained.step}, "
           f"context {window or 'unbounded'}) on http://{host}:{port}/v1 "
           f"(max_running {cfg.max_running}, max_queued {cfg.max_queued})", flush=True)
-    server.run(sockets=[sock])
+    http = threading.Thread(target=_serve_http, args=(server, sock, served.scheduler), name="hpclm-http")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, server.handle_exit)
+    http.start()
+    # The model runs on the main thread: run from a second thread, OpenMP's workers sleep between parallel
+    # regions instead of spinning (libgomp's throttled wait once it manages more threads than there are
+    # cores), and every region of a decoding step pays a wake-up.
+    try:
+        served.scheduler.run()
+    finally:  # the loop ended: stopped by a drain, or the HTTP side ended, or it failed; the server stops too
+        server.should_exit = True
+        http.join()
     print(f"hpclm serve: stopped ({'drained' if server.drained else 'requests ended with an error'})", flush=True)
     return 0
 
 
+def _serve_http(server, sock, scheduler) -> None:
+    """uvicorn's loop on this thread; when it ends, for whatever reason, the scheduler stops too."""
+    try:
+        server.run(sockets=[sock])
+    finally:
+        scheduler.stop()
+
+
 def draining_server(uvicorn, config, served):
-    """uvicorn's server whose first SIGTERM/SIGINT drains the scheduler before the server stops (a second one
-    stops at once); it exits 0, not re-raising the signal as uvicorn does."""
+    """uvicorn's server whose handle_exit (the main thread's SIGTERM/SIGINT handler) drains the scheduler before
+    the server stops (a second signal stops at once); it exits 0, not re-raising the signal as uvicorn does."""
 
     class DrainingServer(uvicorn.Server):
         drained = False

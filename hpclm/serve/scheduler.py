@@ -121,15 +121,24 @@ class Scheduler:
         self.cond = threading.Condition()
         self.draining = self.stopped = False
         self.recent_e2e = collections.deque(maxlen=64)  # seconds, for Retry-After estimates
-        self.thread = threading.Thread(target=self._loop, name="hpclm-scheduler", daemon=True)
+        self.started, self.ended = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        """The scheduler loop on the calling thread, until stop()."""
+        self.started.set()
+        try:
+            self._loop()
+        finally:
+            self.ended.set()
+
+    def start(self) -> None:
+        """The scheduler loop on a thread of its own."""
+        threading.Thread(target=self.run, name="hpclm-scheduler", daemon=True).start()
 
     # --- called from the server's threads ------------------------------------------------------------
 
-    def start(self) -> None:
-        self.thread.start()
-
     def alive(self) -> bool:
-        return self.thread.is_alive()
+        return self.started.is_set() and not self.ended.is_set()
 
     def submit(self, c: Completion) -> None:
         """Queue c, or raise Rejected when draining or full."""
@@ -166,7 +175,7 @@ class Scheduler:
         with self.cond:
             while self.waiting or self.running:
                 left = end - time.monotonic()
-                if left <= 0 or not self.thread.is_alive():
+                if left <= 0 or self.ended.is_set():
                     return False
                 self.cond.wait(min(left, 0.05))
             return True
@@ -176,7 +185,8 @@ class Scheduler:
         with self.cond:
             self.stopped = True
             self.cond.notify()
-        self.thread.join(timeout=30)
+        if self.started.is_set():
+            self.ended.wait(timeout=30)
         with self.cond:
             ended, self.waiting, self.waiting_tokens = [*self.waiting, *self.running], collections.deque(), 0
             for c in ended:
@@ -188,7 +198,7 @@ class Scheduler:
         mean = sum(self.recent_e2e) / len(self.recent_e2e) if self.recent_e2e else 1.0
         return min(60.0, max(1.0, mean * (len(self.waiting) + 1) / self.cfg.max_running))
 
-    # --- the scheduler thread -------------------------------------------------------------------------
+    # --- the scheduler loop ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
         if self.cfg.threads:  # OpenMP's thread count is per calling thread: this one runs the model
