@@ -13,6 +13,7 @@
 #include "common/dtype.h"
 #include "attention/decode_attention.h"
 #include "gemm/gemm.h"
+#include "quant/quant_matmul.h"
 #include "softmax/softmax.h"
 
 #ifdef HPCLM_WITH_MPI
@@ -257,6 +258,39 @@ PYBIND11_MODULE(_C, m) {
       py::arg("ldx"), py::arg("ldy"), py::arg("threads") = 1,
       "CPU float32: y[M, N] = x[M, K] @ W^T + bias (bias 0: none), W packed in panels of GEMM_PANEL columns "
       "([ceil(N / GEMM_PANEL)][K][GEMM_PANEL]); row strides ldx, ldy in elements.");
+
+  // --- weight-quantized matmul (csrc/quant/quant_matmul.h) ---
+  m.attr("QUANT_PANEL") = kQuantPanel;
+  m.attr("QUANT_BLOCK") = kQuantBlock;
+  m.def(
+      "quant_matmul",
+      [](uintptr_t x, const std::string& x_dtype, uintptr_t weights, uintptr_t scales, uintptr_t bias, uintptr_t y,
+         int64_t M, int64_t N, int64_t K, int64_t ldx, int64_t ldy, const std::string& scheme, int threads) {
+        QuantScheme s;
+        if (scheme == "int8-channel")
+          s = QuantScheme::int8_channel;
+        else if (scheme == "int8-block32")
+          s = QuantScheme::int8_block32;
+        else if (scheme == "int4-block32")
+          s = QuantScheme::int4_block32;
+        else
+          throw std::invalid_argument("unknown quantization scheme '" + scheme +
+                                      "': use int8-channel, int8-block32 or int4-block32");
+        const DType xt = parse_dtype(x_dtype);
+        if (xt != DType::f32 && xt != DType::bf16)
+          throw std::invalid_argument("quant_matmul takes float32 or bfloat16 activations, not " + x_dtype);
+        QuantMatmulArgs a{reinterpret_cast<const void*>(x), xt == DType::bf16, reinterpret_cast<const uint8_t*>(weights),
+                          reinterpret_cast<const float*>(scales), reinterpret_cast<const float*>(bias),
+                          reinterpret_cast<float*>(y), M, N, K, ldx, ldy, s};
+        py::gil_scoped_release release;
+        quant_matmul(a, threads);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("weights"), py::arg("scales"), py::arg("bias"), py::arg("y"),
+      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("ldx"), py::arg("ldy"), py::arg("scheme"),
+      py::arg("threads") = 1,
+      "CPU: y[M, N] (float32) = x[M, K] (float32 or bfloat16) @ dequant(W)^T + bias (bias 0: none), W quantized "
+      "(int8-channel, int8-block32, int4-block32) and packed in panels of QUANT_PANEL columns "
+      "(csrc/quant/quant_matmul.h); row strides ldx, ldy in elements.");
 
   // --- attention of one decoding step over a KV cache (csrc/attention/decode_attention.h) ---
   m.def(

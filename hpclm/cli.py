@@ -123,6 +123,22 @@ def _add_export(sub):
     _runs(p, "export")
 
 
+def _add_quantize(sub):
+    p = sub.add_parser("quantize", help="a trained GPT or GRU with int8 or int4 weights, for generate, eval and serve",
+                       description="Every matrix (a GPT's linears and tied embedding/LM head, a GRU's input, hidden "
+                                   "and output matrices) in 8 or 4 bits with float32 scales; norms, biases and the "
+                                   "position embedding stay float32. --out becomes a run directory holding one "
+                                   "checkpoint.")
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a run directory (its latest checkpoint), a checkpoint "
+                   "folder, hf:DIR or nanogpt:PATH")
+    p.add_argument("--out", required=True, metavar="DIR", help="the run directory to write (replaced whole with --force)")
+    p.add_argument("--scheme", choices=("int8-channel", "int8-block32", "int4-block32"), default="int8-channel",
+                   help="int8-channel: one scale per output channel (default); int8-block32: one per 32 inputs "
+                        "(llama.cpp's Q8_0); int4-block32: 4 bits, one scale per 32 inputs (Q4_0)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _runs(p, "quantize")
+
+
 def _add_serve(sub):
     p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions)",
                        description="Continuous batching, a bounded queue (429 with Retry-After beyond it), per-client "
@@ -185,7 +201,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hpclm", description="High-performance language-model training on HPC clusters.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_info, _add_prepare, _add_train, _add_generate, _add_eval, _add_export, _add_serve, _add_report, _add_bench, _add_probe):
+    for add in (_add_info, _add_prepare, _add_train, _add_generate, _add_eval, _add_export, _add_quantize, _add_serve, _add_report, _add_bench, _add_probe):
         add(sub)
     return parser
 

@@ -25,6 +25,7 @@ class Trained:
     tokenizer: tokenizers.Tokenizer
     step: int
     path: Path
+    quantization: dict | None = None  # a quantized checkpoint's record (hpclm.models.quantized)
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Trained:
@@ -41,8 +42,12 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
         tok = tokenizers.from_json(checkpoint.load(where, "tokenizer.json"))
         state, step = checkpoint.load_weights(where, device), checkpoint.step_of(where)
     model = build_model(cfg, int(meta["vocab_size"]))
+    quantization = checkpoint.quantization(where) if not interop.is_foreign(path) else None
+    if quantization:
+        from hpclm.models.quantized import quantize_model
+        model = quantize_model(model, quantization["scheme"])  # the quantized form's shapes; the weights load next
     model.load_state_dict(state)
-    return Trained(model.to(device).eval(), cfg, meta, tok, step, where)
+    return Trained(model.to(device).eval(), cfg, meta, tok, step, where, quantization)
 
 
 @torch.no_grad()

@@ -72,13 +72,19 @@ class Decoder:
         return torch.as_tensor(ids, dtype=torch.long, device=self.device)
 
 
+def _fast(linear):
+    """A float Linear packed for hpclm's inference matmul (a copy of its weight); a quantized one (QuantLinear)
+    runs its own kernel already."""
+    return PackedLinear(linear) if isinstance(linear, torch.nn.Linear) else linear
+
+
 class _PackedBlock:
-    """A transformer block's matrices packed for hpclm's inference matmul (a copy of each weight)."""
+    """A transformer block's matrices ready for hpclm's inference matmuls."""
 
     def __init__(self, block):
         self.ln_1, self.ln_2, self.gelu = block.ln_1, block.ln_2, block.mlp.gelu
-        self.qkv, self.attn_out = PackedLinear(block.attn.c_attn), PackedLinear(block.attn.c_proj)
-        self.fc, self.mlp_out = PackedLinear(block.mlp.c_fc), PackedLinear(block.mlp.c_proj)
+        self.qkv, self.attn_out = _fast(block.attn.c_attn), _fast(block.attn.c_proj)
+        self.fc, self.mlp_out = _fast(block.mlp.c_fc), _fast(block.mlp.c_proj)
 
     def mlp(self, x):
         return self.mlp_out(self.gelu(self.fc(x)))
@@ -92,7 +98,7 @@ class GPTDecoder(Decoder):
     def __init__(self, model, capacity: int):
         super().__init__(model, capacity)
         self.blocks = [_PackedBlock(b) for b in model.transformer.h]
-        self.lm_head = PackedLinear(model.lm_head)
+        self.lm_head = _fast(model.lm_head)
         attn = model.transformer.h[0].attn
         self.n_head, self.n_embd = attn.n_head, attn.n_embd
         self.max_length = model.block_size

@@ -387,6 +387,21 @@ def load(path: Path, fname: str, map_location="cpu"):
     return f.read_text(encoding="utf-8")
 
 
+QUANTIZATION = "quantization.json"  # written by hpclm quantize (hpclm/models/quantized.py)
+
+
+def quantization(path: Path) -> dict | None:
+    """A quantized checkpoint's record ({"scheme", "source", "source_step"}), None for a float one."""
+    f = path / QUANTIZATION
+    if not f.is_file():
+        return None
+    record = json.loads(f.read_text(encoding="utf-8"))
+    from hpclm.kernels.quant import SCHEMES  # torch is loaded already: this module imports it
+    if not isinstance(record, dict) or record.get("scheme") not in SCHEMES:
+        raise HpclmError(f"{f} names no known quantization scheme (got {record!r}): re-run hpclm quantize")
+    return record
+
+
 def remove_all(run_dir: str | Path) -> None:
     r = root(run_dir)
     if r.exists():
