@@ -62,7 +62,23 @@ def _native():
     ext = native.require()
     build = ext.build_info()
     return {"ok": True, "path": ext.__file__, "cpu_path": build["cpu_path"], "build": build,
-            "cuda": {"built": build["with_cuda"], "archs": build["cuda_archs"], **ext.cuda_devices()}}
+            "cuda": {"built": build["with_cuda"], "archs": build["cuda_archs"], **ext.cuda_devices()},
+            "kernels": _kernels(ext, build)}
+
+
+def _kernels(ext, build) -> dict:
+    """Each kernel of hpclm._C: its CPU paths (every one compiled; the in-use one is build's cpu_path), whether a
+    CUDA version is built, and what it takes."""
+    cpu, cuda = build["cpu_paths_compiled"], bool(build["with_cuda"])
+    table = {
+        "fused_softmax": ("softmax_forward", {"cuda": cuda and hasattr(ext, "softmax_forward_cuda"),
+                                              "dtypes": ["float32", "float16", "bfloat16", "float64"]}),
+        "gemm_packed": ("gemm_packed", {"cuda": False, "dtypes": ["float32"]}),
+        "decode_attention": ("decode_attention", {"cuda": False, "dtypes": ["float32"]}),
+        "quant_matmul": ("quant_matmul", {"cuda": False, "dtypes": ["float32", "bfloat16"],
+                                          "schemes": ["int8-channel", "int8-block32", "int4-block32"]}),
+    }
+    return {name: {"cpu_paths": cpu, **extra} for name, (symbol, extra) in table.items() if hasattr(ext, symbol)}
 
 
 def _torch_runtime():
@@ -139,6 +155,10 @@ def format_report(r: dict) -> str:
                      f"this CPU runs: {', '.join(b['cpu_paths_supported'])}")
         lines.append(f"        CPU path in use: {b['cpu_path']} ({b['cpu_path_reason']})")
         lines.append(f"        OpenMP: {'yes' if b['openmp'] else 'no'}")
+        for name, k in n["kernels"].items():
+            extra = f"; schemes {', '.join(k['schemes'])}" if "schemes" in k else ""
+            lines.append(f"        kernel {name}: CPU paths {', '.join(k['cpu_paths'])}{', CUDA' if k['cuda'] else ''} "
+                         f"({', '.join(k['dtypes'])}{extra})")
         lines.append(f"        {_mark(b['with_mpi'])} MPI part" + (f" ({b['mpi_library_version']})" if b['with_mpi'] else " (not built: MPI not found at build time)"))
         c = n["cuda"]
         if c["built"]:

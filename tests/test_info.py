@@ -26,6 +26,9 @@ def test_info_json_has_every_field():
     n = r["native"]
     assert n["ok"] and n["cpu_path"] == n["build"]["cpu_path"]
     assert {"built", "archs", "devices", "error"} <= set(n["cuda"])
+    assert set(n["kernels"]) == {"fused_softmax", "gemm_packed", "decode_attention", "quant_matmul"}
+    quant = n["kernels"]["quant_matmul"]
+    assert quant["cpu_paths"] == n["build"]["cpu_paths_compiled"] and "int4-block32" in quant["schemes"]
     MPI = pytest.importorskip("mpi4py.MPI", reason="mpi4py is not installed (scripts/setup.sh installs it)")
     assert r["mpi"]["ok"] and r["mpi"]["library_version"] == MPI.Get_library_version().strip("\x00 \n")  # its own words
     assert r["launch"] == {"launched_by": "none", "rank": 0, "size": 1, "local_rank": 0, "local_size": 1}
@@ -40,6 +43,7 @@ def test_info_text_report():
     assert proc.returncode == 0, proc.stderr
     for heading in ("Packages:", "MPI:", "Horovod:", "Native kernels (hpclm._C):", "CPU path in use:", "Runtime:"):
         assert heading in proc.stdout
+    assert "kernel quant_matmul: CPU paths scalar" in proc.stdout and "int8-block32" in proc.stdout
     assert "single process (no MPI launcher)" in proc.stdout
 
 

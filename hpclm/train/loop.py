@@ -116,9 +116,6 @@ class Run:
 
 
 def _restore(run: Run, path: Path) -> None:
-    if checkpoint.quantization(path):
-        raise HpclmError(f"{path} is a quantized checkpoint (hpclm quantize), for inference only: resume or "
-                         "fine-tune from the float checkpoint it came from, or choose another --out")
     run.model.load_state_dict(checkpoint.load_weights(path, run.device))
     run.optimizer.load_state_dict(checkpoint.load(path, "optimizer.pt", run.device))
     state = checkpoint.load(path, "state.pt")

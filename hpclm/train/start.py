@@ -79,6 +79,9 @@ def plan_start(out: Path, cfg: Config, data: Dataset, resume: str, force: bool, 
     ckpt = checkpoint.find_resumable(out, warn)
     if ckpt is None:
         return None
+    if checkpoint.quantization(ckpt):
+        raise HpclmError(f"{ckpt} is a quantized checkpoint (hpclm quantize), for inference only: resume or fine-tune "
+                         "from the float checkpoint it came from, or pick another --out")
     theirs, tokenizer_sha = _read_ckpt_signature(ckpt)
     ours = model_signature(cfg, data.vocab_size)
     diffs = [f"{k}: {theirs.get(k)} in the checkpoint, {v} now" for k, v in ours.items() if theirs.get(k) != v]
