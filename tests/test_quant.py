@@ -1,5 +1,5 @@
 """Weight quantization: hpclm._C.quant_matmul on every CPU path against a float64 reference of
-dequantize-then-matmul, the quantizers' rounding, and `hpclm quantize` -> eval / generate / serve on Tiny
+dequantize-then-matmul (of the weights and of the activations' per-block int8 form), the quantizers' rounding, and `hpclm quantize` -> eval / generate / serve on Tiny
 Shakespeare (val loss against the float checkpoint's, file size, one-line errors)."""
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from helpers.lm_fixtures import shakespeare_dir, tiny_config  # noqa: F401
 
 C = pytest.importorskip("hpclm._C", reason="hpclm._C is not built (pip install -e .)")
 from hpclm.kernels import quant  # noqa: E402
-from hpclm.kernels.quant import SCHEMES, QuantLinear, dequantize_weight, quantize_weight  # noqa: E402
+from hpclm.kernels.quant import (SCHEMES, QuantLinear, dequantize_activations, dequantize_weight,  # noqa: E402
+                                 quantize_activations, quantize_weight)
 
 PATHS = C.build_info()["cpu_paths_supported"]
 
@@ -47,7 +48,7 @@ def test_every_path_matches_float64_dequantize_then_matmul(cpu_path, scheme, dty
         q = QuantLinear.from_linear(lin, scheme)
         wide = torch.randn(M, K + 3).to(dtype)  # rows with a stride longer than K
         x = wide[:, 1:K + 1]
-        ref = x.double() @ q.dequantized_weight().double().t() + lin.bias.double()
+        ref = dequantize_activations(x).double() @ q.dequantized_weight().double().t() + lin.bias.double()
         got = q(x)
         assert got.shape == (M, N) and got.dtype == dtype
         # fp32: float32 summation over K; bf16: the result is rounded to bfloat16 (8 bits)
@@ -60,7 +61,8 @@ def test_without_bias_and_empty_inputs(cpu_path, scheme):
     torch.manual_seed(1)
     lin = torch.nn.Linear(45, 20, bias=False)
     q, x = QuantLinear.from_linear(lin, scheme), torch.randn(3, 45)
-    assert torch.allclose(q(x).double(), x.double() @ q.dequantized_weight().double().t(), rtol=1e-5, atol=1e-5)
+    ref = dequantize_activations(x).double() @ q.dequantized_weight().double().t()
+    assert torch.allclose(q(x).double(), ref, rtol=1e-5, atol=1e-5)
     assert q(torch.randn(0, 45)).shape == (0, 20)
 
 
@@ -111,6 +113,16 @@ def test_every_weight_is_within_half_a_step_of_its_value(scheme):
     else:
         assert q.dtype == torch.int8 and q.abs().max() == 127
     assert ((deq - w).abs() <= bound * (1 + 1e-3) + 1e-12).all()
+
+
+def test_activations_are_int8_per_block_of_32_within_half_a_step():
+    torch.manual_seed(6)
+    x = torch.randn(5, 70) * torch.logspace(-4, 2, 70)  # blocks of very different magnitudes
+    q, scales = quantize_activations(x)
+    assert scales.shape == (5, 3) and q.abs().max() == 127 and torch.equal(q, q.round())
+    step = scales.repeat_interleave(32, dim=1)[:, :70]
+    assert ((dequantize_activations(x) - x).abs() <= step / 2 * (1 + 1e-5)).all()
+    assert torch.equal(dequantize_activations(torch.zeros(2, 40)), torch.zeros(2, 40))
 
 
 def test_int4_packs_two_weights_a_byte():

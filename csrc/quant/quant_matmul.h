@@ -1,10 +1,11 @@
 // Weight-quantized matrix multiply for inference: y[M, N] = x[M, K] @ dequant(Wq)[N, K]^T (+ bias[N]),
 // x float32 or bfloat16, W in int8 (one scale per output channel or per block of 32 along K) or int4 (one
 // scale per block of 32; w = (q - 8) * scale, q in 0..15), packed once into panels of kQuantPanel output columns.
-// Weights are dequantized to float32 in registers, a panel row at a time, and never stored as float32.
-// Every y[m][n] is summed in float32 in one fixed order (int8-channel: sum over k of x[m][k] q[n][k], times the
-// channel's scale; block schemes: over blocks in order, (sum over the block of x q, int4: minus 8 sum of x) times
-// the block's scale), then + bias[n]: no row's result depends on M or on the other rows.
+// As llama.cpp does, each row of x is quantized to int8 per block of 32 (scale = max |x| / 127, round to
+// nearest even), and a block's products are summed exactly in int32; weights are never widened to float32.
+// y[m][n] = sum over blocks b in order of float(dot_b) * (sw[n][b] * sx[m][b]) in float32 (int8-channel:
+// sum of float(dot_b) * sx[m][b], times sw[n]), then + bias[n]: no row's result depends on M or on the other
+// rows, so batching sequences cannot change any of them.
 #pragma once
 #include <cstdint>
 
@@ -17,9 +18,12 @@ constexpr int kQuantBlock = 32;  // K elements per scale in the block schemes
 
 enum class QuantScheme { int8_channel = 0, int8_block32 = 1, int4_block32 = 2 };
 
-// Packed layouts, P = ceil(N / kQuantPanel) panels, B = ceil(K / kQuantBlock) blocks, columns past N zero:
-//   int8:  weights [P][K][16] int8;   int4: weights [P][K][8] bytes, byte c = q[col c] | q[col c + 8] << 4
-//   int8_channel scales [P * 16];     block schemes: scales [P][B][16]
+// Packed layouts, P = ceil(N / kQuantPanel) panels, B = ceil(K / kQuantBlock) blocks, K padded to B * 32 and
+// columns past N with zero weights; G = B * 8 groups of 4 consecutive k:
+//   int8: weights [P][G][16 columns][4 k] int8, 64 bytes a group;
+//   int4: weights [P][G][2 halves][16 bytes], 32 bytes a group: half h holds columns 8h .. 8h + 7 as the 32
+//         values v[c * 4 + j] (column 8h + c, k = 4g + j), byte i = v[i] | v[i + 16] << 4 (q in 0..15);
+//   int8_channel scales [P * 16]; block schemes: scales [P][B][16].
 struct QuantMatmulArgs {
   const void* x;          // [M, K], row stride ldx elements: float32, or bfloat16 bits when x_bf16
   bool x_bf16;
@@ -31,7 +35,8 @@ struct QuantMatmulArgs {
   QuantScheme scheme;
 };
 
-// Dispatches to the CPU path chosen by selected_isa(); `threads` OpenMP threads share the panels.
+// Dispatches to the CPU path chosen by selected_isa(); `threads` OpenMP threads share the rows' quantization,
+// then the panels.
 void quant_matmul(const QuantMatmulArgs& a, int threads);
 
 HPCLM_DECLARE_PER_ISA(void quant_matmul(const QuantMatmulArgs& a, int threads);)

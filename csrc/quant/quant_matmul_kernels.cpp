@@ -1,15 +1,17 @@
-// quant_matmul for one ISA (CMake builds this file once per path): a register tile of R rows of x by PN
-// 16-column panels; each panel row of weights is widened to float32 in registers, then multiplied into the
-// R rows. Every output element is one accumulator summed over k in
-// order, so the tile shape (chosen by M) never changes a result.
+// quant_matmul for one ISA (CMake builds this file once per path). Rows of x are quantized to int8 per block
+// of 32, then a register tile of R rows by one 16-column panel sums int8 x int8 products of a block exactly in
+// int32 (AVX2: vpsignb puts x's sign on the weight, vpmaddubsw multiplies |x| by it into pairs, vpmaddwd adds
+// the pairs), and adds each block in float32, scaled. The AVX-512 build runs the same 256-bit code.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-#include "common/simd.h"
+#include "common/dtype.h"
 #include "quant/quant_matmul.h"
 
 #ifdef _OPENMP
@@ -20,178 +22,187 @@ namespace hpclm {
 namespace HPCLM_ISA {
 namespace {
 
-using simd::vf;
-typedef float vf_unaligned __attribute__((vector_size(simd::kVecBytes), aligned(4)));
-constexpr int kLanes = simd::kLanesF;
-constexpr int kVecs = kQuantPanel / kLanes;  // vectors per panel row: 1 (AVX-512), 2 (AVX2), 4 (portable)
-// rows per tile for large M: 12 accumulators of AVX-512's 32 registers, 12 of AVX2's 16
-constexpr int kRows = kVecs == 1 ? 12 : 12 / kVecs;
-// Below kRows rows, PN panels per tile keep at least 8 independent accumulators in flight.
-constexpr int panels_per_tile(int rows) { return std::max(1, 8 / (rows * kVecs)); }
-constexpr int64_t kPrefetchRows = 128;                    // weight rows ahead of the one in use
+constexpr int kGroup = 4;                           // consecutive k of one column side by side
+constexpr int kGroupsPerBlock = kQuantBlock / kGroup;
+constexpr int kRows = 4;                            // rows per tile: 8 int32 and 8 float32 accumulators (AVX2)
 constexpr int64_t kParallelMinFlops = int64_t(1) << 18;  // below this, threads cost more than they save
 
 inline float x_at(const float* p) { return *p; }
 inline float x_at(const uint16_t* p) { return bf16_to_float(*p); }
 
-// 16 int8 weights (one panel row) as float32 vectors.
-inline void widen_i8(const uint8_t* p, vf w[kVecs]) {
-#if defined(__AVX512F__)
-  w[0] = simd::bitcast<vf>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
-#elif defined(__AVX2__)
-  for (int j = 0; j < 2; ++j)
-    w[j] = simd::bitcast<vf>(
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * j)))));
+// One block of 32 (n <= 32 values, the rest zero) of a row: int8 values and their scale.
+template <typename XT>
+inline float quantize_block(const XT* x, int n, int8_t* q) {
+  float v[kQuantBlock] = {};
+  for (int i = 0; i < n; ++i) v[i] = x_at(x + i);
+  float amax = 0.0f;
+  for (int i = 0; i < kQuantBlock; ++i) amax = std::max(amax, std::fabs(v[i]));
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+#if defined(__AVX2__)
+  const __m256 vinv = _mm256_set1_ps(inv), lim = _mm256_set1_ps(127.0f), neg = _mm256_set1_ps(-127.0f);
+  __m256i r[4];
+  for (int j = 0; j < 4; ++j)  // round to nearest even (the default MXCSR mode), as nearbyint does
+    r[j] = _mm256_cvtps_epi32(_mm256_max_ps(neg, _mm256_min_ps(lim, _mm256_mul_ps(_mm256_loadu_ps(v + 8 * j), vinv))));
+  __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+  packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), packed);
 #else
-  for (int j = 0; j < kVecs; ++j)
-    for (int l = 0; l < kLanes; ++l) w[j][l] = float(static_cast<int8_t>(p[j * kLanes + l]));
+  for (int i = 0; i < kQuantBlock; ++i) q[i] = static_cast<int8_t>(std::nearbyint(std::clamp(v[i] * inv, -127.0f, 127.0f)));
 #endif
+  return amax / 127.0f;
 }
 
-// 8 bytes of nibbles (one int4 panel row: byte c holds columns c and c + 8) as float32 vectors of 0..15.
-inline void widen_u4(const uint8_t* p, vf w[kVecs]) {
-#if defined(__AVX512F__) || defined(__AVX2__)
-  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  const __m128i nibbles = _mm_and_si128(_mm_unpacklo_epi64(bytes, _mm_srli_epi16(bytes, 4)), _mm_set1_epi8(0x0f));
-#if defined(__AVX512F__)
-  w[0] = simd::bitcast<vf>(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nibbles)));
-#else
-  w[0] = simd::bitcast<vf>(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nibbles)));
-  w[1] = simd::bitcast<vf>(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(nibbles, 8))));
+template <typename XT>
+void quantize_rows(const QuantMatmulArgs& a, int64_t blocks, int8_t* xq, float* xs, int threads) {
+  const XT* x = static_cast<const XT*>(a.x);
+  const int64_t kpad = blocks * kQuantBlock;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t m = 0; m < a.M; ++m)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int n = int(std::min<int64_t>(kQuantBlock, a.K - b * kQuantBlock));
+      xs[m * blocks + b] = quantize_block(x + m * a.ldx + b * kQuantBlock, n, xq + m * kpad + b * kQuantBlock);
+    }
+}
+
+
+#if defined(__AVX2__)
+template <QuantScheme S>
+inline void load_group_v(const uint8_t* p, __m256i w[2]) {
+  if constexpr (S == QuantScheme::int4_block32) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8);
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));  // both halves' 16 bytes
+    const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+    // half h = [lo of its 16 bytes | hi of them]
+    w[0] = _mm256_sub_epi8(_mm256_permute2x128_si256(lo, hi, 0x20), eight);
+    w[1] = _mm256_sub_epi8(_mm256_permute2x128_si256(lo, hi, 0x31), eight);
+  } else {
+    w[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    w[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+  }
+}
 #endif
+
+template <QuantScheme S>
+constexpr int64_t group_bytes() {
+  return S == QuantScheme::int4_block32 ? 32 : 64;
+}
+
+// y rows m .. m + R - 1 of panel p.
+template <QuantScheme S, int R>
+void tile(const QuantMatmulArgs& a, const int8_t* xq, const float* xs, int64_t blocks, int64_t m, int64_t p) {
+  constexpr bool blocked = S != QuantScheme::int8_channel;
+  const int64_t kpad = blocks * kQuantBlock;
+  const uint8_t* w0 = a.weights + p * blocks * kGroupsPerBlock * group_bytes<S>();
+  float acc[R][kQuantPanel] = {};
+#if defined(__AVX2__)
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 facc[R][2];
+  for (int i = 0; i < R; ++i) facc[i][0] = facc[i][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i iacc[R][2];
+    for (int i = 0; i < R; ++i) iacc[i][0] = iacc[i][1] = _mm256_setzero_si256();
+    const uint8_t* wb = w0 + b * kGroupsPerBlock * group_bytes<S>();
+    _mm_prefetch(reinterpret_cast<const char*>(wb + 4 * kGroupsPerBlock * group_bytes<S>()), _MM_HINT_T0);
+    for (int g = 0; g < kGroupsPerBlock; ++g) {
+      __m256i w[2];
+      load_group_v<S>(wb + g * group_bytes<S>(), w);
+      for (int i = 0; i < R; ++i) {
+        int32_t four;
+        std::memcpy(&four, xq + (m + i) * kpad + b * kQuantBlock + g * kGroup, 4);
+        const __m256i xv = _mm256_set1_epi32(four), ax = _mm256_sign_epi8(xv, xv);
+        for (int h = 0; h < 2; ++h) {  // |x| (u8) times sign(x) w (s8), in pairs
+          const __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w[h], xv));
+          if constexpr (S == QuantScheme::int4_block32)  // pairs <= 2 * 127 * 8: a whole block fits int16
+            iacc[i][h] = _mm256_add_epi16(iacc[i][h], pairs);
+          else  // pairs <= 2 * 127^2: widened to int32 at once
+            iacc[i][h] = _mm256_add_epi32(iacc[i][h], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+    }
+    if constexpr (S == QuantScheme::int4_block32)
+      for (int i = 0; i < R; ++i)
+        for (int h = 0; h < 2; ++h) iacc[i][h] = _mm256_madd_epi16(iacc[i][h], ones);
+    for (int h = 0; h < 2; ++h) {
+      const __m256 sw = blocked ? _mm256_loadu_ps(a.scales + (p * blocks + b) * kQuantPanel + 8 * h) : _mm256_set1_ps(1.0f);
+      for (int i = 0; i < R; ++i) {
+        const __m256 scale = _mm256_mul_ps(sw, _mm256_set1_ps(xs[(m + i) * blocks + b]));
+        facc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[i][h]), scale, facc[i][h]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(acc[i] + 8 * h, facc[i][h]);
 #else
-  for (int c = 0; c < kQuantPanel; ++c) w[c / kLanes][c % kLanes] = float(c < 8 ? p[c] & 0x0f : p[c - 8] >> 4);
+  for (int64_t b = 0; b < blocks; ++b) {
+    int32_t iacc[R][kQuantPanel] = {};
+    const uint8_t* wb = w0 + b * kGroupsPerBlock * group_bytes<S>();
+    for (int g = 0; g < kGroupsPerBlock; ++g) {
+      const uint8_t* wg = wb + g * group_bytes<S>();
+      for (int c = 0; c < kQuantPanel; ++c)
+        for (int j = 0; j < kGroup; ++j) {
+          int w;
+          if constexpr (S == QuantScheme::int4_block32) {
+            const int h = c / 8, v = (c % 8) * kGroup + j;  // value v of half h
+            const uint8_t byte = wg[h * 16 + v % 16];
+            w = (v < 16 ? byte & 0x0f : byte >> 4) - 8;
+          } else {
+            w = static_cast<int8_t>(wg[c * kGroup + j]);
+          }
+          for (int i = 0; i < R; ++i) iacc[i][c] += w * xq[(m + i) * kpad + b * kQuantBlock + g * kGroup + j];
+        }
+    }
+    for (int c = 0; c < kQuantPanel; ++c) {
+      const float sw = blocked ? a.scales[(p * blocks + b) * kQuantPanel + c] : 1.0f;
+      for (int i = 0; i < R; ++i) acc[i][c] = std::fma(float(iacc[i][c]), sw * xs[(m + i) * blocks + b], acc[i][c]);
+    }
+  }
 #endif
+  const int64_t col0 = p * kQuantPanel;
+  const int cols = int(std::min<int64_t>(kQuantPanel, a.N - col0));
+  for (int i = 0; i < R; ++i) {
+    if constexpr (!blocked)
+      for (int c = 0; c < cols; ++c) acc[i][c] *= a.scales[col0 + c];
+    if (a.bias)
+      for (int c = 0; c < cols; ++c) acc[i][c] += a.bias[col0 + c];
+    std::memcpy(a.y + (m + i) * a.ldy + col0, acc[i], sizeof(float) * cols);
+  }
+}
+
+template <QuantScheme S, int Max>
+inline void tile_rows(int r, const QuantMatmulArgs& a, const int8_t* xq, const float* xs, int64_t blocks, int64_t m,
+                      int64_t p) {
+  if constexpr (Max > 0) {
+    if (r == Max) return tile<S, Max>(a, xq, xs, blocks, m, p);
+    tile_rows<S, Max - 1>(r, a, xq, xs, blocks, m, p);
+  }
 }
 
 template <QuantScheme S>
-constexpr int64_t row_bytes() {
-  return S == QuantScheme::int4_block32 ? kQuantPanel / 2 : kQuantPanel;
-}
-
-// y rows m .. m + R - 1, panels p .. p + PN - 1 (all of them inside N's panels). Block schemes sum a block's
-// products of x and the raw values (int8 q, or int4 q in 0..15) first, then add (sum - 8 sum(x)) * scale.
-template <QuantScheme S, typename XT, int R, int PN>
-inline void tile(const QuantMatmulArgs& a, const XT* x, int64_t m, int64_t p) {
-  constexpr int64_t rb = row_bytes<S>();
-  constexpr bool blocked = S != QuantScheme::int8_channel;
-  constexpr bool int4 = S == QuantScheme::int4_block32;
-  const int64_t K = a.K, blocks = (K + kQuantBlock - 1) / kQuantBlock;
-  const uint8_t* w0 = a.weights + p * K * rb;
-  const XT* x0 = x + m * a.ldx;
-  vf acc[R][PN][kVecs];
-  for (int i = 0; i < R; ++i)
-    for (int q = 0; q < PN; ++q)
-      for (int j = 0; j < kVecs; ++j) acc[i][q][j] = vf{};
-  for (int64_t b = 0; b < blocks; ++b) {
-    vf part[R][PN][kVecs];  // block schemes: this block's sums
-    float xsum[R];          // int4: this block's sum of x
-    if constexpr (blocked)
-      for (int i = 0; i < R; ++i) {
-        xsum[i] = 0.0f;
-        for (int q = 0; q < PN; ++q)
-          for (int j = 0; j < kVecs; ++j) part[i][q][j] = vf{};
-      }
-    auto& sums = blocked ? part : acc;
-    const int64_t k_end = std::min(K, (b + 1) * kQuantBlock);
-    for (int64_t k = b * kQuantBlock; k < k_end; ++k) {
-      float xs[R];
-      for (int i = 0; i < R; ++i) {
-        xs[i] = x_at(x0 + i * a.ldx + k);
-        if constexpr (int4) xsum[i] += xs[i];
-      }
-      for (int q = 0; q < PN; ++q) {
-        const uint8_t* row = w0 + (q * K + k) * rb;
-        __builtin_prefetch(row + kPrefetchRows * rb);  // past the panel's end: harmless
-        vf w[kVecs];
-        if constexpr (int4)
-          widen_u4(row, w);
-        else
-          widen_i8(row, w);
-        for (int i = 0; i < R; ++i)
-          for (int j = 0; j < kVecs; ++j) sums[i][q][j] += xs[i] * w[j];
-      }
-    }
-    if constexpr (blocked) {
-      for (int q = 0; q < PN; ++q)
-        for (int j = 0; j < kVecs; ++j) {
-          const vf scale =
-              *reinterpret_cast<const vf_unaligned*>(a.scales + ((p + q) * blocks + b) * kQuantPanel + j * kLanes);
-          for (int i = 0; i < R; ++i) {
-            vf sum = part[i][q][j];
-            if constexpr (int4) sum -= 8.0f * xsum[i];
-            acc[i][q][j] += sum * scale;
-          }
-        }
-    }
-  }
-  for (int q = 0; q < PN; ++q) {
-    const int64_t col0 = (p + q) * kQuantPanel;
-    const int cols = int(std::min<int64_t>(kQuantPanel, a.N - col0));
-    for (int i = 0; i < R; ++i) {
-      float out[kQuantPanel];
-      for (int j = 0; j < kVecs; ++j) *reinterpret_cast<vf_unaligned*>(out + j * kLanes) = acc[i][q][j];
-      if constexpr (!blocked)
-        for (int c = 0; c < cols; ++c) out[c] *= a.scales[col0 + c];
-      if (a.bias)
-        for (int c = 0; c < cols; ++c) out[c] += a.bias[col0 + c];
-      std::memcpy(a.y + (m + i) * a.ldy + col0, out, sizeof(float) * cols);
-    }
-  }
-}
-
-// tile<R, PN> for a run-time R in 1..Max (PN = 1, or panels_per_tile(R) when `grouped`).
-template <QuantScheme S, typename XT, int Max, bool grouped>
-inline void tile_rows(int r, const QuantMatmulArgs& a, const XT* x, int64_t m, int64_t p) {
-  if constexpr (Max > 0) {
-    if (r == Max) return tile<S, XT, Max, grouped ? panels_per_tile(Max) : 1>(a, x, m, p);
-    tile_rows<S, XT, Max - 1, grouped>(r, a, x, m, p);
-  }
-}
-
-template <QuantScheme S, typename XT>
 void run(const QuantMatmulArgs& a, int threads) {
-  const XT* x = static_cast<const XT*>(a.x);
+  const int64_t blocks = (a.K + kQuantBlock - 1) / kQuantBlock;
   const int64_t panels = (a.N + kQuantPanel - 1) / kQuantPanel;
   if (2 * a.M * a.N * a.K < kParallelMinFlops) threads = 1;
-  if (a.M < kRows) {  // decoding: every row in one tile, groups of panels side by side
-    const int rows = int(a.M);
-    const int64_t group = panels_per_tile(rows);  // the PN tile_rows<.., true> picks for `rows`
-    const int64_t groups = (panels + group - 1) / group;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t p = g * group;
-      if (p + group <= panels) {
-        tile_rows<S, XT, kRows - 1, true>(rows, a, x, 0, p);
-      } else {
-        for (int64_t q = p; q < panels; ++q) tile_rows<S, XT, kRows - 1, false>(rows, a, x, 0, q);
-      }
-    }
-    return;
-  }
+  std::vector<int8_t> xq(a.M * blocks * kQuantBlock);
+  std::vector<float> xs(a.M * blocks);
+  if (a.x_bf16)
+    quantize_rows<uint16_t>(a, blocks, xq.data(), xs.data(), threads);
+  else
+    quantize_rows<float>(a, blocks, xq.data(), xs.data(), threads);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t p = 0; p < panels; ++p) {
     int64_t m = 0;
-    for (; m + kRows <= a.M; m += kRows) tile<S, XT, kRows, 1>(a, x, m, p);
-    if (m < a.M) tile_rows<S, XT, kRows - 1, false>(int(a.M - m), a, x, m, p);
+    for (; m + kRows <= a.M; m += kRows) tile<S, kRows>(a, xq.data(), xs.data(), blocks, m, p);
+    if (m < a.M) tile_rows<S, kRows - 1>(int(a.M - m), a, xq.data(), xs.data(), blocks, m, p);
   }
-}
-
-template <QuantScheme S>
-void run_x(const QuantMatmulArgs& a, int threads) {
-  if (a.x_bf16)
-    run<S, uint16_t>(a, threads);
-  else
-    run<S, float>(a, threads);
 }
 
 }  // namespace
 
 void quant_matmul(const QuantMatmulArgs& a, int threads) {
   switch (a.scheme) {
-    case QuantScheme::int8_channel: return run_x<QuantScheme::int8_channel>(a, threads);
-    case QuantScheme::int8_block32: return run_x<QuantScheme::int8_block32>(a, threads);
-    case QuantScheme::int4_block32: return run_x<QuantScheme::int4_block32>(a, threads);
+    case QuantScheme::int8_channel: return run<QuantScheme::int8_channel>(a, threads);
+    case QuantScheme::int8_block32: return run<QuantScheme::int8_block32>(a, threads);
+    case QuantScheme::int4_block32: return run<QuantScheme::int4_block32>(a, threads);
   }
 }
 

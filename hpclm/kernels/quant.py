@@ -10,9 +10,11 @@ Schemes, all symmetric, one scale per group of weights (float32 per channel, flo
   int4-block32  q in 0..15,     w = (q - 8) * scale[n, k // 32] (Q4_0-like: the block's largest-magnitude
                 weight maps to -8 exactly; two weights a byte, k even in the low nibble)
 
-`hpclm::quant_linear` is a torch custom op (fake impl for torch.compile): on CPU float32/bfloat16 inputs it
-runs hpclm._C's quant_matmul (weights widened in registers, never stored as float32); elsewhere (no build, a
-CUDA or float16 tensor) it dequantizes and calls F.linear, and says why once (`quant_available`).
+The input is quantized too, as llama.cpp does: each row's blocks of 32 to int8 (scale = max |x| / 127), so a
+block's products sum exactly in int32 (`quantize_activations` says how). `hpclm::quant_linear` is a torch
+custom op (fake impl for torch.compile): on CPU float32/bfloat16 inputs it runs hpclm._C's quant_matmul
+(weights never widened to float32); elsewhere (no build, a CUDA or float16 tensor) it dequantizes both sides
+and calls F.linear, and says why once (`quant_available`).
 """
 from __future__ import annotations
 
@@ -100,22 +102,43 @@ def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, scheme: str, in_fea
 # ---- the kernel's packed layout ----------------------------------------------------------------
 
 def pack(q: torch.Tensor, scales: torch.Tensor, scheme: str, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The canonical (q, scales) in quant_matmul's panel layout (csrc/quant/quant_matmul.h)."""
+    """The canonical (q, scales) in quant_matmul's panel layout (csrc/quant/quant_matmul.h): K padded to whole
+    blocks and N to whole panels with zero weights, groups of 4 consecutive k per column."""
     n, k = q.shape[0], in_features
-    panels = -(-n // PANEL)
-    pad_n = panels * PANEL - n
+    panels, kpad = -(-n // PANEL), -(-k // BLOCK) * BLOCK
+    pad_n, pad_k, groups = panels * PANEL - n, kpad - k, kpad // 4
     if scheme == "int4-block32":
-        nib = F.pad(_int4_values(q, k), (0, 0, 0, pad_n), value=8)
-        rows = nib.view(panels, PANEL, k).transpose(1, 2)                      # [P, K, 16]
-        weights = (rows[..., :PANEL // 2] | (rows[..., PANEL // 2:] << 4)).contiguous()  # [P, K, 8]
+        nib = F.pad(_int4_values(q, k), (0, pad_k, 0, pad_n), value=8)          # 8: a zero weight
+        v = nib.view(panels, 2, PANEL // 2, groups, 4).permute(0, 3, 1, 2, 4).reshape(panels, groups, 2, 32)
+        weights = (v[..., :16] | (v[..., 16:] << 4)).contiguous()              # [P, G, 2 halves, 16 bytes]
     else:
-        weights = F.pad(q, (0, 0, 0, pad_n)).view(panels, PANEL, k).transpose(1, 2).contiguous().view(torch.uint8)
+        w = F.pad(q, (0, pad_k, 0, pad_n)).view(panels, PANEL, groups, 4)
+        weights = w.permute(0, 2, 1, 3).contiguous().view(torch.uint8)       # [P, G, 16 columns, 4 k]
     scales = scales.to(torch.float32)
     if scheme == "int8-channel":
         packed_scales = F.pad(scales, (0, pad_n)).contiguous()
     else:
         packed_scales = F.pad(scales, (0, 0, 0, pad_n)).view(panels, PANEL, -1).transpose(1, 2).contiguous()
     return weights, packed_scales
+
+
+@torch.no_grad()
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What quant_matmul does to its input: each row's blocks of 32 in int8 (scale = max |x| / 127, round half
+    to even), as (q [..., K] float32 values, scales [..., ceil(K / 32)] float32)."""
+    x = x.to(torch.float32)
+    k = x.shape[-1]
+    blocks = F.pad(x, (0, -k % BLOCK)).unflatten(-1, (-1, BLOCK))
+    amax = blocks.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    q = torch.round((blocks * inv[..., None]).clamp(-127, 127))
+    return q.flatten(-2)[..., :k], amax / torch.tensor(127.0)
+
+
+def dequantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as quant_matmul sees it (float32): quantize_activations, then back."""
+    q, scales = quantize_activations(x)
+    return q * scales.repeat_interleave(BLOCK, dim=-1)[..., :x.shape[-1]]
 
 
 # ---- the gate ----------------------------------------------------------------------------------
@@ -149,8 +172,9 @@ def _log_fallback_once(reason: str) -> None:
 
 
 def _torch_quant_linear(x, q, scales, bias, scheme):
-    w = dequantize_weight(q, scales, scheme, x.shape[-1]).to(device=x.device, dtype=x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    w = dequantize_weight(q, scales, scheme, x.shape[-1]).to(x.device)
+    y = F.linear(dequantize_activations(x), w, None if bias is None else bias.to(torch.float32))
+    return y.to(x.dtype)
 
 
 def _native_quant_linear(x, packed_weights, packed_scales, bias, scheme, out_features):
