@@ -144,6 +144,8 @@ def dequantize_activations(x: torch.Tensor) -> torch.Tensor:
 # ---- the gate ----------------------------------------------------------------------------------
 
 def _unavailable_reason(x: torch.Tensor) -> Optional[str]:
+    if x.device.type == "cpu" and x.dtype in _KERNEL_X_DTYPES and _kernel_built():
+        return None
     ext = native.extension()
     if ext is None:
         return native.load_error() or "hpclm._C is not built"
@@ -154,6 +156,16 @@ def _unavailable_reason(x: torch.Tensor) -> Optional[str]:
     if x.dtype not in _KERNEL_X_DTYPES:
         return f"quant_matmul takes float32 or bfloat16 inputs, not {x.dtype}"
     return None
+
+
+_built: list = []
+
+
+def _kernel_built() -> bool:
+    if not _built:
+        ext = native.extension()
+        _built.append(ext is not None and hasattr(ext, "quant_matmul"))
+    return _built[0]
 
 
 def quant_available(x: torch.Tensor) -> tuple[bool, str]:
@@ -186,12 +198,15 @@ def _native_quant_linear(x, packed_weights, packed_scales, bias, scheme, out_fea
     y = torch.empty(rows.shape[0], out_features)
     bias_ptr = 0
     if bias is not None:
-        bias = bias.to(torch.float32).contiguous()
+        if bias.dtype != torch.float32 or not bias.is_contiguous():
+            bias = bias.to(torch.float32).contiguous()
         bias_ptr = bias.data_ptr()
     ext.quant_matmul(rows.data_ptr(), _KERNEL_X_DTYPES[x.dtype], packed_weights.data_ptr(), packed_scales.data_ptr(),
                      bias_ptr, y.data_ptr(), rows.shape[0], out_features, in_features, max(rows.stride(0), 1),
                      out_features, scheme, torch.get_num_threads())
-    return y.view(*x.shape[:-1], out_features).to(x.dtype)
+    if x.dim() != 2:
+        y = y.view(*x.shape[:-1], out_features)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def _quant_linear(x, q, scales, packed_weights, packed_scales, bias, scheme):
