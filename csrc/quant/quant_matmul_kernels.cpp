@@ -25,6 +25,7 @@ namespace {
 constexpr int kGroup = 4;                           // consecutive k of one column side by side
 constexpr int kGroupsPerBlock = kQuantBlock / kGroup;
 constexpr int kRows = 4;                            // rows per tile: 8 int32 and 8 float32 accumulators (AVX2)
+constexpr int64_t kPrefetchBytes = 2048;                  // how far ahead of the weights in use to fetch
 constexpr int64_t kParallelMinFlops = int64_t(1) << 18;  // below this, threads cost more than they save
 
 inline float x_at(const float* p) { return *p; }
@@ -102,8 +103,9 @@ void tile(const QuantMatmulArgs& a, const int8_t* xq, const float* xs, int64_t b
     __m256i iacc[R][2];
     for (int i = 0; i < R; ++i) iacc[i][0] = iacc[i][1] = _mm256_setzero_si256();
     const uint8_t* wb = w0 + b * kGroupsPerBlock * group_bytes<S>();
-    _mm_prefetch(reinterpret_cast<const char*>(wb + 4 * kGroupsPerBlock * group_bytes<S>()), _MM_HINT_T0);
     for (int g = 0; g < kGroupsPerBlock; ++g) {
+      if (g % (64 / group_bytes<S>()) == 0)  // each cache line of weights, kPrefetchBytes ahead
+        _mm_prefetch(reinterpret_cast<const char*>(wb + g * group_bytes<S>() + kPrefetchBytes), _MM_HINT_T0);
       __m256i w[2];
       load_group_v<S>(wb + g * group_bytes<S>(), w);
       for (int i = 0; i < R; ++i) {
