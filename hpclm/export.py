@@ -17,6 +17,9 @@ def export_hf(ckpt: str | Path, out: str | Path, force: bool = False) -> Path:
     if out.exists() and not force:
         raise HpclmError(f"{out} already exists: pick another --out, or replace it with --force")
     trained = load_trained(ckpt)
+    if trained.quantization:
+        raise HpclmError(f"{trained.path} is quantized ({trained.quantization['scheme']}); GPT-2's format holds float "
+                         f"weights: export the checkpoint it came from ({trained.quantization.get('source', '?')})")
     if trained.cfg.model.arch != "gpt":
         raise HpclmError(f"{trained.path} holds a {trained.cfg.model.arch} model; only gpt exports to GPT-2's format")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -188,3 +188,24 @@ def test_gemm_benchmark_checks_and_times_both(tmp_path):
     doc = json.loads(out.read_text())
     assert [r["rows"] for r in doc["rows"]] == [1, 5] and doc["wrong"] == 0
     assert all(r["speedup"] == pytest.approx(r["torch_ms"] / r["packed_ms"]) for r in doc["rows"])
+
+
+def test_quant_benchmark_times_every_variant_against_torch_ao(tmp_path):
+    pytest.importorskip("hpclm._C", reason="hpclm._C is not built")
+    out = tmp_path / "quant.json"
+    proc = run_python([str(REPO / "benchmarks" / "quant.py"), "--models", "1x64", "--threads", "1", "--steps", "2",
+                       "--repeats", "1", "--prefill", "16", "--json", str(out), "--plot", str(tmp_path / "quant.png")],
+                      timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert set(rows) == {"fp32", "bf16", "int8-channel", "int8-block32", "int4-block32", "torch.ao-int8"}
+    assert doc["wrong"] == 0 and doc["read_gb_s"]["1"] > 0
+    ao = rows["torch.ao-int8"]
+    for r in rows.values():
+        assert r["decode_b1_tok_s"] > 0 and r["prefill_tok_s"] > 0
+        assert r["decode_b8_tok_s_vs_peer"] == pytest.approx(r["decode_b8_tok_s"] / ao["decode_b8_tok_s"])
+    # int4 holds the matrices in half the bytes of int8, a quarter of float32's (scales aside)
+    assert rows["int4-block32"]["matrix_bytes"] < 0.6 * rows["int8-channel"]["matrix_bytes"]
+    assert rows["int8-channel"]["matrix_bytes"] < 0.3 * rows["fp32"]["matrix_bytes"]
+    assert (tmp_path / "quant.png").stat().st_size > 0

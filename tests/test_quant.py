@@ -243,10 +243,12 @@ def test_bad_requests_are_one_line_and_write_nothing(trained_runs, quantized_run
     one_line(_quantize(trained_runs["gpt"], quantized, "int4-block32"), "already exists", "--force")
     one_line(_quantize(trained_runs["gpt"], trained_runs["gpt"], "int8-channel", "--force"),
              "holds the checkpoint being quantized")
+    export = run_python(["-m", "hpclm", "export", "--ckpt", str(quantized), "--out", str(tmp_path / "hf")])
+    one_line(export, "is quantized (int8-channel)", "export the checkpoint it came from")
     ngram = tmp_path / "ngram"
     train(tiny_config(shakespeare_dir, "model.arch=ngram", "model.order=2"), ngram, progress_bar=False)
     one_line(_quantize(ngram, tmp_path / "q-ngram", "int8-channel"), "ngram model", "no matrices to quantize")
-    assert not (tmp_path / "again").exists() and not (tmp_path / "q-ngram").exists()
+    assert not any((tmp_path / name).exists() for name in ("again", "q-ngram", "hf"))
     assert sorted(p.name for p in quantized.rglob("*")) == before
     # training does not resume from a quantized checkpoint
     cfg_path = tmp_path / "resume.toml"

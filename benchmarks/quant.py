@@ -1,0 +1,230 @@
+"""Weight-quantized decoding (hpclm quantize's int8 / int4 models on hpclm._C.quant_matmul) against float32,
+bfloat16 and torch.ao's quantize_dynamic int8, measured in one run with random weights: decode tokens/s at
+batch 1 and 8 (the incremental decoder, KV cache on), prefill tokens/s, model bytes, and the bandwidth a
+batch-1 step reaches (matrix bytes read per token / step time; and of the model's matrices alone, one
+batch-1 pass through them without the rest of the step) against a read-only bandwidth (a large torch.sum)
+measured in the same run with the same threads. "x ao": tokens/s over torch.ao's in the same setting.
+
+    python benchmarks/quant.py [--models 6x384,12x768] [--threads 1,2] [--json PATH] [--plot PNG]
+
+Exit code 1 when a quantized matrix's kernel result differs from its torch-fallback path's (dequantize, then
+F.linear) beyond float32 rounding.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import sys
+import time
+import warnings
+
+import torch
+
+from hpclm.bench import harness
+from hpclm.infer import make_decoder
+from hpclm.kernels import quant
+from hpclm.kernels.quant import QuantLinear
+from hpclm.models.gpt import GPT
+from hpclm.models.quantized import quantize_model
+
+OURS = ("int8-channel", "int8-block32", "int4-block32")
+VARIANTS = ("fp32", "bf16", *OURS, "torch.ao-int8")
+PEER = "torch.ao-int8"
+
+
+def build(variant: str, base: GPT):
+    model = copy.deepcopy(base)
+    if variant == "bf16":
+        return model.to(torch.bfloat16)
+    if variant in OURS:
+        return quantize_model(model, variant)
+    if variant == PEER:
+        with warnings.catch_warnings():  # deprecated in torch 2.13, still the int8 path a user reaches for
+            warnings.simplefilter("ignore")
+            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
+
+
+def matrix_bytes(variant: str, model, base: GPT) -> int:
+    """Bytes of the matrices a decoding step reads (every Linear, the LM head included)."""
+    if variant in OURS:
+        return sum(m.qweight.numel() + m.scales.numel() * m.scales.element_size()
+                   for m in model.modules() if isinstance(m, QuantLinear))
+    params = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear))
+    return params * {"fp32": 4, "bf16": 2, PEER: 1}[variant]
+
+
+def model_bytes(model) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getbuffer().nbytes
+
+
+def best_s(call, repeats: int) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def decode_tokens_per_s(model, batch: int, steps: int, repeats: int, prompt: list[int]) -> float:
+    dec = make_decoder(model, batch)
+
+    def run():
+        for s in range(batch):
+            dec.release(s)
+            dec.prefill(s, prompt)
+        slots, tokens = list(range(batch)), [1] * batch
+        start = time.perf_counter()
+        for _ in range(steps):
+            dec.decode(slots, tokens)
+        return time.perf_counter() - start
+
+    run()
+    return batch * steps / min(run() for _ in range(repeats))
+
+
+def prefill_tokens_per_s(model, tokens: int, repeats: int) -> float:
+    dec = make_decoder(model, 1)
+    ids = [(7 * i) % 60 for i in range(tokens)]
+
+    def run():
+        dec.release(0)
+        dec.prefill(0, ids)
+
+    return tokens / best_s(run, repeats)
+
+
+def read_gb_s(repeats: int) -> float:
+    big = torch.ones(64 * 2**20)  # 256 MiB
+    return big.numel() * 4 / best_s(lambda: big.sum(), repeats) / 1e9
+
+
+def fallback_mismatch(model) -> float:
+    """The largest relative difference, over the model's quantized matrices, between the kernel and the torch
+    fallback on the same 8 random rows (layer by layer: through a whole model, a last-bit difference can move an
+    activation across a rounding boundary of the next layer's int8 input)."""
+    worst = 0.0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            x = torch.randn(8, m.in_features)
+            ours = m(x)
+            real = quant._unavailable_reason
+            quant._unavailable_reason = lambda x: "the benchmark's check"
+            try:
+                ref = m(x)
+            finally:
+                quant._unavailable_reason = real
+            worst = max(worst, ((ours - ref).norm() / ref.norm()).item())
+    return worst
+
+
+def matrices_ms(model) -> float:
+    """Milliseconds of one batch-1 pass through the model's matrices alone (every Linear-like module)."""
+    kinds = (torch.nn.Linear, QuantLinear, torch.ao.nn.quantized.dynamic.Linear)
+    mats = [m for m in model.modules() if isinstance(m, kinds)]
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    xs = {m.in_features: torch.randn(1, m.in_features, dtype=dtype) for m in mats}
+    return best_s(lambda: [m(xs[m.in_features]) for m in mats], 5) * 1e3
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="6x384,12x768", help="comma-separated LAYERSxWIDTH GPTs (block 256, 65 tokens)")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--steps", type=int, default=16, help="decoding steps per timing")
+    ap.add_argument("--prefill", type=int, default=128, help="prompt tokens of the prefill timing")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    args = ap.parse_args(argv)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            harness.check_writable(path, flag)
+    variants = args.variants.split(",")
+    rows, wrong, bandwidth = [], 0, {}
+    prompt = [(3 * i) % 60 for i in range(16)]
+    for spec in args.models.split(","):
+        layers, width = (int(v) for v in spec.split("x"))
+        torch.manual_seed(0)
+        base = GPT(65, 256, n_layer=layers, n_head=max(1, width // 64), n_embd=width).eval()
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            bandwidth[threads] = bandwidth.get(threads) or read_gb_s(args.repeats + 2)
+            for variant in variants:
+                model = build(variant, base)
+                with torch.no_grad():
+                    if variant in OURS and threads == 1:
+                        wrong += fallback_mismatch(model) > 1e-5
+                    mat_ms = matrices_ms(model)
+                    b1 = decode_tokens_per_s(model, 1, args.steps, args.repeats, prompt)
+                    b8 = decode_tokens_per_s(model, 8, args.steps, args.repeats, prompt)
+                    pre = prefill_tokens_per_s(model, args.prefill, args.repeats)
+                read = matrix_bytes(variant, model, base)
+                rows.append({"model": spec, "threads": threads, "variant": variant, "decode_b1_tok_s": b1,
+                             "decode_b8_tok_s": b8, "prefill_tok_s": pre, "model_bytes": model_bytes(model),
+                             "matrix_bytes": read, "decode_b1_gb_s": read * b1 / 1e9,
+                             "of_read_bandwidth": read * b1 / 1e9 / bandwidth[threads], "matrices_b1_ms": mat_ms,
+                             "matrices_gb_s": read / mat_ms / 1e6,
+                             "matrices_of_read_bandwidth": read / mat_ms / 1e6 / bandwidth[threads]})
+                r = rows[-1]
+                print(f"{spec} {threads}t {variant:>14}: decode b1 {b1:8.1f} tok/s ({r['decode_b1_gb_s']:5.1f} GB/s, "
+                      f"{r['of_read_bandwidth']:.0%} of read; matrices alone {mat_ms:.2f} ms, "
+                      f"{r['matrices_of_read_bandwidth']:.0%}), b8 {b8:8.1f} tok/s, prefill {pre:8.1f} tok/s, "
+                      f"{r['model_bytes'] / 1e6:6.1f} MB", flush=True)
+    peer = {(r["model"], r["threads"]): r for r in rows if r["variant"] == PEER}
+    for r in rows:
+        p = peer.get((r["model"], r["threads"]))
+        for key in ("decode_b1_tok_s", "decode_b8_tok_s", "prefill_tok_s"):
+            r[f"{key}_vs_peer"] = r[key] / p[key] if p else None
+        r["matrices_b1_vs_peer"] = p["matrices_b1_ms"] / r["matrices_b1_ms"] if p else None
+    cols = [harness.Column("model", 7), harness.Column("thr", 3, "{:d}"), harness.Column("variant", 14),
+            harness.Column("b1", 8, "{:.1f}", "tok/s"), harness.Column("b1", 6, "{:.0%}", "of rd"),
+            harness.Column("b1", 6, "{:.2f}", "x ao"), harness.Column("mats", 6, "{:.2f}", "ms"),
+            harness.Column("mats", 6, "{:.0%}", "of rd"), harness.Column("mats", 6, "{:.2f}", "x ao"),
+            harness.Column("b8", 8, "{:.1f}", "tok/s"),
+            harness.Column("b8", 6, "{:.2f}", "x ao"), harness.Column("prefill", 8, "{:.0f}", "tok/s"),
+            harness.Column("prefill", 7, "{:.2f}", "x ao"), harness.Column("size", 7, "{:.1f}", "MB")]
+    print(f"\nread-only bandwidth (torch.sum of 256 MiB): " +
+          ", ".join(f"{t} thread(s) {gb:.1f} GB/s" for t, gb in bandwidth.items()))
+    print("\n".join(harness.format_table(cols, [[r["model"], r["threads"], r["variant"], r["decode_b1_tok_s"],
+                                                  r["of_read_bandwidth"], r["decode_b1_tok_s_vs_peer"],
+                                                  r["matrices_b1_ms"], r["matrices_of_read_bandwidth"],
+                                                  r["matrices_b1_vs_peer"], r["decode_b8_tok_s"], r["decode_b8_tok_s_vs_peer"],
+                                                  r["prefill_tok_s"], r["prefill_tok_s_vs_peer"],
+                                                  r["model_bytes"] / 1e6] for r in rows])))
+    if wrong:
+        print(f"quant benchmark: {wrong} quantized model(s) differ from their torch-fallback path")
+    if args.json:
+        harness.write_json(args.json, {"benchmark": "quant", "host": harness.host_info(), "settings": vars(args),
+                                       "read_gb_s": bandwidth, "rows": rows, "wrong": int(wrong)})
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        keys = sorted({(r["model"], r["threads"]) for r in rows})
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            mine = [r for r in rows if (r["model"], r["threads"]) == key]
+            fp32 = next((r for r in mine if r["variant"] == "fp32"), mine[0])
+            for i, (metric, label) in enumerate((("decode_b1_tok_s", "decode b1"), ("decode_b8_tok_s", "decode b8"),
+                                                 ("prefill_tok_s", "prefill"))):
+                ax.bar([j + 0.27 * (i - 1) for j in range(len(mine))], [r[metric] / fp32[metric] for r in mine],
+                       0.27, label=label)
+            ax.set_xticks(range(len(mine)), [r["variant"] for r in mine], rotation=35, ha="right", fontsize=8)
+            ax.set_title(f"GPT {key[0]}, {key[1]} thread(s)")
+            ax.set_ylabel(f"tokens/s / {fp32['variant']}'s")
+            ax.axhline(1, color="gray", lw=0.5)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        harness.save_figure(fig, args.plot)
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
