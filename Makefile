@@ -5,7 +5,7 @@ MPIRUN ?= mpirun $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)
 export PYTHON
 
 .PHONY: setup build demo test bench bench-full bench-softmax bench-reduce bench-allreduce bench-scaling \
-	bench-scaling-full bench-shakespeare bench-serve info clean
+	bench-scaling-full bench-shakespeare bench-serve bench-quant info clean
 
 setup:
 	bash scripts/setup.sh
@@ -29,7 +29,7 @@ test: setup
 bench: bench-softmax bench-reduce bench-allreduce bench-scaling
 
 # The long studies (tens of minutes each): nanoGPT's CPU run against a plain loop, and every scaling cell.
-bench-full: bench-shakespeare bench-scaling-full bench-serve
+bench-full: bench-shakespeare bench-scaling-full bench-serve bench-quant
 
 # Fused softmax vs torch, 1 thread, short setting: 2 calls per figure.
 bench-softmax: setup
@@ -54,6 +54,10 @@ bench-scaling-full: setup
 # hpclm train vs a plain PyTorch loop on nanoGPT's documented CPU run (val loss at 2000 steps, tokens/s).
 bench-shakespeare: setup
 	$(PYTHON) benchmarks/train_shakespeare.py --json runs/bench/train_shakespeare.json
+
+# Weight-quantized decoding and prefill (int8, int4) vs fp32, bf16 and torch.ao's int8 (GPT 6x384 and 12x768).
+bench-quant: setup
+	$(PYTHON) benchmarks/quant.py --json runs/bench/quant.json --plot runs/bench/quant.png
 
 # hpclm serve with continuous batching vs one request at a time (Poisson rates 1, 4, 16, inf; GPT 6x384).
 bench-serve: setup

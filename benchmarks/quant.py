@@ -198,11 +198,33 @@ def main(argv=None) -> int:
                                                   r["matrices_b1_vs_peer"], r["decode_b8_tok_s"], r["decode_b8_tok_s_vs_peer"],
                                                   r["prefill_tok_s"], r["prefill_tok_s_vs_peer"],
                                                   r["model_bytes"] / 1e6] for r in rows])))
+    goals = []
+    for (spec, threads), p in peer.items():
+        mine = {r["variant"]: r for r in rows if (r["model"], r["threads"]) == (spec, threads)}
+        for variant, r in mine.items():
+            checks = []
+            if variant.startswith("int8"):
+                checks += [("batch-1 decode of read bandwidth", r["of_read_bandwidth"], 0.85),
+                           ("batch-1 decode vs torch.ao", r["decode_b1_tok_s_vs_peer"], 1.3)]
+            if variant == "int4-block32":
+                checks.append(("batch-1 decode vs torch.ao's int8", r["decode_b1_tok_s_vs_peer"], 2.0))
+            if variant in OURS:
+                checks += [("batch-8 decode vs torch.ao", r["decode_b8_tok_s_vs_peer"], 1.0),
+                           ("prefill vs torch.ao", r["prefill_tok_s_vs_peer"], 1.0)]
+            for what, value, want in checks:
+                goals.append({"model": spec, "threads": threads, "variant": variant, "goal": what, "value": value,
+                              "min": want, "met": value >= want})
+    if goals:
+        print("\ngoals:")
+        for g in goals:
+            print(f"  {g['model']} {g['threads']}t {g['variant']:>13} {g['goal']}: {g['value']:.2f} "
+                  f"(goal >= {g['min']}: {'met' if g['met'] else 'MISSED'})")
     if wrong:
         print(f"quant benchmark: {wrong} quantized model(s) differ from their torch-fallback path")
     if args.json:
         harness.write_json(args.json, {"benchmark": "quant", "host": harness.host_info(), "settings": vars(args),
-                                       "read_gb_s": bandwidth, "rows": rows, "wrong": int(wrong)})
+                                       "read_gb_s": bandwidth, "rows": rows, "goals": goals,
+                                       "wrong": int(wrong)})
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")

@@ -209,3 +209,7 @@ def test_quant_benchmark_times_every_variant_against_torch_ao(tmp_path):
     assert rows["int4-block32"]["matrix_bytes"] < 0.6 * rows["int8-channel"]["matrix_bytes"]
     assert rows["int8-channel"]["matrix_bytes"] < 0.3 * rows["fp32"]["matrix_bytes"]
     assert (tmp_path / "quant.png").stat().st_size > 0
+    goals = {(g["variant"], g["goal"]): g for g in doc["goals"]}
+    assert goals["int4-block32", "batch-1 decode vs torch.ao's int8"]["min"] == 2.0
+    assert all(g["met"] == (g["value"] >= g["min"]) for g in goals.values()) and len(goals) == 13
+    assert ("MISSED" in proc.stdout) == (not all(g["met"] for g in goals.values()))
