@@ -28,6 +28,23 @@ SECOND_BUILD = {"HPCLM_CUDA": "0", "HPCLM_CMAKE_ARGS": "-DCMAKE_CXX_FLAGS=-DHPCL
 SECOND_BUILD_MARK = "-DHPCLM_TEST_BUILD_OPTION"
 
 
+def _cpu_paths_supported() -> list[str]:
+    try:
+        import hpclm._C as C
+    except ImportError:  # not built: the kernel tests skip themselves
+        return []
+    return C.build_info()["cpu_paths_supported"]
+
+
+@pytest.fixture(params=_cpu_paths_supported())
+def cpu_path(request):
+    """Each CPU code path of hpclm._C this machine runs, in turn (set_cpu_path); the best one again after."""
+    import hpclm._C as C
+    C.set_cpu_path(request.param)
+    yield request.param
+    C.set_cpu_path("auto")
+
+
 def hang_guard(seconds: float) -> float:
     """A time limit of `seconds` on the reference machine, scaled by HPCLM_TEST_TIMEOUT_SCALE."""
     return seconds * TIMEOUT_SCALE

@@ -12,20 +12,10 @@ import torch
 from conftest import run_python
 from helpers.lm_fixtures import shakespeare_dir, tiny_config  # noqa: F401
 
-C = pytest.importorskip("hpclm._C", reason="hpclm._C is not built (pip install -e .)")
+pytest.importorskip("hpclm._C", reason="hpclm._C is not built (pip install -e .)")
 from hpclm.kernels import quant  # noqa: E402
 from hpclm.kernels.quant import (SCHEMES, QuantLinear, dequantize_activations, dequantize_weight,  # noqa: E402
                                  quantize_activations, quantize_weight)
-
-PATHS = C.build_info()["cpu_paths_supported"]
-
-
-@pytest.fixture(params=PATHS)
-def cpu_path(request):
-    C.set_cpu_path(request.param)
-    yield request.param
-    C.set_cpu_path("auto")
-
 
 def force_torch_path(m):
     """QuantLinear computes through its torch path (dequantize, F.linear), as where no kernel serves."""
