@@ -32,7 +32,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, scheme: str, force: b
     model = quantize_model(trained.model, scheme)
     record = {"scheme": scheme, "source": str(trained.path), "source_step": trained.step}
     files = {
-        **dict([checkpoint.weights_file(model.state_dict(), "pt")]),
+        **dict([checkpoint.weights_file(model.state_dict(), trained.cfg.checkpoint.format)]),
         "config.toml": config_mod.to_toml(trained.cfg),
         "meta.json": json.dumps(trained.meta, indent=2) + "\n",
         "tokenizer.json": trained.tokenizer.to_json(),
@@ -64,6 +64,7 @@ def main(args) -> int:
     source = json.loads((path / QUANTIZATION_FILE).read_text())["source"]
     float_size = weights_bytes(Path(source)) if Path(source).is_dir() else 0
     ratio = f", {size / float_size:.2f}x the float model's {float_size / 2**20:.2f} MiB" if float_size else ""
-    print(f"wrote {path} ({args.scheme}: {checkpoint.WEIGHTS['pt']} {size / 2**20:.2f} MiB{ratio}); "
+    weights = next(name for name in checkpoint.WEIGHTS.values() if (path / name).is_file())
+    print(f"wrote {path} ({args.scheme}: {weights} {size / 2**20:.2f} MiB{ratio}); "
           f"use it as --ckpt {args.out}")
     return 0

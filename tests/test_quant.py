@@ -249,6 +249,19 @@ def test_bad_requests_are_one_line_and_write_nothing(trained_runs, quantized_run
     assert sorted(p.name for p in quantized.rglob("*")) == before
 
 
+def test_a_safetensors_run_quantizes_to_safetensors(shakespeare_dir, tmp_path):  # noqa: F811
+    from hpclm.generate import generate_text, load_trained
+    from hpclm.train import train
+    run = tmp_path / "st"
+    train(tiny_config(shakespeare_dir, "checkpoint.format=safetensors", "train.max_iters=2", "train.eval_interval=0"),
+          run, progress_bar=False)
+    proc = _quantize(run, tmp_path / "q", "int4-block32")
+    assert proc.returncode == 0 and "model.safetensors" in proc.stdout, proc.stderr
+    assert next((tmp_path / "q" / "checkpoints").glob("iter_*/model.safetensors"))
+    q = load_trained(tmp_path / "q")
+    assert q.quantization["scheme"] == "int4-block32" and len(generate_text(q, "a", 5, temperature=0.0)) == 6
+
+
 def test_a_deep_copy_and_a_state_dict_round_trip_keep_the_results():
     torch.manual_seed(5)
     q = QuantLinear.from_linear(torch.nn.Linear(50, 30), "int4-block32")
