@@ -126,7 +126,8 @@ def _add_export(sub):
 def _add_quantize(sub):
     p = sub.add_parser("quantize", help="a trained GPT or GRU with int8 or int4 weights, for generate, eval and serve",
                        description="Every matrix (a GPT's linears and tied embedding/LM head, a GRU's input, hidden "
-                                   "and output matrices) in 8 or 4 bits with float32 scales; norms, biases and the "
+                                   "and output matrices) in 8 or 4 bits with float32 (per channel) or float16 (per block) "
+                                   "scales; norms, biases and the "
                                    "position embedding stay float32. --out becomes a run directory holding one "
                                    "checkpoint.")
     p.add_argument("--ckpt", required=True, metavar="DIR", help="a run directory (its latest checkpoint), a checkpoint "

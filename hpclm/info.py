@@ -69,6 +69,7 @@ def _native():
 def _kernels(ext, build) -> dict:
     """Each kernel of hpclm._C: its CPU paths (every one compiled; the in-use one is build's cpu_path), whether a
     CUDA version is built, and what it takes."""
+    from hpclm.kernels.quant import SCHEMES
     cpu, cuda = build["cpu_paths_compiled"], bool(build["with_cuda"])
     table = {
         "fused_softmax": ("softmax_forward", {"cuda": cuda and hasattr(ext, "softmax_forward_cuda"),
@@ -76,7 +77,7 @@ def _kernels(ext, build) -> dict:
         "gemm_packed": ("gemm_packed", {"cuda": False, "dtypes": ["float32"]}),
         "decode_attention": ("decode_attention", {"cuda": False, "dtypes": ["float32"]}),
         "quant_matmul": ("quant_matmul", {"cuda": False, "dtypes": ["float32", "bfloat16"],
-                                          "schemes": ["int8-channel", "int8-block32", "int4-block32"]}),
+                                          "schemes": list(SCHEMES)}),
     }
     return {name: {"cpu_paths": cpu, **extra} for name, (symbol, extra) in table.items() if hasattr(ext, symbol)}
 

@@ -10,12 +10,13 @@ from pathlib import Path
 from hpclm import atomic, config as config_mod
 from hpclm.errors import HpclmError
 from hpclm.generate import load_trained
-from hpclm.models.quantized import QUANTIZATION_FILE, quantizable, quantize_model
+from hpclm.models.quantized import quantizable, quantize_model
 from hpclm.train import checkpoint
 
 
-def quantize_checkpoint(ckpt: str | Path, out: str | Path, scheme: str, force: bool = False) -> Path:
-    """Write the model of `ckpt`, quantized with `scheme`, as the run directory `out` (whole or not at all)."""
+def quantize_checkpoint(ckpt: str | Path, out: str | Path, scheme: str, force: bool = False) -> tuple[Path, Path]:
+    """Write the model of `ckpt`, quantized with `scheme`, as the run directory `out` (whole or not at all):
+    (the checkpoint written, the one it came from)."""
     out = Path(out)
     if out.exists() and not force:
         raise HpclmError(f"{out} already exists: pick another --out, or replace it with --force")
@@ -36,7 +37,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, scheme: str, force: b
         "config.toml": config_mod.to_toml(trained.cfg),
         "meta.json": json.dumps(trained.meta, indent=2) + "\n",
         "tokenizer.json": trained.tokenizer.to_json(),
-        QUANTIZATION_FILE: json.dumps(record, indent=1) + "\n",
+        checkpoint.QUANTIZATION: json.dumps(record, indent=1) + "\n",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -47,7 +48,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, scheme: str, force: b
     except BaseException:
         atomic.remove_tree(tmp)
         raise
-    return checkpoint.root(out) / checkpoint.name(trained.step)
+    return checkpoint.root(out) / checkpoint.name(trained.step), Path(trained.path)
 
 
 def weights_bytes(folder: Path) -> int:
@@ -57,12 +58,11 @@ def weights_bytes(folder: Path) -> int:
 
 def main(args) -> int:
     try:
-        path = quantize_checkpoint(args.ckpt, args.out, args.scheme, args.force)
+        path, source = quantize_checkpoint(args.ckpt, args.out, args.scheme, args.force)
     except OSError as e:
         raise HpclmError(f"cannot write --out {args.out}: {e}") from None
     size = weights_bytes(path)
-    source = json.loads((path / QUANTIZATION_FILE).read_text())["source"]
-    float_size = weights_bytes(Path(source)) if Path(source).is_dir() else 0
+    float_size = weights_bytes(source) if source.is_dir() else 0
     ratio = f", {size / float_size:.2f}x the float model's {float_size / 2**20:.2f} MiB" if float_size else ""
     weights = next(name for name in checkpoint.WEIGHTS.values() if (path / name).is_file())
     print(f"wrote {path} ({args.scheme}: {weights} {size / 2**20:.2f} MiB{ratio}); "

@@ -144,8 +144,6 @@ def dequantize_activations(x: torch.Tensor) -> torch.Tensor:
 # ---- the gate ----------------------------------------------------------------------------------
 
 def _unavailable_reason(x: torch.Tensor) -> Optional[str]:
-    if x.device.type == "cpu" and x.dtype in _KERNEL_X_DTYPES and _kernel_built():
-        return None
     ext = native.extension()
     if ext is None:
         return native.load_error() or "hpclm._C is not built"
@@ -156,16 +154,6 @@ def _unavailable_reason(x: torch.Tensor) -> Optional[str]:
     if x.dtype not in _KERNEL_X_DTYPES:
         return f"quant_matmul takes float32 or bfloat16 inputs, not {x.dtype}"
     return None
-
-
-_built: list = []
-
-
-def _kernel_built() -> bool:
-    if not _built:
-        ext = native.extension()
-        _built.append(ext is not None and hasattr(ext, "quant_matmul"))
-    return _built[0]
 
 
 def quant_available(x: torch.Tensor) -> tuple[bool, str]:

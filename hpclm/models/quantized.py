@@ -14,7 +14,6 @@ from hpclm.errors import HpclmError
 from hpclm.kernels.quant import SCHEMES, QuantLinear, dequantize_weight
 from hpclm.models.gpt import GPT
 from hpclm.models.gru import GRULM
-from hpclm.train.checkpoint import QUANTIZATION as QUANTIZATION_FILE  # noqa: F401 (the record's file name)
 
 
 class TiedQuantEmbedding(nn.Module):

@@ -387,7 +387,7 @@ def load(path: Path, fname: str, map_location="cpu"):
     return f.read_text(encoding="utf-8")
 
 
-QUANTIZATION = "quantization.json"  # written by hpclm quantize (hpclm/models/quantized.py)
+QUANTIZATION = "quantization.json"  # written by hpclm quantize (hpclm/quantize.py)
 
 
 def quantization(path: Path) -> dict | None:
