@@ -214,6 +214,29 @@ void bind_comm(py::module_& m) {
       },
       py::arg("send"), py::arg("recv"), py::arg("bytes"), py::arg("comm"),
       "MPI_Sendrecv of `bytes` to rank+1 from rank-1 (one ring link's traffic).");
+  m.def(
+      "tp_allreduce",
+      [](uintptr_t send, uintptr_t recv, size_t count, const std::string& dtype, const std::string& op, long long comm,
+         size_t small_bytes) {
+        DType t = parse_dtype(dtype);
+        AllreduceOp o = parse_allreduce_op(op);
+        py::gil_scoped_release release;
+        tp_allreduce(reinterpret_cast<const void*>(send), reinterpret_cast<void*>(recv), count, t, o,
+                     mpi::from_fortran(comm, "tp_allreduce"), small_bytes);
+      },
+      py::arg("send"), py::arg("recv"), py::arg("count"), py::arg("dtype"), py::arg("op"), py::arg("comm"),
+      py::arg("small_bytes"),
+      "Tensor-parallel allreduce: recursive doubling up to small_bytes on a power-of-two group, else the ring. "
+      "Unchecked: every rank passes the same count, dtype and op (hpclm.parallel.groups does).");
+  m.def(
+      "allgather_bytes",
+      [](uintptr_t send, uintptr_t recv, size_t bytes, long long comm) {
+        py::gil_scoped_release release;
+        allgather_bytes(reinterpret_cast<const void*>(send), reinterpret_cast<void*>(recv), bytes,
+                        mpi::from_fortran(comm, "allgather_bytes"));
+      },
+      py::arg("send"), py::arg("recv"), py::arg("bytes"), py::arg("comm"),
+      "MPI_Allgather of `bytes` per rank into recv (ranks in order). Unchecked.");
   m.def("mpi_transport", &mpi::transport_report,
         "What the MPI library says about its transport: [(name, value)], e.g. the selected PML and MCA settings.");
   m.attr("RING_SEGMENT_BYTES") = defaults.segment_bytes;

@@ -90,6 +90,12 @@ class DistConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tensor: int = 1  # tensor-parallel ranks per model replica (gpt only); ranks = data replicas x tensor
+    backend: str = "auto"  # TP collectives: auto (mpi for CPU tensors, torch for CUDA), mpi (hpclm's C++), torch
+
+
+@dataclass
 class CheckpointConfig:
     every_iters: int = 100
     keep_last: int = 3  # 0: keep all
@@ -143,6 +149,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     init: InitConfig = field(default_factory=InitConfig)
@@ -166,6 +173,7 @@ CHOICES = {
     "precision.dtype": ("fp32", "fp16", "bf16"),
     "checkpoint.resume": ("auto", "never"),
     "checkpoint.format": ("pt", "safetensors"),
+    "parallel.backend": ("auto", "mpi", "torch"),
     "anomaly.action": ("rollback", "skip", "stop", "off"),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
@@ -309,6 +317,15 @@ def validate(cfg: Config) -> None:
         (cfg.precision.growth_interval >= 1 and cfg.precision.hysteresis >= 1, "precision.growth_interval and hysteresis must be >= 1"),
         (cfg.precision.max_consecutive_skips >= 1, "precision.max_consecutive_skips must be >= 1"),
         (cfg.dist.fusion_threshold_mb >= 0 and cfg.dist.cycle_time_ms >= 0, "dist.fusion_threshold_mb and cycle_time_ms must be >= 0"),
+        (cfg.parallel.tensor >= 1, "parallel.tensor must be >= 1 (1: no tensor parallelism)"),
+        (cfg.parallel.tensor == 1 or cfg.model.arch == "gpt",
+         f"parallel.tensor = {cfg.parallel.tensor} splits a GPT's layers; model.arch {cfg.model.arch!r} trains with "
+         "parallel.tensor = 1 (data parallel only)"),
+        (cfg.parallel.tensor < 1 or cfg.model.n_head % cfg.parallel.tensor == 0,
+         f"model.n_head ({cfg.model.n_head}) must be a multiple of parallel.tensor ({cfg.parallel.tensor}): "
+         "each tensor-parallel rank computes whole attention heads"),
+        (cfg.parallel.tensor < 1 or cfg.model.n_embd % cfg.parallel.tensor == 0,
+         f"model.n_embd ({cfg.model.n_embd}) must be a multiple of parallel.tensor ({cfg.parallel.tensor})"),
         (cfg.checkpoint.every_iters >= 0, "checkpoint.every_iters must be >= 0 (0: only at the end)"),
         (cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last must be >= 0 (0: keep all)"),
         (0 <= cfg.metrics.prometheus_port <= 65535, "metrics.prometheus_port must be in 0..65535 (0: off)"),

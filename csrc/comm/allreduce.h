@@ -50,5 +50,16 @@ void library_allreduce(const void* send, void* recv, size_t count, DType dtype, 
 // MPI_Sendrecv of `bytes` to rank+1 from rank-1: the traffic of one ring link.
 void neighbor_sendrecv(const void* send, void* recv, size_t bytes, MPI_Comm comm);
 
+// Recursive doubling (power-of-two rank counts, messages under 2 GiB): log2(n) exchanges of the whole
+// buffer, identical bits on every rank. The latency path for small tensor-parallel activations.
+void doubling_allreduce(const void* send, void* recv, size_t count, DType dtype, AllreduceOp op, MPI_Comm comm);
+
+// Tensor-parallel allreduce: doubling_allreduce up to `small_bytes` on a power-of-two group, else the ring.
+void tp_allreduce(const void* send, void* recv, size_t count, DType dtype, AllreduceOp op, MPI_Comm comm,
+                  size_t small_bytes);
+
+// MPI_Allgather of `bytes` from every rank into recv (n * bytes, in rank order).
+void allgather_bytes(const void* send, void* recv, size_t bytes, MPI_Comm comm);
+
 }  // namespace hpclm
 #endif

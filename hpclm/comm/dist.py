@@ -98,6 +98,8 @@ class _SingleProcess:
     def distributed_optimizer(self, optimizer, named_parameters, backward_passes_per_step, fp16_compression):
         return optimizer
 
+    tensor_parallel = 1
+
     def any_rank(self, flag):
         return flag
 
@@ -111,8 +113,10 @@ class _SingleProcess:
 class _Horovod:
     name = "horovod"
 
-    def __init__(self, hvd):
+    def __init__(self, hvd, tensor_parallel=1, data_process_set=None):
         self.hvd = hvd
+        self.tensor_parallel = tensor_parallel
+        self.data_process_set = data_process_set  # this rank's data-parallel replicas (tensor_parallel > 1)
         self.ops = {"sum": hvd.Sum, "avg": hvd.Average, "min": hvd.Min, "max": hvd.Max, "product": hvd.Product}
 
     def rank(self):
@@ -169,9 +173,12 @@ class _Horovod:
 
     def distributed_optimizer(self, optimizer, named_parameters, backward_passes_per_step, fp16_compression):
         compression = self.hvd.Compression.fp16 if fp16_compression else self.hvd.Compression.none
+        if self.tensor_parallel > 1 and self.data_process_set is None:
+            return optimizer  # one model replica: nothing to average
+        extra = {"process_set": self.data_process_set} if self.data_process_set is not None else {}
         return self.hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, op=self.hvd.Average,
                                              compression=compression,
-                                             backward_passes_per_step=backward_passes_per_step)
+                                             backward_passes_per_step=backward_passes_per_step, **extra)
 
     def broadcast_training_state(self, model, optimizer, root):
         # Sent when any rank has optimizer state (a resume; a start from another tool's AdamW state on root).
@@ -206,9 +213,18 @@ def _set_threads_per_rank(local_size):
         torch.set_num_threads(max(1, affinity // max(1, local_size)))
 
 
+def data_process_sets(world: int, tensor: int) -> list[list[int]]:
+    """The ranks that hold the same tensor-parallel shard, one list per TP position: ranks are laid out in
+    TP groups of `tensor` consecutive ranks, so position p's replicas are p, p + tensor, p + 2 tensor, ..."""
+    return [list(range(p, world, tensor)) for p in range(tensor)]
+
+
 def init(*, fusion_threshold_mb: float | None = None, cycle_time_ms: float | None = None,
-         timeline: str | None = None, mpi_yield_when_idle: bool = True):
+         timeline: str | None = None, mpi_yield_when_idle: bool = True, tensor_parallel: int | None = None):
     """Start the backend once (later calls return it). Horovod tuning applies before hvd.init only.
+
+    tensor_parallel > 1: gradients are averaged over the data-parallel replicas of each TP shard only
+    (one Horovod process set per TP position); the world size must be a multiple of it.
 
     mpi_yield_when_idle: Horovod's background thread waits inside MPI on the core of the rank's compute
     thread; Open MPI busy-polls unless told to yield, which takes up to half that core whenever the ranks
@@ -216,8 +232,17 @@ def init(*, fusion_threshold_mb: float | None = None, cycle_time_ms: float | Non
     already in the environment wins."""
     global _backend
     if _backend is not None:
+        if tensor_parallel not in (None, _backend.tensor_parallel):
+            raise DistError(f"hpclm.dist is already started with tensor_parallel = {_backend.tensor_parallel}, "
+                            f"asked for {tensor_parallel}: one process trains one layout")
         return _backend
+    tensor_parallel = tensor_parallel or 1
     launch = launch_env()
+    world = launch.size if launch.size is not None else 1
+    if world % tensor_parallel:
+        raise DistError(f"parallel.tensor = {tensor_parallel} does not divide the {world} rank(s) started: start a "
+                        f"multiple of {tensor_parallel} ranks (data replicas x tensor, e.g. mpirun -np "
+                        f"{tensor_parallel}), or change parallel.tensor")
     if launch.launcher == "none":
         _backend = _SingleProcess()
         return _backend
@@ -238,11 +263,20 @@ def init(*, fusion_threshold_mb: float | None = None, cycle_time_ms: float | Non
         raise DistError(f"launched by {launch.launcher} as rank {launch.rank} of {launch.size or 'several'} ranks, "
                         f"but Horovod is not usable ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
                         f"{_horovod_install_hint()}") from None
-    hvd.init()
+    sets = data_process_sets(world, tensor_parallel) if tensor_parallel > 1 and world > tensor_parallel else []
+    if sets:
+        process_sets = [hvd.ProcessSet(ranks) for ranks in sets]
+        hvd.init(process_sets=process_sets)
+    else:
+        hvd.init()
     if launch.size is not None and hvd.size() != launch.size:
         raise DistError(f"{launch.launcher} started {launch.size} ranks but Horovod sees {hvd.size()}: "
                         "Horovod and mpirun must use the same MPI library (rebuild Horovod against it)")
-    _backend = _Horovod(hvd)
+    if hvd.size() % tensor_parallel:
+        raise DistError(f"parallel.tensor = {tensor_parallel} does not divide the {hvd.size()} ranks started: start "
+                        f"a multiple of {tensor_parallel} ranks, or change parallel.tensor")
+    mine = process_sets[hvd.rank() % tensor_parallel] if sets else None
+    _backend = _Horovod(hvd, tensor_parallel, mine)
     _set_threads_per_rank(hvd.local_size())
     return _backend
 
@@ -270,6 +304,21 @@ def local_rank() -> int:
 
 def local_size() -> int:
     return _get().local_size()
+
+
+def tensor_parallel() -> int:
+    """Ranks per tensor-parallel group (1: data parallel only)."""
+    return _get().tensor_parallel
+
+
+def data_rank() -> int:
+    """This rank's data-parallel replica: the ranks of one TP group train on the same samples."""
+    return rank() // tensor_parallel()
+
+
+def data_size() -> int:
+    """Data-parallel replicas: ranks / tensor_parallel."""
+    return size() // tensor_parallel()
 
 
 def is_distributed() -> bool:

@@ -1,0 +1,88 @@
+// Collectives for tensor-parallel activations: latency-bound messages inside one TP group.
+//
+// doubling_allreduce: recursive doubling, log2(n) rounds of one MPI_Sendrecv of the whole buffer with
+// rank ^ mask and one reduction; each round combines two values every member of the pair already
+// holds alike, so every rank ends with the same bits. tp_allreduce picks it for messages up to
+// `small_bytes` on a power-of-two group, the pipelined ring above that.
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+
+#include "comm/allreduce.h"
+#include "comm/mpi_util.h"
+
+namespace hpclm {
+namespace {
+
+constexpr int kDoublingTag = 0x44424c;  // "DBL"; on hpclm's private communicator
+
+char* doubling_scratch(size_t bytes) {
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<char, Free> buf;
+  thread_local size_t size = 0;
+  if (bytes > size) {
+    size_t rounded = (bytes + 63) / 64 * 64;
+    buf.reset(static_cast<char*>(std::aligned_alloc(64, rounded)));
+    if (!buf) throw std::bad_alloc();
+    size = rounded;
+  }
+  return buf.get();
+}
+
+bool power_of_two(int n) { return n > 0 && (n & (n - 1)) == 0; }
+
+}  // namespace
+
+void doubling_allreduce(const void* send, void* recv, size_t count, DType dtype, AllreduceOp op, MPI_Comm comm) {
+  mpi::require_initialized("doubling_allreduce");
+  MPI_Comm c = mpi::private_comm(comm);
+  int n = 1, rank = 0;
+  MPI_Comm_size(c, &n);
+  MPI_Comm_rank(c, &rank);
+  if (!power_of_two(n)) throw std::invalid_argument("doubling_allreduce needs a power-of-two number of ranks");
+  const size_t bytes = count * dtype_size(dtype);
+  if (bytes > size_t(INT_MAX)) throw std::invalid_argument("doubling_allreduce: message over 2 GiB, use the ring");
+  if (send != recv && bytes) std::memcpy(recv, send, bytes);
+  if (count == 0 || n == 1) return;
+  const size_t stride = (bytes + 63) / 64 * 64;
+  char* other = doubling_scratch(2 * stride);
+  char* combined = other + stride;
+  for (int mask = 1; mask < n; mask <<= 1) {
+    int partner = rank ^ mask;
+    mpi::check(MPI_Sendrecv(recv, static_cast<int>(bytes), MPI_BYTE, partner, kDoublingTag, other,
+                            static_cast<int>(bytes), MPI_BYTE, partner, kDoublingTag, c, MPI_STATUS_IGNORE),
+               "MPI_Sendrecv");
+    // the lower rank's value first on both sides, so min/max ties and rounding agree bit for bit
+    if (rank < partner)
+      reduce_into(recv, other, count, dtype, op.reduce, 1);
+    else {
+      reduce_to(combined, other, recv, count, dtype, op.reduce, 1);
+      std::memcpy(recv, combined, bytes);
+    }
+  }
+  if (op.average) divide_by(recv, count, dtype, static_cast<double>(n), 1);
+}
+
+void tp_allreduce(const void* send, void* recv, size_t count, DType dtype, AllreduceOp op, MPI_Comm comm,
+                  size_t small_bytes) {
+  int n = 1;
+  MPI_Comm_size(comm, &n);
+  if (power_of_two(n) && count * dtype_size(dtype) <= small_bytes)
+    doubling_allreduce(send, recv, count, dtype, op, comm);
+  else
+    ring_allreduce(send, recv, count, dtype, op, comm);
+}
+
+void allgather_bytes(const void* send, void* recv, size_t bytes, MPI_Comm comm) {
+  mpi::require_initialized("allgather_bytes");
+  if (bytes > size_t(INT_MAX)) throw std::invalid_argument("allgather_bytes: a rank's part is over 2 GiB");
+  MPI_Comm c = mpi::private_comm(comm);
+  mpi::check(MPI_Allgather(send, static_cast<int>(bytes), MPI_BYTE, recv, static_cast<int>(bytes), MPI_BYTE, c),
+             "MPI_Allgather");
+}
+
+}  // namespace hpclm
