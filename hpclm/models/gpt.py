@@ -60,9 +60,9 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("causal_mask", mask.view(1, 1, block_size, block_size), persistent=False)
 
     def forward(self, x):
-        B, T, C = x.shape
+        B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_head, self.n_embd // self.n_head).transpose(1, 2) for t in (q, k, v))
         scale = 1.0 / math.sqrt(k.size(-1))
         cpu_autocast = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         mode = self.softmax
@@ -84,7 +84,7 @@ class CausalSelfAttention(nn.Module):
             else:
                 att = (scores * scale).masked_fill(~self.causal_mask[:, :, :T, :T], float("-inf")).softmax(dim=-1)
             y = self.attn_dropout(att) @ v
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_embd)  # n_embd: this rank's heads under TP
         return self.resid_dropout(self.c_proj(y))
 
 

@@ -1,0 +1,193 @@
+"""Tensor-parallel groups: the layout of ranks (TP groups of consecutive ranks, data replicas across them)
+and the collectives inside one TP group, through hpclm's C++ over MPI or through torch.distributed."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hpclm.errors import HpclmError
+
+BACKENDS = ("auto", "mpi", "torch")
+# Messages up to this size take recursive doubling (one exchange per doubling round) on a power-of-two group,
+# larger ones the pipelined ring: benchmarks/tensor_parallel.py measures both (README: Tensor parallel).
+SMALL_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Layout:
+    """World = data x tensor ranks; rank r is TP position r % tensor of data replica r // tensor."""
+    world: int
+    tensor: int
+    rank: int
+
+    @property
+    def data(self) -> int:
+        return self.world // self.tensor
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tensor
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tensor
+
+    @property
+    def tp_ranks(self) -> list[int]:
+        first = self.dp_rank * self.tensor
+        return list(range(first, first + self.tensor))
+
+    def describe(self) -> str:
+        groups = " ".join("[" + ",".join(str(r) for r in range(d * self.tensor, (d + 1) * self.tensor)) + "]"
+                          for d in range(self.data))
+        return (f"{self.world} rank(s) = {self.data} data replica(s) x {self.tensor} tensor-parallel; "
+                f"TP groups {groups}")
+
+
+class TensorGroup:
+    """The ranks that split one model. Collectives return new tensors and count their own seconds."""
+    name = "base"
+    size = 1
+    rank = 0
+
+    def __init__(self):
+        self.seconds = 0.0  # wall time inside collectives since the last take_seconds()
+        self.calls = 0
+
+    def take_seconds(self) -> float:
+        s, self.seconds = self.seconds, 0.0
+        return s
+
+    def allreduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or max) over the group, out of place."""
+        if self.size == 1:
+            return tensor
+        start = time.perf_counter()
+        out = self._allreduce(tensor.contiguous(), op)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+    def allgather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """The group's tensors concatenated along `dim`, in rank order."""
+        if self.size == 1:
+            return tensor
+        start = time.perf_counter()
+        parts = self._allgather(tensor.contiguous())
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return torch.cat(parts, dim=dim)
+
+    def _allreduce(self, tensor, op):
+        raise NotImplementedError
+
+    def _allgather(self, tensor):
+        raise NotImplementedError
+
+
+class SingleRank(TensorGroup):
+    """No tensor parallelism: every collective is the identity."""
+    name = "none"
+
+
+_MPI_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+               torch.bfloat16: "bfloat16"}
+
+
+class MPIGroup(TensorGroup):
+    """hpclm's C++ collectives (csrc/comm/tp_collectives.cpp) on an MPI sub-communicator of the TP group."""
+    name = "mpi"
+
+    def __init__(self, layout: Layout, small_bytes: int = SMALL_BYTES):
+        super().__init__()
+        from hpclm.comm.ring import extension, mpi
+        MPI = mpi()
+        self.ext = extension()
+        if not hasattr(self.ext, "tp_allreduce"):
+            raise HpclmError("hpclm._C lacks tp_allreduce (built from older sources): rebuild with `make build`")
+        self.comm = MPI.COMM_WORLD.Split(color=layout.dp_rank, key=layout.tp_rank)
+        self.size, self.rank = self.comm.Get_size(), self.comm.Get_rank()
+        self.fortran = self.comm.py2f()
+        self.small_bytes = small_bytes
+
+    def _check(self, tensor):
+        if tensor.device.type != "cpu" or tensor.dtype not in _MPI_DTYPES:
+            raise HpclmError(f"parallel.backend = 'mpi' reduces CPU float tensors, got a {tensor.dtype} tensor on "
+                             f"{tensor.device}: use parallel.backend = 'torch' (NCCL) for CUDA tensors")
+
+    def _allreduce(self, tensor, op):
+        self._check(tensor)
+        out = torch.empty_like(tensor)
+        self.ext.tp_allreduce(tensor.data_ptr(), out.data_ptr(), tensor.numel(), _MPI_DTYPES[tensor.dtype], op,
+                              self.fortran, self.small_bytes)
+        return out
+
+    def _allgather(self, tensor):
+        self._check(tensor)
+        out = torch.empty((self.size,) + tuple(tensor.shape), dtype=tensor.dtype)
+        self.ext.allgather_bytes(tensor.data_ptr(), out.data_ptr(), tensor.numel() * tensor.element_size(),
+                                 self.fortran)
+        return list(out.unbind(0))
+
+
+class TorchGroup(TensorGroup):
+    """torch.distributed (gloo for CPU tensors, NCCL for CUDA ones), rendezvous at rank 0's address."""
+    name = "torch"
+
+    def __init__(self, layout: Layout, device: torch.device):
+        super().__init__()
+        import torch.distributed as td
+        self.td = td
+        if not td.is_initialized():
+            from hpclm.comm.ring import mpi
+            MPI = mpi()
+            world = MPI.COMM_WORLD
+            address = None
+            if world.Get_rank() == 0:
+                host = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+                port = int(os.environ.get("MASTER_PORT", "0")) or _free_port(host)
+                address = f"tcp://{host}:{port}"
+            address = world.bcast(address, root=0)
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            td.init_process_group(backend, init_method=address, rank=layout.rank, world_size=layout.world)
+        # every rank creates every TP group, in the same order (torch.distributed requires it)
+        mine = None
+        for d in range(layout.data):
+            ranks = list(range(d * layout.tensor, (d + 1) * layout.tensor))
+            group = td.new_group(ranks)
+            if d == layout.dp_rank:
+                mine = group
+        self.group = mine
+        self.size, self.rank = layout.tensor, layout.tp_rank
+
+    def _allreduce(self, tensor, op):
+        out = tensor.clone()
+        self.td.all_reduce(out, op=self.td.ReduceOp.MAX if op == "max" else self.td.ReduceOp.SUM, group=self.group)
+        return out
+
+    def _allgather(self, tensor):
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        self.td.all_gather(parts, tensor, group=self.group)
+        return parts
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def make_group(layout: Layout, backend: str = "auto", device: torch.device | str = "cpu") -> TensorGroup:
+    """The TP group of this rank: SingleRank at tensor = 1; backend auto = mpi for CPU, torch (NCCL) for CUDA."""
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise HpclmError(f"parallel.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if layout.tensor == 1:
+        return SingleRank()
+    if backend == "auto":
+        backend = "torch" if device.type == "cuda" else "mpi"
+    return MPIGroup(layout) if backend == "mpi" else TorchGroup(layout, device)
