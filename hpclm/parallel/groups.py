@@ -13,8 +13,8 @@ from hpclm.errors import HpclmError
 
 BACKENDS = ("auto", "mpi", "torch")
 # Messages up to this size take recursive doubling (one exchange per doubling round) on a power-of-two group,
-# larger ones the pipelined ring: benchmarks/tensor_parallel.py measures both (README: Tensor parallel).
-SMALL_BYTES = 1 << 20
+# larger ones the pipelined ring, which overlaps reduction and transfer (README: Tensor parallel has both).
+SMALL_BYTES = 16 << 10
 
 
 @dataclass(frozen=True)
