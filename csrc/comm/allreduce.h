@@ -50,6 +50,9 @@ void library_allreduce(const void* send, void* recv, size_t count, DType dtype, 
 // MPI_Sendrecv of `bytes` to rank+1 from rank-1: the traffic of one ring link.
 void neighbor_sendrecv(const void* send, void* recv, size_t bytes, MPI_Comm comm);
 
+// Grow-only, 64-byte aligned scratch of this thread, shared by the ring and recursive doubling (never nested).
+char* thread_scratch(size_t bytes);
+
 // Recursive doubling (power-of-two rank counts, messages under 2 GiB): log2(n) exchanges of the whole
 // buffer, identical bits on every rank. The latency path for small tensor-parallel activations.
 void doubling_allreduce(const void* send, void* recv, size_t count, DType dtype, AllreduceOp op, MPI_Comm comm);

@@ -18,16 +18,8 @@
 #include "comm/mpi_util.h"
 
 namespace hpclm {
-namespace {
 
-constexpr int kRingTag = 0x52494e47;  // "RING"; on hpclm's private communicator
-
-struct Span {
-  size_t offset, count;  // elements
-};
-
-// Grow-only, 64-byte aligned scratch for received segments, one per thread.
-char* scratch(size_t bytes) {
+char* thread_scratch(size_t bytes) {
   struct Free {
     void operator()(char* p) const { std::free(p); }
   };
@@ -41,6 +33,14 @@ char* scratch(size_t bytes) {
   }
   return buf.get();
 }
+
+namespace {
+
+constexpr int kRingTag = 0x52494e47;  // "RING"; on hpclm's private communicator
+
+struct Span {
+  size_t offset, count;  // elements
+};
 
 class Ring {
  public:
@@ -56,7 +56,7 @@ class Ring {
     steps_ = 2 * (n_ - 1);
     depth_ = static_cast<size_t>(std::max(1, opt.depth));
     slot_bytes_ = (max_chunk + nseg_ - 1) / nseg_ * esize_;  // the longest segment
-    tmp_ = scratch(depth_ * slot_bytes_);
+    tmp_ = thread_scratch(depth_ * slot_bytes_);
     order_units(static_cast<size_t>(std::max(1, opt.lag)));
     recv_req_.assign(order_.size(), MPI_REQUEST_NULL);
     send_req_.assign(order_.size(), MPI_REQUEST_NULL);

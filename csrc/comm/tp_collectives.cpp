@@ -18,21 +18,6 @@ namespace {
 
 constexpr int kDoublingTag = 0x44424c;  // "DBL"; on hpclm's private communicator
 
-char* doubling_scratch(size_t bytes) {
-  struct Free {
-    void operator()(char* p) const { std::free(p); }
-  };
-  thread_local std::unique_ptr<char, Free> buf;
-  thread_local size_t size = 0;
-  if (bytes > size) {
-    size_t rounded = (bytes + 63) / 64 * 64;
-    buf.reset(static_cast<char*>(std::aligned_alloc(64, rounded)));
-    if (!buf) throw std::bad_alloc();
-    size = rounded;
-  }
-  return buf.get();
-}
-
 bool power_of_two(int n) { return n > 0 && (n & (n - 1)) == 0; }
 
 }  // namespace
@@ -49,7 +34,7 @@ void doubling_allreduce(const void* send, void* recv, size_t count, DType dtype,
   if (send != recv && bytes) std::memcpy(recv, send, bytes);
   if (count == 0 || n == 1) return;
   const size_t stride = (bytes + 63) / 64 * 64;
-  char* other = doubling_scratch(2 * stride);
+  char* other = thread_scratch(2 * stride);
   char* combined = other + stride;
   for (int mask = 1; mask < n; mask <<= 1) {
     int partner = rank ^ mask;
