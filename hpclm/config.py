@@ -324,9 +324,9 @@ def validate(cfg: Config) -> None:
         (cfg.parallel.tensor < 1 or cfg.model.n_head % cfg.parallel.tensor == 0,
          f"model.n_head ({cfg.model.n_head}) must be a multiple of parallel.tensor ({cfg.parallel.tensor}): "
          "each tensor-parallel rank computes whole attention heads (so n_embd splits evenly too)"),
-        (cfg.parallel.tensor <= 1,
-         f"parallel.tensor = {cfg.parallel.tensor}: hpclm train does not run tensor parallel yet (hpclm.parallel "
-         "holds the split GPT for a loop of your own, README: Tensor parallel); train with parallel.tensor = 1"),
+        (cfg.parallel.tensor <= 1 or not cfg.init.from_,
+         f"init.from with parallel.tensor = {cfg.parallel.tensor} is not supported: start from it at "
+         "parallel.tensor = 1, then resume that run's checkpoint at any parallel.tensor"),
         (cfg.checkpoint.every_iters >= 0, "checkpoint.every_iters must be >= 0 (0: only at the end)"),
         (cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last must be >= 0 (0: keep all)"),
         (0 <= cfg.metrics.prometheus_port <= 65535, "metrics.prometheus_port must be in 0..65535 (0: off)"),

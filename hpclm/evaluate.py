@@ -27,7 +27,7 @@ def estimate_loss(model, data: Dataset, cfg, device, amp) -> dict[str, float]:
         total = torch.zeros((), device=device)
         for k in range(cfg.train.eval_iters):
             x, y = get_batch(data.split(split), cfg.train.batch_size, cfg.data.block_size,
-                             batch_rng(cfg.train.seed, f"eval_{split}", dist.rank(), k), device)
+                             batch_rng(cfg.train.seed, f"eval_{split}", dist.data_rank(), k), device)
             with amp:
                 _, loss = model(x, y)
             total += loss.float()

@@ -75,7 +75,7 @@ def test_shard_and_unshard_are_inverse_with_padding():
     (["parallel.tensor=3", "model.n_head=4"], "model.n_head (4) must be a multiple of parallel.tensor (3)"),
     (["parallel.tensor=0"], "parallel.tensor must be >= 1"),
     (["parallel.backend=nccl"], "parallel.backend (from --set) must be one of auto, mpi, torch"),
-    (["parallel.tensor=2", "model.n_head=4", "model.n_embd=64"], "hpclm train does not run tensor parallel yet"),
+    (["parallel.tensor=2", "init.from=nanogpt:/nowhere/ckpt.pt"], "init.from with parallel.tensor = 2 is not supported"),
 ])
 def test_bad_layouts_stop_with_one_line_and_write_nothing(tmp_path, settings, message):
     out = tmp_path / "run"

@@ -109,6 +109,18 @@ class TensorParallelGPT(nn.Module):
         """Every TP rank's tensor of the same shape as `local`, in rank order."""
         return list(self.group.allgather(local.unsqueeze(0).contiguous(), dim=0).unbind(0))
 
+    def parameter_count(self) -> int:
+        """Parameters of the whole model: sharded ones summed over the group, vocabulary padding left out."""
+        local = torch.zeros(1, dtype=torch.float64)
+        replicated = 0
+        for name, p in self.named_parameters():
+            if shard_spec(name) is None:
+                replicated += p.numel()
+            else:
+                local += p.numel()
+        pad = (self.lm_head.weight.size(0) * self.group.size - self.vocab_size) * self.lm_head.weight.size(1)
+        return int(self.group.allreduce(local)[0]) + replicated - pad
+
     def forward(self, idx, targets=None):
         """(logits, loss). With targets the logits are this rank's vocabulary columns [vocab_start, +rows)
         and the loss is the full cross-entropy; without, the last position's full-vocabulary logits."""
@@ -126,3 +138,52 @@ class TensorParallelGPT(nn.Module):
             return gather_from_tensor_region(local, self.group)[..., :self.vocab_size], None
         local = F.linear(copy_to_tensor_region(x, self.group), self.lm_head.weight)
         return local, vocab_parallel_cross_entropy(local, targets, self.group, self.vocab_start, self.vocab_size)
+
+
+# --- training helpers: the global gradient norm, and optimizer state in the full layout -------------
+
+def grad_norm_and_clip(model: TensorParallelGPT, max_norm: float) -> torch.Tensor:
+    """The gradient norm of the whole (unsplit) model, from one allreduce of the sharded parameters' squares
+    (replicated ones count once); clips every rank's gradients alike to max_norm unless it is 0 (torch's
+    clip_grad_norm_ rule: scale by max_norm / (norm + 1e-6) when below 1)."""
+    sharded, replicated = [], []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            (replicated if shard_spec(name) is None else sharded).append(p.grad.detach().float().pow(2).sum())
+    zero = torch.zeros((), dtype=torch.float32)
+    split = torch.stack(sharded).sum() if sharded else zero
+    norm = (model.group.allreduce(split.reshape(1))[0] + (torch.stack(replicated).sum() if replicated else zero)).sqrt()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.detach().mul_(coef.to(p.grad.device, p.grad.dtype))
+    return norm
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter in the optimizer's index order (its param groups, in order)."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_optimizer_state(model: TensorParallelGPT, optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with every sharded moment gathered to the full tensor (every TP rank calls)."""
+    state = optimizer.state_dict()
+    names = _param_names(model, optimizer)
+    full = {}
+    for index, moments in state["state"].items():
+        name = names[index]
+        full[index] = {k: unshard_tensor(name, model.gather_pieces(v), model.vocab_size)
+                       if torch.is_tensor(v) and v.dim() > 0 and shard_spec(name) is not None else v
+                       for k, v in moments.items()}
+    return {**state, "state": full}
+
+
+def shard_optimizer_state(model: TensorParallelGPT, optimizer: torch.optim.Optimizer, full: dict) -> dict:
+    """A full optimizer state dict (full_optimizer_state's, or a T=1 run's) cut to this rank's slices."""
+    names = _param_names(model, optimizer)
+    T, rank = model.group.size, model.group.rank
+    return {**full, "state": {index: {k: shard_tensor(names[index], v, T, rank)
+                                      if torch.is_tensor(v) and v.dim() > 0 else v for k, v in moments.items()}
+                              for index, moments in full["state"].items()}}

@@ -102,9 +102,15 @@ class Run:
 
     @property
     def global_batch(self) -> int:
-        """Sequences per optimizer step: per-rank batch x ranks x gradient accumulation."""
+        """Sequences per optimizer step: per-replica batch x data replicas x gradient accumulation (the ranks
+        of one tensor-parallel group train on the same sequences)."""
         t = self.cfg.train
-        return t.batch_size * dist.size() * t.grad_accum
+        return t.batch_size * dist.data_size() * t.grad_accum
+
+    @property
+    def tensor_group(self):
+        """The model's tensor-parallel group (hpclm.parallel), None without tensor parallelism."""
+        return getattr(self.model, "group", None) if dist.tensor_parallel() > 1 else None
 
     @property
     def tokens_per_step(self) -> int:
@@ -116,8 +122,15 @@ class Run:
 
 
 def _restore(run: Run, path: Path) -> None:
-    run.model.load_state_dict(checkpoint.load_weights(path, run.device))
-    run.optimizer.load_state_dict(checkpoint.load(path, "optimizer.pt", run.device))
+    """Weights, optimizer, scaler, RNG and loop state of a checkpoint (full tensors: each TP rank keeps its slices)."""
+    weights, optimizer = checkpoint.load_weights(path, run.device), checkpoint.load(path, "optimizer.pt", run.device)
+    if run.tensor_group is not None:
+        from hpclm.parallel.gpt import shard_optimizer_state
+        run.model.load_full_state_dict(weights)
+        optimizer = shard_optimizer_state(run.model, run.optimizer, optimizer)
+    else:
+        run.model.load_state_dict(weights)
+    run.optimizer.load_state_dict(optimizer)
     state = checkpoint.load(path, "state.pt")
     run.scaler.load_state_dict(state["loss_scaler"])
     run.start_step = int(state["step"])
@@ -131,7 +144,7 @@ def _restore(run: Run, path: Path) -> None:
         if run.device.type == "cuda" and state["rng"].get("cuda"):
             torch.cuda.set_rng_state(state["rng"]["cuda"][dist.rank()], run.device)
     else:  # on another number of ranks (open_run_dir said what happens to the batch): dropout reseeded
-        torch.manual_seed(run.cfg.train.seed + 1 + dist.rank() + run.start_step)
+        torch.manual_seed(run.cfg.train.seed + 1 + dist.data_rank() + run.start_step)
     run.resumed_from = str(path)
 
 
@@ -152,18 +165,25 @@ def _start_from(run: Run, imported, say) -> None:
 
 def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     dist.init(fusion_threshold_mb=cfg.dist.fusion_threshold_mb or None, cycle_time_ms=cfg.dist.cycle_time_ms or None,
-              timeline=cfg.dist.timeline or None, mpi_yield_when_idle=cfg.dist.mpi_yield_when_idle)
+              timeline=cfg.dist.timeline or None, mpi_yield_when_idle=cfg.dist.mpi_yield_when_idle,
+              tensor_parallel=cfg.parallel.tensor)
     device = resolve_device(cfg.train.device)
     data = load_dataset(cfg.data.path, cfg.data.block_size)
     scaler = make_loss_scaler(cfg.precision)
     start = open_run_dir(cfg, out, data, resume, force, say)  # first: a resume may set train.grad_accum
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (broadcast makes sure)
-    model = build_model(cfg, data.vocab_size).to(device)
+    model = build_model(cfg, data.vocab_size)
+    if cfg.parallel.tensor > 1:  # each rank keeps its slices of the model built above
+        from hpclm.parallel.gpt import TensorParallelGPT
+        from hpclm.parallel.groups import Layout, make_group
+        layout = Layout(dist.size(), cfg.parallel.tensor, dist.rank())
+        model = TensorParallelGPT(model, make_group(layout, cfg.parallel.backend, device))
+    model = model.to(device)
     # Horovod rebuilds the optimizer when wrapping it, so wrap first and load a checkpoint's state after.
     optimizer = dist.distributed_optimizer(make_optimizer(model, cfg.optim), model.named_parameters(),
                                            backward_passes_per_step=cfg.train.grad_accum,
                                            fp16_compression=cfg.dist.fp16_compression)
-    torch.manual_seed(cfg.train.seed + 1 + dist.rank())  # dropout differs across ranks
+    torch.manual_seed(cfg.train.seed + 1 + dist.data_rank())  # dropout differs across replicas, not within a TP group
     run = Run(cfg, out, data, model, optimizer, scaler, device, params=[p for p in model.parameters() if p.requires_grad],
               detector=SpikeDetector.from_config(cfg.anomaly))
     if start.ckpt:
@@ -172,7 +192,7 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
         if dist.is_main():  # read and checked by open_run_dir; the other ranks take it from the broadcast below
             _start_from(run, start.imported, say)
         say(f"hpclm train: starting from the weights of {cfg.init.from_}")
-    if dist.is_distributed():
+    if dist.is_distributed() and run.tensor_group is None:  # TP shards: the same seed and files on every rank
         dist.broadcast_training_state(run.model, run.optimizer, root=0)
     return run
 
@@ -187,13 +207,18 @@ def save_checkpoint(run: Run, step: int, recent_losses=0.0) -> Path | None:
     gathered = dist.allgather_object(mine) if dist.is_distributed() else [mine]
     rngs = {kind: [g["rng"][kind] for g in gathered] for kind in rng}
     o = run.cfg.optim
+    if run.tensor_group is not None:  # the TP-independent layout: full tensors, gathered on every rank
+        from hpclm.parallel.gpt import full_optimizer_state
+        model_state, optimizer_state = run.model.full_state_dict(), full_optimizer_state(run.model, run.optimizer)
+    else:
+        model_state, optimizer_state = run.model.state_dict(), run.optimizer.state_dict()
 
     def files():
-        refuse_diverged(step, run.out, {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()},
+        refuse_diverged(step, run.out, {"model": model_state, "optimizer": optimizer_state},
                         losses_finite=all(g["losses_finite"] for g in gathered))
         state = {
             "format": STATE_FORMAT, "step": step, "tokens": run.tokens_at(step), "world_size": dist.size(),
-            "rng": rngs, "loss_scaler": run.scaler.state_dict(), "lr_step": run.lr_step,
+            "data_parallel": dist.data_size(), "tensor_parallel": dist.tensor_parallel(), "rng": rngs, "loss_scaler": run.scaler.state_dict(), "lr_step": run.lr_step,
             "lr_schedule": {"lr": lr_at(run.lr_step, o, run.cfg.train.max_iters), "max_lr": o.lr, "min_lr": o.min_lr,
                             "warmup_iters": o.warmup_iters, "decay_iters": o.lr_decay_iters or run.cfg.train.max_iters},
             "data": {"sampler": "global samples, window of sample g fixed by (seed, g)", "seed": run.cfg.train.seed,
@@ -201,8 +226,8 @@ def save_checkpoint(run: Run, step: int, recent_losses=0.0) -> Path | None:
             "global_batch": run.global_batch, "anomaly": run.detector.state_dict(),
         }
         return {
-            **dict([checkpoint.weights_file(run.model.state_dict(), run.cfg.checkpoint.format)]),
-            "optimizer.pt": checkpoint.tensor_bytes(run.optimizer.state_dict()),
+            **dict([checkpoint.weights_file(model_state, run.cfg.checkpoint.format)]),
+            "optimizer.pt": checkpoint.tensor_bytes(optimizer_state),
             "state.pt": checkpoint.tensor_bytes(state),
             "config.toml": config_mod.to_toml(run.cfg),
             "meta.json": json.dumps(run.data.meta, indent=2) + "\n",
@@ -242,11 +267,11 @@ class PreemptionSignals:
 def micro_batches(run: Run, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's grad_accum batches for `step`: micro-batch m of rank r holds the global samples
     next_sample + (m * ranks + r) * batch_size + 0..batch_size-1, so the step as a whole trains on the next
-    global_batch samples whatever the layout."""
-    cfg, batch, ranks = run.cfg, run.cfg.train.batch_size, dist.size()
+    global_batch samples whatever the layout. Ranks here are data replicas: a TP group shares its batches."""
+    cfg, batch, ranks = run.cfg, run.cfg.train.batch_size, dist.data_size()
     out = []
     for micro in range(cfg.train.grad_accum):
-        indices = run.next_sample + (micro * ranks + dist.rank()) * batch + np.arange(batch)
+        indices = run.next_sample + (micro * ranks + dist.data_rank()) * batch + np.arange(batch)
         if run.sample_log is not None:
             run.sample_log.write(f"{step + 1} {' '.join(map(str, indices.tolist()))}\n")
         out.append(get_samples(run.data.train, cfg.train.seed, indices, cfg.data.block_size, run.device))
@@ -293,7 +318,10 @@ def apply_update(run: Run, local_loss: torch.Tensor) -> StepResult:
         loss = dist.mean_over_ranks(float(loss)) if dist.is_distributed() else float(loss)
     finite = run.scaler.unscale_and_check(run.params)
     norm = float("inf")
-    if finite:
+    if finite and run.tensor_group is not None:
+        from hpclm.parallel.gpt import grad_norm_and_clip as tensor_parallel_norm
+        norm = float(tensor_parallel_norm(run.model, run.cfg.optim.grad_clip))
+    elif finite:
         norm = float(grad_norm_and_clip(run.params, run.cfg.optim.grad_clip))
     why = None
     if judged:  # an fp16 overflow is the loss scaler's to handle, not an anomaly
@@ -417,10 +445,16 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
     amp = autocast(cfg.precision, run.device)
     outputs = RunOutputs(out, run.start_step, max_iters, cfg.metrics, main=dist.is_main(), progress_bar=progress_bar)
     say = outputs.message
-    say(f"hpclm train: {cfg.model.arch} {count_parameters(run.model) / 1e6:.2f}M parameters, {dist.size()} rank(s) "
+    tp = run.tensor_group
+    parameters = run.model.parameter_count() if tp is not None else count_parameters(run.model)
+    if tp is not None:
+        from hpclm.parallel.groups import Layout
+        say(f"hpclm train: layout {Layout(dist.size(), dist.tensor_parallel(), 0).describe()}; TP collectives "
+            f"over {tp.name}")
+    say(f"hpclm train: {cfg.model.arch} {parameters / 1e6:.2f}M parameters, {dist.size()} rank(s) "
         f"({dist.backend()}), {run.device}, {cfg.precision.dtype}; data {cfg.data.path} ({run.data.meta['tokenizer']}, "
-        f"vocabulary {run.data.vocab_size}); global batch {run.global_batch} = {t.batch_size} per rank x "
-        f"{dist.size()} rank(s) x {t.grad_accum} accumulation ({run.tokens_per_step} tokens/step); out {out}"
+        f"vocabulary {run.data.vocab_size}); global batch {run.global_batch} = {t.batch_size} per replica x "
+        f"{dist.data_size()} data replica(s) x {t.grad_accum} accumulation ({run.tokens_per_step} tokens/step); out {out}"
         + (f"; resumed from {run.resumed_from}" if run.resumed_from else "")
         + (f"; Prometheus at {outputs.prometheus_url}" if outputs.prometheus_url else ""))
     if run.device.type == "cpu" and cfg.precision.dtype == "fp16":
@@ -492,6 +526,8 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
                        "grad_norm": result.norm, "loss_scale": float(run.scaler.scale),
                        "skipped_steps": int(run.scaler.skipped_steps), "ranks": dist.size(),
                        "anomalies": len(run.detector.history), **times}
+                if tp is not None:  # this rank's seconds per step inside TP collectives
+                    rec["tp_collective_s"] = tp.take_seconds() / steps_acc
                 record(rec)
                 summary["loss"] = mean_loss
                 loss_acc, loss_n, steps_acc, time_acc, compute_acc, wait_acc = 0.0, 0, 0, 0.0, 0.0, 0.0

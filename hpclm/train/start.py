@@ -130,7 +130,7 @@ def resume_layout(cfg: Config, ckpt: str | Path, world: int) -> tuple[dict, str]
     train.batch_size) that keeps its global batch when the config's batch settings are the checkpoint's,
     and a note saying what changes. ({}, "") on the same number of ranks."""
     state = checkpoint.load(Path(ckpt), "state.pt")
-    before = int(state.get("world_size", world))
+    before = int(state.get("data_parallel", state.get("world_size", world)))
     if before == world:
         return {}, ""
     old = config_mod.from_dict(tomllib.loads(checkpoint.load(Path(ckpt), "config.toml"))).train
@@ -165,7 +165,7 @@ def open_run_dir(cfg: Config, out: Path, data: Dataset, resume: str, force: bool
     if dist.is_main():
         try:
             ckpt = plan_start(out, cfg, data, resume, force, warn)
-            layout, note = resume_layout(cfg, ckpt, dist.size()) if ckpt and say else ({}, "")
+            layout, note = resume_layout(cfg, ckpt, dist.data_size()) if ckpt and say else ({}, "")
             for key, value in layout.items():
                 setattr(cfg.train, key, value)
             if ckpt is None:
