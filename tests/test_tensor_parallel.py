@@ -1,11 +1,18 @@
 """Tensor parallelism (hpclm.parallel) under real mpirun: the collectives of both backends, the split GPT
 against the T=1 GPT built with the same seed, and the [parallel] layout checks."""
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from conftest import REPO, mpirun, run_python
+from conftest import REPO, child_env, hang_guard, mpirun, run_python
+from helpers.lm_fixtures import records, shakespeare_dir  # noqa: F401 (fixture)
 from hpclm.parallel.gpt import shard_spec, shard_tensor, unshard_tensor
 from hpclm.parallel.groups import Layout
 from hpclm.parallel.layers import padded_vocab
@@ -96,3 +103,123 @@ def test_world_not_divisible_by_tensor_is_one_error():
     lines = [l for l in proc.stdout.splitlines() if l.startswith("ERR")]
     assert len(lines) == 3 and all("parallel.tensor = 2 does not divide the 3 rank(s)" in l for l in lines), proc.stdout
     assert dist.data_process_sets(6, 2) == [[0, 2, 4], [1, 3, 5]]
+
+
+# --- hpclm train under tensor parallelism ----------------------------------------------------------
+
+TRAIN = ["model.n_layer=2", "model.n_head=4", "model.n_embd=32", "model.bias=true", "model.dropout=0.0",
+         "data.block_size=32", "train.batch_size=4", "train.eval_iters=2", "train.log_interval=1",
+         "train.eval_interval=0", "optim.warmup_iters=5", "optim.lr=3e-3", "optim.lr_decay_iters=30"]
+
+
+def _train_args(out, data_dir, *extra):
+    return ["-m", "hpclm", "train", "--out", str(out),
+            *[f"--set={o}" for o in [f"data.path={json.dumps(str(data_dir))}", *TRAIN, *extra]]]
+
+
+def _train(ranks, out, data_dir, *extra):
+    args = _train_args(out, data_dir, *extra)
+    proc = mpirun(ranks, args, env={"MASTER_ADDR": "127.0.0.1"}) if ranks > 1 else run_python(args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _losses(out):
+    return {r["step"]: r["loss"] for r in records(out, "train")}
+
+
+def _close(a, b, tol=1e-4):
+    return sorted(a) == sorted(b) and max(abs(a[k] - b[k]) for k in a) <= tol
+
+
+@pytest.fixture(scope="module")
+def reference(shakespeare_dir, tmp_path_factory):
+    """30 steps of the T=1 run on one rank: the losses every layout below must reproduce."""
+    out = tmp_path_factory.mktemp("tp-ref") / "run"
+    _train(1, out, shakespeare_dir, "train.max_iters=30")
+    return out
+
+
+def test_thirty_steps_at_t2_equal_t1_and_save_full_tensors(shakespeare_dir, reference, tmp_path):
+    proc = _train(2, tmp_path / "t2", shakespeare_dir, "train.max_iters=30", "parallel.tensor=2")
+    assert "layout 2 rank(s) = 1 data replica(s) x 2 tensor-parallel; TP groups [0,1]; TP collectives over mpi" \
+        in proc.stdout
+    mine, ref = _losses(tmp_path / "t2"), _losses(reference)
+    assert len(ref) == 30 and _close(mine, ref), (mine, ref)
+    assert all(r["tp_collective_s"] > 0 for r in records(tmp_path / "t2", "train"))
+    # the checkpoint holds the full model (vocabulary 65: no padding row), equal to the T=1 run's
+    from hpclm.train import checkpoint
+    a = checkpoint.load_weights(tmp_path / "t2" / "checkpoints" / "iter_0000030", "cpu")
+    b = checkpoint.load_weights(reference / "checkpoints" / "iter_0000030", "cpu")
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    state = checkpoint.load(tmp_path / "t2" / "checkpoints" / "iter_0000030", "state.pt")
+    assert (state["tensor_parallel"], state["data_parallel"], state["world_size"]) == (2, 1, 2)
+
+
+def test_four_ranks_d2_t2_equal_d2_t1(shakespeare_dir, tmp_path):
+    _train(2, tmp_path / "d2t1", shakespeare_dir, "train.max_iters=30")
+    proc = _train(4, tmp_path / "d2t2", shakespeare_dir, "train.max_iters=30", "parallel.tensor=2")
+    assert "4 rank(s) = 2 data replica(s) x 2 tensor-parallel; TP groups [0,1] [2,3]" in proc.stdout
+    assert "global batch 8 = 4 per replica x 2 data replica(s)" in proc.stdout
+    assert _close(_losses(tmp_path / "d2t2"), _losses(tmp_path / "d2t1"))
+
+
+def test_a_t2_checkpoint_resumes_at_t1_and_at_t2(shakespeare_dir, reference, tmp_path):
+    """The batch sequence is the same in every layout with one data replica, so the resumed losses equal
+    the uninterrupted run's (within float rounding of the split sums)."""
+    first = tmp_path / "t2-first-half"
+    _train(2, first, shakespeare_dir, "train.max_iters=15", "parallel.tensor=2")
+    ref = _losses(reference)
+    for ranks, tensor in ((1, 1), (2, 2)):
+        out = tmp_path / f"resumed-t{tensor}"
+        shutil.copytree(first, out)
+        proc = _train(ranks, out, shakespeare_dir, "train.max_iters=30", f"parallel.tensor={tensor}")
+        assert "resumed from" in proc.stdout and "iter_0000015" in proc.stdout
+        resumed = {k: v for k, v in _losses(out).items() if k > 15}
+        assert sorted(resumed) == list(range(16, 31))
+        assert _close(resumed, {k: ref[k] for k in resumed}), (tensor, resumed)
+
+
+def _descendants(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def _world_rank(pid):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    except OSError:
+        return None
+    return int(env[b"OMPI_COMM_WORLD_RANK"]) if b"OMPI_COMM_WORLD_RANK" in env else None
+
+
+def test_killing_one_rank_of_a_tp_group_ends_the_job(shakespeare_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none", "--allow-run-as-root", sys.executable,
+           *_train_args(out, shakespeare_dir, "train.max_iters=100000", "parallel.tensor=2")]
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + hang_guard(120)
+        while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and records(out, "train")):
+            time.sleep(0.05)
+        assert records(out, "train"), "the run never logged a step"
+        victim = next(p for p in _descendants(proc.pid) if _world_rank(p) == 1)
+        killed = time.time()
+        os.kill(victim, signal.SIGKILL)
+        proc.communicate(timeout=60)
+        assert proc.returncode != 0 and time.time() - killed < 60
+    finally:
+        if proc.poll() is None:
+            for pid in [proc.pid, *_descendants(proc.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.communicate()
