@@ -2,6 +2,7 @@
 against the T=1 GPT built with the same seed, and the [parallel] layout checks."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -155,6 +156,27 @@ def test_thirty_steps_at_t2_equal_t1_and_save_full_tensors(shakespeare_dir, refe
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
     state = checkpoint.load(tmp_path / "t2" / "checkpoints" / "iter_0000030", "state.pt")
     assert (state["tensor_parallel"], state["data_parallel"], state["world_size"]) == (2, 1, 2)
+    # generate and eval read it as any checkpoint: the T=1 run's val loss and greedy text
+    evals = [run_python(["-m", "hpclm", "eval", "--ckpt", str(d)]) for d in (tmp_path / "t2", reference)]
+    assert all(e.returncode == 0 for e in evals), evals[0].stderr
+    val = [float(re.search(r"val loss ([0-9.]+)", e.stdout).group(1)) for e in evals]
+    assert abs(val[0] - val[1]) <= 1e-3, [e.stdout for e in evals]
+    texts = [run_python(["-m", "hpclm", "generate", "--ckpt", str(d), "--max-new-tokens", "40", "--temperature", "0",
+                         "--prompt", "ROMEO:"]) for d in (tmp_path / "t2", reference)]
+    assert all(t.returncode == 0 for t in texts) and texts[0].stdout.startswith("ROMEO:"), texts[0].stderr
+    assert texts[0].stdout == texts[1].stdout
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_at_t2_follows_t1(shakespeare_dir, tmp_path, precision):
+    """Autocast splits the matmuls' rounding differently, so the curves agree to half precision; fp16's loss
+    scale (its overflow flag agreed over all ranks) follows the same sequence."""
+    _train(1, tmp_path / "t1", shakespeare_dir, "train.max_iters=20", f"precision.dtype={precision}")
+    _train(2, tmp_path / "t2", shakespeare_dir, "train.max_iters=20", f"precision.dtype={precision}",
+           "parallel.tensor=2")
+    assert _close(_losses(tmp_path / "t2"), _losses(tmp_path / "t1"), tol=5e-3)
+    scales = [[r["loss_scale"] for r in records(tmp_path / d, "train")] for d in ("t1", "t2")]
+    assert scales[0] == scales[1]
 
 
 def test_four_ranks_d2_t2_equal_d2_t1(shakespeare_dir, tmp_path):
