@@ -190,7 +190,70 @@ class _Horovod:
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=root)
 
 
-_backend: _SingleProcess | _Horovod | None = None
+class _MPIOnly:
+    """Every rank one tensor-parallel group (no data replicas, so no gradients to average): the few
+    collectives of the loop through mpi4py, without Horovod, whose background thread's cycle would share
+    the MPI library and the cores with every TP collective."""
+    name = "mpi"
+
+    def __init__(self, MPI, launch, tensor_parallel):
+        self.MPI, self.comm, self.tensor_parallel = MPI, MPI.COMM_WORLD, tensor_parallel
+        self.node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.ops = {"sum": MPI.SUM, "avg": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX, "product": MPI.PROD}
+
+    def rank(self):
+        return self.comm.Get_rank()
+
+    def size(self):
+        return self.comm.Get_size()
+
+    def local_rank(self):
+        return self.node.Get_rank()
+
+    def local_size(self):
+        return self.node.Get_size()
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def allreduce(self, tensor, op):
+        values = tensor.detach().cpu().contiguous()
+        work = values.double() if values.dtype in (torch.float16, torch.bfloat16) else values
+        out = work.numpy().copy()
+        self.comm.Allreduce(self.MPI.IN_PLACE, out, op=self.ops[op])
+        result = torch.from_numpy(out)
+        if op == "avg":
+            result = result / self.size()
+        return result.to(tensor.dtype).to(tensor.device)
+
+    def broadcast(self, tensor, root):
+        tensor.copy_(self.broadcast_object(tensor.detach().cpu(), root))
+        return tensor
+
+    def broadcast_object(self, obj, root):
+        return self.comm.bcast(obj, root=root)
+
+    def allgather_object(self, obj):
+        return self.comm.allgather(obj)
+
+    def any_rank(self, flag):
+        return bool(self.comm.allreduce(int(flag), op=self.MPI.MAX))
+
+    def mean_over_ranks(self, value):
+        return self.comm.allreduce(float(value), op=self.MPI.SUM) / self.size()
+
+    def distributed_optimizer(self, optimizer, named_parameters, backward_passes_per_step, fp16_compression):
+        return optimizer  # one model replica: nothing to average
+
+    def broadcast_training_state(self, model, optimizer, root):
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                self.broadcast(tensor, root)
+        if self.comm.allreduce(int(bool(optimizer.state)), op=self.MPI.MAX):
+            optimizer.load_state_dict(self.broadcast_object(optimizer.state_dict(), root))
+
+
+_backend: _SingleProcess | _Horovod | _MPIOnly | None = None
 
 
 def _horovod_install_hint():
@@ -224,7 +287,8 @@ def init(*, fusion_threshold_mb: float | None = None, cycle_time_ms: float | Non
     """Start the backend once (later calls return it). Horovod tuning applies before hvd.init only.
 
     tensor_parallel > 1: gradients are averaged over the data-parallel replicas of each TP shard only
-    (one Horovod process set per TP position); the world size must be a multiple of it.
+    (one Horovod process set per TP position); the world size must be a multiple of it. When all ranks form
+    one TP group there is nothing to average and the backend is mpi4py alone (no Horovod thread).
 
     mpi_yield_when_idle: Horovod's background thread waits inside MPI on the core of the rank's compute
     thread; Open MPI busy-polls unless told to yield, which takes up to half that core whenever the ranks
@@ -245,6 +309,11 @@ def init(*, fusion_threshold_mb: float | None = None, cycle_time_ms: float | Non
                         f"{tensor_parallel}), or change parallel.tensor")
     if launch.launcher == "none":
         _backend = _SingleProcess()
+        return _backend
+    if tensor_parallel > 1 and world == tensor_parallel:
+        from hpclm.comm.ring import mpi
+        _backend = _MPIOnly(mpi(), launch, tensor_parallel)
+        _set_threads_per_rank(_backend.local_size())
         return _backend
     for var, value in (("HOROVOD_FUSION_THRESHOLD", None if fusion_threshold_mb is None else int(fusion_threshold_mb * 2**20)),
                        ("HOROVOD_CYCLE_TIME", cycle_time_ms), ("HOROVOD_TIMELINE", timeline)):
