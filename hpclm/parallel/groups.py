@@ -62,12 +62,14 @@ class TensorGroup:
         s, self.seconds = self.seconds, 0.0
         return s
 
-    def allreduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Sum (or max) over the group, out of place."""
+    def allreduce(self, tensor: torch.Tensor, op: str = "sum", inplace: bool = False) -> torch.Tensor:
+        """Sum (or max) over the group; into `tensor` itself when inplace (and it is contiguous), as the
+        autograd mappings do with the fresh tensors they reduce."""
         if self.size == 1:
             return tensor
         start = time.perf_counter()
-        out = self._allreduce(tensor.contiguous(), op)
+        source = tensor.contiguous()
+        out = self._allreduce(source, op, source if inplace else None)
         self.seconds += time.perf_counter() - start
         self.calls += 1
         return out
@@ -82,7 +84,7 @@ class TensorGroup:
         self.calls += 1
         return torch.cat(parts, dim=dim)
 
-    def _allreduce(self, tensor, op):
+    def _allreduce(self, tensor, op, out):
         raise NotImplementedError
 
     def _allgather(self, tensor):
@@ -114,20 +116,22 @@ class MPIGroup(TensorGroup):
         self.fortran = self.comm.py2f()
         self.small_bytes = small_bytes
 
-    def _check(self, tensor):
-        if tensor.device.type != "cpu" or tensor.dtype not in _MPI_DTYPES:
+    def _dtype(self, tensor) -> str:
+        dtype = _MPI_DTYPES.get(tensor.dtype)
+        if dtype is None or not tensor.is_cpu:
             raise HpclmError(f"parallel.backend = 'mpi' reduces CPU float tensors, got a {tensor.dtype} tensor on "
                              f"{tensor.device}: use parallel.backend = 'torch' (NCCL) for CUDA tensors")
+        return dtype
 
-    def _allreduce(self, tensor, op):
-        self._check(tensor)
-        out = torch.empty_like(tensor)
-        self.ext.tp_allreduce(tensor.data_ptr(), out.data_ptr(), tensor.numel(), _MPI_DTYPES[tensor.dtype], op,
-                              self.fortran, self.small_bytes)
+    def _allreduce(self, tensor, op, out):
+        dtype = self._dtype(tensor)
+        out = torch.empty_like(tensor) if out is None else out
+        self.ext.tp_allreduce(tensor.data_ptr(), out.data_ptr(), tensor.numel(), dtype, op, self.fortran,
+                              self.small_bytes)
         return out
 
     def _allgather(self, tensor):
-        self._check(tensor)
+        self._dtype(tensor)
         out = torch.empty((self.size,) + tuple(tensor.shape), dtype=tensor.dtype)
         self.ext.allgather_bytes(tensor.data_ptr(), out.data_ptr(), tensor.numel() * tensor.element_size(),
                                  self.fortran)
@@ -164,8 +168,8 @@ class TorchGroup(TensorGroup):
         self.group = mine
         self.size, self.rank = layout.tensor, layout.tp_rank
 
-    def _allreduce(self, tensor, op):
-        out = tensor.clone()
+    def _allreduce(self, tensor, op, out):
+        out = tensor.clone() if out is None else out
         self.td.all_reduce(out, op=self.td.ReduceOp.MAX if op == "max" else self.td.ReduceOp.SUM, group=self.group)
         return out
 

@@ -17,7 +17,7 @@ class CopyToTensorRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.group.allreduce(grad), None
+        return ctx.group.allreduce(grad, inplace=True), None
 
 
 class ReduceFromTensorRegion(torch.autograd.Function):
@@ -25,7 +25,10 @@ class ReduceFromTensorRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group: TensorGroup):
-        return group.allreduce(x)
+        out = group.allreduce(x, inplace=True)  # x: a fresh partial result nothing else reads
+        if out is x:
+            ctx.mark_dirty(x)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
