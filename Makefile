@@ -5,7 +5,7 @@ MPIRUN ?= mpirun $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)
 export PYTHON
 
 .PHONY: setup build demo test bench bench-full bench-softmax bench-reduce bench-allreduce bench-scaling \
-	bench-scaling-full bench-shakespeare bench-serve bench-quant info clean
+	bench-scaling-full bench-shakespeare bench-serve bench-quant bench-tp info clean
 
 setup:
 	bash scripts/setup.sh
@@ -29,7 +29,7 @@ test: setup
 bench: bench-softmax bench-reduce bench-allreduce bench-scaling
 
 # The long studies (tens of minutes each): nanoGPT's CPU run against a plain loop, and every scaling cell.
-bench-full: bench-shakespeare bench-scaling-full bench-serve bench-quant
+bench-full: bench-shakespeare bench-scaling-full bench-serve bench-quant bench-tp
 
 # Fused softmax vs torch, 1 thread, short setting: 2 calls per figure.
 bench-softmax: setup
@@ -62,6 +62,10 @@ bench-quant: setup
 # hpclm serve with continuous batching vs one request at a time (Poisson rates 1, 4, 16, inf; GPT 6x384).
 bench-serve: setup
 	$(PYTHON) benchmarks/serve.py --json runs/bench/serve.json --plot runs/bench/serve.png
+
+# Tensor parallel on 2 ranks: bytes/RSS per rank, tokens/s of T=2 vs D=2 vs T=1, TP allreduce vs mpi4py/gloo/Horovod.
+bench-tp: setup
+	$(PYTHON) benchmarks/tensor_parallel.py --json runs/bench/tensor_parallel.json --plot runs/bench/tensor_parallel.png
 
 info:
 	$(PYTHON) -m hpclm info
