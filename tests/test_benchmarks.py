@@ -213,3 +213,29 @@ def test_quant_benchmark_times_every_variant_against_torch_ao(tmp_path):
     assert goals["int4-block32", "batch-1 decode vs torch.ao's int8"]["min"] == 2.0
     assert all(g["met"] == (g["value"] >= g["min"]) for g in goals.values()) and len(goals) == 11
     assert ("MISSED" in proc.stdout) == (not all(g["met"] for g in goals.values()))
+
+
+@requires_shakespeare
+@requires_horovod
+def test_tensor_parallel_benchmark_measures_every_layout_and_peer(tmp_path):
+    out = tmp_path / "tp.json"
+    proc = run_python([str(REPO / "benchmarks" / "tensor_parallel.py"), "--quick", "--from", str(SHAKESPEARE),
+                       "--work", str(tmp_path / "work"), "--latency-iters", "100", "--json", str(out),
+                       "--plot", str(tmp_path / "tp.png")], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    mem = doc["memory"]["gpt-2x64"]
+    assert mem["ratio"] == pytest.approx(mem["T2_bytes_per_rank"] / mem["T1_bytes_per_rank"]) and 0.5 < mem["ratio"] < 0.55
+    cells = {r["layout"]: r for r in doc["train"]}
+    assert sorted(cells) == ["D=2", "T=1", "T=2"]
+    assert all(r["tokens_per_s"] > 0 and len(r["peak_rss_bytes_per_rank"]) == r["ranks"] for r in cells.values())
+    assert all(rss > 50 * 2**20 for r in cells.values() for rss in r["peak_rss_bytes_per_rank"])  # a real process
+    assert 0 < cells["T=2"]["tp_collective_s_per_step"] < cells["T=2"]["step_time_s"]
+    run = tmp_path / "work" / "gpt-2x64-T2" / "run"
+    assert records(run, "train")[-1]["ranks"] == 2  # the T=2 cell really ran on 2 ranks
+    lat = {(r["impl"], r["shape"]): r["latency_s"] for r in doc["latency"]}
+    assert len(lat) == 8 and all(v > 0 for v in lat.values())
+    ratios = doc["result"]["peer_over_ours"]
+    assert ratios["mpi4py / hpclm, decode [1,1,768]"] == pytest.approx(lat[("mpi4py", "decode [1,1,768]")] /
+                                                                      lat[("hpclm", "decode [1,1,768]")])
+    assert (tmp_path / "tp.png").stat().st_size > 1000 and "goals:" in proc.stdout
