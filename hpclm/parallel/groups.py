@@ -2,6 +2,7 @@
 and the collectives inside one TP group, through hpclm's C++ over MPI or through torch.distributed."""
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import time
@@ -158,6 +159,8 @@ class TorchGroup(TensorGroup):
             address = world.bcast(address, root=0)
             backend = "nccl" if device.type == "cuda" else "gloo"
             td.init_process_group(backend, init_method=address, rank=layout.rank, world_size=layout.world)
+            # gloo's worker threads must stop before the interpreter finalizes (else they abort the process)
+            atexit.register(lambda: td.is_initialized() and td.destroy_process_group())
         # every rank creates every TP group, in the same order (torch.distributed requires it)
         mine = None
         for d in range(layout.data):
