@@ -66,7 +66,7 @@ class TensorParallelGPT(nn.Module):
         self.vocab_size = full.lm_head.weight.size(0)
         rows = padded_vocab(self.vocab_size, T) // T
         self.vocab_start = rank * rows
-        full_state = {k: v.detach().clone() for k, v in full.state_dict().items()}
+        full_state = full.state_dict()  # references: the replaced modules' tensors live until the copy below
         tr = full.transformer
         bias = tr.h[0].attn.c_attn.bias is not None if len(tr.h) else False
         n_embd = tr.wpe.weight.size(1)
@@ -95,14 +95,17 @@ class TensorParallelGPT(nn.Module):
             for name, target in own.items():
                 target.copy_(shard_tensor(name, full_state[name], T, rank))
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full GPT state dict, gathered from the group (every TP rank must call it)."""
+    def full_state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The full GPT state dict, gathered from the group (every TP rank must call it). keep=False: take
+        part in the gathers but hold no full tensor (a rank that does not write the checkpoint); returns {}."""
         out = {}
         for name, local in self.state_dict().items():
             if shard_spec(name) is None or self.group.size == 1:
-                out[name] = local.detach().clone()
-                continue
-            out[name] = unshard_tensor(name, self.gather_pieces(local.detach()), self.vocab_size)
+                full = local.detach().clone() if keep else None
+            else:
+                full = unshard_tensor(name, self.gather_pieces(local.detach()), self.vocab_size)
+            if keep:
+                out[name] = full
         return out
 
     def gather_pieces(self, local: torch.Tensor) -> list[torch.Tensor]:
@@ -167,17 +170,20 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
     return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def full_optimizer_state(model: TensorParallelGPT, optimizer: torch.optim.Optimizer) -> dict:
-    """optimizer.state_dict() with every sharded moment gathered to the full tensor (every TP rank calls)."""
+def full_optimizer_state(model: TensorParallelGPT, optimizer: torch.optim.Optimizer, keep: bool = True) -> dict:
+    """optimizer.state_dict() with every sharded moment gathered to the full tensor (every TP rank calls;
+    keep=False: a rank that only takes part in the gathers, returns {})."""
     state = optimizer.state_dict()
     names = _param_names(model, optimizer)
     full = {}
     for index, moments in state["state"].items():
         name = names[index]
-        full[index] = {k: unshard_tensor(name, model.gather_pieces(v), model.vocab_size)
-                       if torch.is_tensor(v) and v.dim() > 0 and shard_spec(name) is not None else v
-                       for k, v in moments.items()}
-    return {**state, "state": full}
+        gathered = {k: unshard_tensor(name, model.gather_pieces(v), model.vocab_size)
+                    if torch.is_tensor(v) and v.dim() > 0 and shard_spec(name) is not None else v
+                    for k, v in moments.items()}
+        if keep:
+            full[index] = gathered
+    return {**state, "state": full} if keep else {}
 
 
 def shard_optimizer_state(model: TensorParallelGPT, optimizer: torch.optim.Optimizer, full: dict) -> dict:

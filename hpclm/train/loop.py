@@ -207,9 +207,11 @@ def save_checkpoint(run: Run, step: int, recent_losses=0.0) -> Path | None:
     gathered = dist.allgather_object(mine) if dist.is_distributed() else [mine]
     rngs = {kind: [g["rng"][kind] for g in gathered] for kind in rng}
     o = run.cfg.optim
-    if run.tensor_group is not None:  # the TP-independent layout: full tensors, gathered on every rank
+    if run.tensor_group is not None:  # the TP-independent layout: full tensors, held by the writing rank only
         from hpclm.parallel.gpt import full_optimizer_state
-        model_state, optimizer_state = run.model.full_state_dict(), full_optimizer_state(run.model, run.optimizer)
+        writer = dist.is_main()
+        model_state = run.model.full_state_dict(keep=writer)
+        optimizer_state = full_optimizer_state(run.model, run.optimizer, keep=writer)
     else:
         model_state, optimizer_state = run.model.state_dict(), run.optimizer.state_dict()
 
