@@ -51,6 +51,9 @@ def collectives(group):
                                 else torch.int32).numpy()
                 everyone = tp.allgather(bits.tobytes())
                 check(all(b == everyone[0] for b in everyone), f"{op} {dtype} {count}: TP ranks disagree in bits")
+                y = x.clone()
+                again = group.allreduce(y, op, inplace=True)  # the mappings' call: into y itself
+                check(again is y and torch.equal(y, got), f"{op} {dtype} {count}: in place differs from out of place")
         piece = torch.full((3, 2), float(group.rank), dtype=dtype)
         gathered = group.allgather(piece, dim=-1)
         want = torch.cat([torch.full((3, 2), float(r), dtype=dtype) for r in range(group.size)], dim=-1)
