@@ -45,6 +45,16 @@ def cpu_path(request):
     C.set_cpu_path("auto")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of pid (children first), from /proc."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    return children + [d for c in children for d in descendants(c)]
+
+
 def hang_guard(seconds: float) -> float:
     """A time limit of `seconds` on the reference machine, scaled by HPCLM_TEST_TIMEOUT_SCALE."""
     return seconds * TIMEOUT_SCALE

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import hang_guard, child_env, mpirun, requires_horovod, run_python
+from conftest import child_env, descendants, hang_guard, mpirun, requires_horovod, run_python
 from helpers.lm_fixtures import TINY, records, shakespeare_dir  # noqa: F401 (fixture)
 
 pytestmark = requires_horovod
@@ -173,19 +173,10 @@ def _popen_mpirun(args):
                             start_new_session=True)
 
 
-def _descendants(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-    return children + [d for c in children for d in _descendants(c)]
-
-
 def _kill_job(proc):
     """SIGKILL mpirun and every rank: Open MPI puts ranks in process groups of their own, so
     killing mpirun's group alone would leave them running as orphans."""
-    for pid in [proc.pid, *_descendants(proc.pid)]:
+    for pid in [proc.pid, *descendants(proc.pid)]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -221,7 +212,7 @@ def test_killed_two_rank_run_resumes_to_the_same_losses(shakespeare_dir, tmp_pat
     out = tmp_path / "killed"
     proc = _popen_mpirun(_train_cmd(out, shakespeare_dir, *extra, "train.max_iters=100000"))
     _wait_for(lambda: (out / "checkpoints" / "latest").is_file(), 120, "a first checkpoint")
-    ranks = _descendants(proc.pid)
+    ranks = descendants(proc.pid)
     for pid in ranks:
         os.kill(pid, signal.SIGSTOP)
     _kill_job(proc)
@@ -245,7 +236,7 @@ def test_killing_one_rank_ends_the_job_quickly(shakespeare_dir, tmp_path):
     proc = _popen_mpirun(_train_cmd(out, shakespeare_dir, "train.max_iters=100000", "checkpoint.every_iters=0"))
     try:
         _wait_for(lambda: records(out, "train") if (out / "metrics.jsonl").is_file() else False, 120, "training to start")
-        ranks = [c for c in _descendants(proc.pid) if "python" in open(f"/proc/{c}/cmdline").read()]
+        ranks = [c for c in descendants(proc.pid) if "python" in open(f"/proc/{c}/cmdline").read()]
         assert len(ranks) == 2, ranks
         os.kill(ranks[1], signal.SIGKILL)
         try:  # a run of 100000 steps: only mpirun's reaction to the lost rank ends it in this time

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, child_env, hang_guard, mpirun, run_python
+from conftest import REPO, child_env, descendants, hang_guard, mpirun, run_python
 from helpers.lm_fixtures import records, shakespeare_dir  # noqa: F401 (fixture)
 from hpclm.parallel.gpt import shard_spec, shard_tensor, unshard_tensor
 from hpclm.parallel.groups import Layout
@@ -203,15 +203,6 @@ def test_a_t2_checkpoint_resumes_at_t1_and_at_t2(shakespeare_dir, reference, tmp
         assert _close(resumed, {k: ref[k] for k in resumed}), (tensor, resumed)
 
 
-def _descendants(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-    return children + [d for c in children for d in _descendants(c)]
-
-
 def _world_rank(pid):
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
@@ -232,14 +223,14 @@ def test_killing_one_rank_of_a_tp_group_ends_the_job(shakespeare_dir, tmp_path):
         while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and records(out, "train")):
             time.sleep(0.05)
         assert records(out, "train"), "the run never logged a step"
-        victim = next(p for p in _descendants(proc.pid) if _world_rank(p) == 1)
+        victim = next(p for p in descendants(proc.pid) if _world_rank(p) == 1)
         killed = time.time()
         os.kill(victim, signal.SIGKILL)
         proc.communicate(timeout=60)
         assert proc.returncode != 0 and time.time() - killed < 60
     finally:
         if proc.poll() is None:
-            for pid in [proc.pid, *_descendants(proc.pid)]:
+            for pid in [proc.pid, *descendants(proc.pid)]:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -196,7 +196,7 @@ class _MPIOnly:
     the MPI library and the cores with every TP collective."""
     name = "mpi"
 
-    def __init__(self, MPI, launch, tensor_parallel):
+    def __init__(self, MPI, tensor_parallel):
         self.MPI, self.comm, self.tensor_parallel = MPI, MPI.COMM_WORLD, tensor_parallel
         self.node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.ops = {"sum": MPI.SUM, "avg": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX, "product": MPI.PROD}
@@ -312,7 +312,7 @@ def init(*, fusion_threshold_mb: float | None = None, cycle_time_ms: float | Non
         return _backend
     if tensor_parallel > 1 and world == tensor_parallel:
         from hpclm.comm.ring import mpi
-        _backend = _MPIOnly(mpi(), launch, tensor_parallel)
+        _backend = _MPIOnly(mpi(), tensor_parallel)
         _set_threads_per_rank(_backend.local_size())
         return _backend
     for var, value in (("HOROVOD_FUSION_THRESHOLD", None if fusion_threshold_mb is None else int(fusion_threshold_mb * 2**20)),
