@@ -110,7 +110,7 @@ class TensorParallelGPT(nn.Module):
 
     def gather_pieces(self, local: torch.Tensor) -> list[torch.Tensor]:
         """Every TP rank's tensor of the same shape as `local`, in rank order."""
-        return list(self.group.allgather(local.unsqueeze(0).contiguous(), dim=0).unbind(0))
+        return self.group.allgather_parts(local)
 
     def parameter_count(self) -> int:
         """Parameters of the whole model: sharded ones summed over the group, vocabulary padding left out."""

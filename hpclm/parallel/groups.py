@@ -54,6 +54,7 @@ class TensorGroup:
     name = "base"
     size = 1
     rank = 0
+    layout: Layout | None = None  # set by make_group
 
     def __init__(self):
         self.seconds = 0.0  # wall time inside collectives since the last take_seconds()
@@ -77,13 +78,17 @@ class TensorGroup:
 
     def allgather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """The group's tensors concatenated along `dim`, in rank order."""
+        return tensor if self.size == 1 else torch.cat(self.allgather_parts(tensor), dim=dim)
+
+    def allgather_parts(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's tensor (each of this one's shape), in rank order."""
         if self.size == 1:
-            return tensor
+            return [tensor]
         start = time.perf_counter()
         parts = self._allgather(tensor.contiguous())
         self.seconds += time.perf_counter() - start
         self.calls += 1
-        return torch.cat(parts, dim=dim)
+        return parts
 
     def _allreduce(self, tensor, op, out):
         raise NotImplementedError
@@ -209,8 +214,11 @@ def make_group(layout: Layout, backend: str = "auto", device: torch.device | str
     device = torch.device(device)
     if backend not in BACKENDS:
         raise HpclmError(f"parallel.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if layout.tensor == 1:
-        return SingleRank()
     if backend == "auto":
         backend = "torch" if device.type == "cuda" else "mpi"
-    return MPIGroup(layout) if backend == "mpi" else TorchGroup(layout, device)
+    if layout.tensor == 1:
+        group = SingleRank()
+    else:
+        group = MPIGroup(layout) if backend == "mpi" else TorchGroup(layout, device)
+    group.layout = layout
+    return group

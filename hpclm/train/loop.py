@@ -36,6 +36,9 @@ from hpclm.data import Dataset, get_samples, load_dataset
 from hpclm.errors import EXIT_PREEMPTED, HpclmError, Preempted
 from hpclm.evaluate import estimate_loss
 from hpclm.models import build_model, count_parameters
+from hpclm.parallel.gpt import TensorParallelGPT, full_optimizer_state, shard_optimizer_state
+from hpclm.parallel.gpt import grad_norm_and_clip as tensor_parallel_norm
+from hpclm.parallel.groups import Layout, make_group
 from hpclm.train import checkpoint
 from hpclm.train.anomaly import SpikeDetector, StragglerWatch
 from hpclm.train.amp import CPU_HALF_FLAGS, LossScaleError, autocast, cpu_computes, make_loss_scaler
@@ -125,7 +128,6 @@ def _restore(run: Run, path: Path) -> None:
     """Weights, optimizer, scaler, RNG and loop state of a checkpoint (full tensors: each TP rank keeps its slices)."""
     weights, optimizer = checkpoint.load_weights(path, run.device), checkpoint.load(path, "optimizer.pt", run.device)
     if run.tensor_group is not None:
-        from hpclm.parallel.gpt import shard_optimizer_state
         run.model.load_full_state_dict(weights)
         optimizer = shard_optimizer_state(run.model, run.optimizer, optimizer)
     else:
@@ -174,8 +176,6 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (broadcast makes sure)
     model = build_model(cfg, data.vocab_size)
     if cfg.parallel.tensor > 1:  # each rank keeps its slices of the model built above
-        from hpclm.parallel.gpt import TensorParallelGPT
-        from hpclm.parallel.groups import Layout, make_group
         layout = Layout(dist.size(), cfg.parallel.tensor, dist.rank())
         model = TensorParallelGPT(model, make_group(layout, cfg.parallel.backend, device))
     model = model.to(device)
@@ -208,7 +208,6 @@ def save_checkpoint(run: Run, step: int, recent_losses=0.0) -> Path | None:
     rngs = {kind: [g["rng"][kind] for g in gathered] for kind in rng}
     o = run.cfg.optim
     if run.tensor_group is not None:  # the TP-independent layout: full tensors, held by the writing rank only
-        from hpclm.parallel.gpt import full_optimizer_state
         writer = dist.is_main()
         model_state = run.model.full_state_dict(keep=writer)
         optimizer_state = full_optimizer_state(run.model, run.optimizer, keep=writer)
@@ -321,7 +320,6 @@ def apply_update(run: Run, local_loss: torch.Tensor) -> StepResult:
     finite = run.scaler.unscale_and_check(run.params)
     norm = float("inf")
     if finite and run.tensor_group is not None:
-        from hpclm.parallel.gpt import grad_norm_and_clip as tensor_parallel_norm
         norm = float(tensor_parallel_norm(run.model, run.cfg.optim.grad_clip))
     elif finite:
         norm = float(grad_norm_and_clip(run.params, run.cfg.optim.grad_clip))
@@ -450,8 +448,7 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
     tp = run.tensor_group
     parameters = run.model.parameter_count() if tp is not None else count_parameters(run.model)
     if tp is not None:
-        from hpclm.parallel.groups import Layout
-        say(f"hpclm train: layout {Layout(dist.size(), dist.tensor_parallel(), 0).describe()}; TP collectives "
+        say(f"hpclm train: layout {tp.layout.describe()}; TP collectives "
             f"over {tp.name}")
     say(f"hpclm train: {cfg.model.arch} {parameters / 1e6:.2f}M parameters, {dist.size()} rank(s) "
         f"({dist.backend()}), {run.device}, {cfg.precision.dtype}; data {cfg.data.path} ({run.data.meta['tokenizer']}, "

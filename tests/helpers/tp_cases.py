@@ -13,7 +13,7 @@ import torch
 from mpi4py import MPI
 
 from hpclm.models.gpt import GPT
-from hpclm.parallel.gpt import TensorParallelGPT, shard_tensor, unshard_tensor
+from hpclm.parallel.gpt import TensorParallelGPT, shard_spec, shard_tensor, unshard_tensor
 from hpclm.parallel.groups import Layout, make_group
 
 out_dir, tensor, backend = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -92,16 +92,9 @@ def models(group, bias, vocab):
           f"generation logits differ: {tuple(tp_logits.shape)}, {worst(tp_logits, ref_logits)}")
     ref_grads = {n: p.grad for n, p in reference.named_parameters()}
     for name, p in tp.named_parameters():  # 2. every gradient equals the T=1 gradient
-        pieces = tp.gather_pieces(p.grad) if group.size > 1 else [p.grad]
-        full_grad = unshard_tensor(name, pieces, vocab) if name in ("transformer.wte.weight", "lm_head.weight") \
-            or tp_shard(name) else p.grad
+        full_grad = unshard_tensor(name, tp.gather_pieces(p.grad), vocab) if shard_spec(name) else p.grad
         check(worst(full_grad, ref_grads[name]) <= 1e-10, f"grad {name}: off by {worst(full_grad, ref_grads[name])}")
     result[f"loss_bias{int(bias)}_v{vocab}"] = tp_loss.item()
-
-
-def tp_shard(name):
-    from hpclm.parallel.gpt import shard_spec
-    return shard_spec(name) is not None
 
 
 def training(group, steps=30):
@@ -130,7 +123,7 @@ def training(group, steps=30):
           "after 30 steps the gathered T=2 model is not the T=1 model")
     tp_comm = MPI.COMM_WORLD.Split(color=layout.dp_rank, key=layout.tp_rank)
     for name, p in tp.named_parameters():  # replicated parameters: the same bits on every TP rank
-        if not tp_shard(name):
+        if shard_spec(name) is None:
             everyone = tp_comm.allgather(p.detach().numpy().tobytes())
             check(all(b == everyone[0] for b in everyone), f"replicated {name} differs between TP ranks")
 
