@@ -236,3 +236,11 @@ def test_killing_one_rank_of_a_tp_group_ends_the_job(shakespeare_dir, tmp_path):
                 except ProcessLookupError:
                     pass
             proc.communicate()
+
+
+def test_a_launcher_that_gives_no_rank_count_is_refused_under_tp():
+    """PMIx alone says a rank but not how many: the layout cannot be checked or set up, so it stops at start."""
+    proc = run_python(["-c", "from hpclm.comm import dist\ntry:\n dist.init(tensor_parallel=2)\nexcept dist.DistError "
+                             "as e:\n print('ERR', e)"], env={"PMIX_RANK": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert "ERR parallel.tensor = 2 needs the number of ranks before start, and pmix does not say it" in proc.stdout

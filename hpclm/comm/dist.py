@@ -67,6 +67,7 @@ def launch_env(env=None) -> Launch:
 
 class _SingleProcess:
     name = "single"
+    tensor_parallel = 1
 
     def rank(self):
         return 0
@@ -97,8 +98,6 @@ class _SingleProcess:
 
     def distributed_optimizer(self, optimizer, named_parameters, backward_passes_per_step, fp16_compression):
         return optimizer
-
-    tensor_parallel = 1
 
     def any_rank(self, flag):
         return flag
@@ -303,6 +302,9 @@ def init(*, fusion_threshold_mb: float | None = None, cycle_time_ms: float | Non
     tensor_parallel = tensor_parallel or 1
     launch = launch_env()
     world = launch.size if launch.size is not None else 1
+    if tensor_parallel > 1 and launch.size is None:
+        raise DistError(f"parallel.tensor = {tensor_parallel} needs the number of ranks before start, and "
+                        f"{launch.launcher} does not say it: launch with mpirun -np N or srun --ntasks N")
     if world % tensor_parallel:
         raise DistError(f"parallel.tensor = {tensor_parallel} does not divide the {world} rank(s) started: start a "
                         f"multiple of {tensor_parallel} ranks (data replicas x tensor, e.g. mpirun -np "
@@ -310,7 +312,7 @@ def init(*, fusion_threshold_mb: float | None = None, cycle_time_ms: float | Non
     if launch.launcher == "none":
         _backend = _SingleProcess()
         return _backend
-    if tensor_parallel > 1 and world == tensor_parallel:
+    if tensor_parallel > 1 and world == tensor_parallel:  # one TP group, nothing to average: no Horovod
         from hpclm.comm.ring import mpi
         _backend = _MPIOnly(mpi(), tensor_parallel)
         _set_threads_per_rank(_backend.local_size())
