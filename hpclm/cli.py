@@ -207,9 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the commands that compute with torch: run under a caching allocator (hpclm.runtime) when one is installed
+ALLOCATOR_COMMANDS = ("train", "eval", "generate", "quantize", "serve", "bench", "probe", "info")
+
+
 def main(argv=None) -> int:
+    """The `hpclm` process (argv None: sys.argv, and a compute command may re-execute itself under a caching
+    allocator first), or one command called in-process with its arguments."""
     args = build_parser().parse_args(argv)
     try:
+        if argv is None and args.command in ALLOCATOR_COMMANDS:
+            from hpclm import runtime
+            runtime.reexec_with_allocator(sys.argv[1:])
         return args.func(args) or 0
     except HpclmError as e:
         print(f"hpclm {args.command}: error: {e}", file=sys.stderr)

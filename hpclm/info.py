@@ -94,6 +94,13 @@ def _threads():
             "slurm_cpus_per_task": os.environ.get("SLURM_CPUS_PER_TASK")}
 
 
+def _allocator():
+    """The allocator this process runs under, and the caching allocators installed (hpclm.runtime)."""
+    from hpclm import runtime
+    return {"in_use": runtime.loaded(), "choice": os.environ.get(runtime.ALLOCATOR_ENV, "auto"),
+            "installed": {name: runtime.find(name) for name in runtime.LIBRARIES}}
+
+
 def _launch():
     from hpclm.comm.dist import launch_env
     launch = launch_env()
@@ -113,6 +120,7 @@ def collect() -> dict:
         "horovod": _probe(_horovod),
         "native": _probe(_native),
         "threads": _threads(),
+        "allocator": _allocator(),
         "launch": _probe(_launch),
     }
 
@@ -177,6 +185,9 @@ def format_report(r: dict) -> str:
                      f"{t['cuda_device_count']} device(s)" if t["cuda_available"] else
                      f"    torch threads: {t['threads']}; torch CUDA: not available")
     lines.append(f"    cores: {th['cores']}, affinity: {th['affinity']}, OMP_NUM_THREADS={th['omp_num_threads']}")
+    al = r["allocator"]
+    installed = ", ".join(f"{k} {v}" for k, v in al["installed"].items() if v) or "none (apt-get install libjemalloc2)"
+    lines.append(f"    allocator: {al['in_use']} (HPCLM_ALLOCATOR={al['choice']}; installed: {installed})")
     la = r["launch"]
     if la.get("ok", True) and la.get("launched_by") != "none":
         lines.append(f"    launched by {la['launched_by']}: rank {la['rank']} of {la['size']}, local rank {la['local_rank']}")

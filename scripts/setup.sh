@@ -19,13 +19,15 @@ has_py() { "$PY" -c "$1" >/dev/null 2>&1; }
 command -v "$PY" >/dev/null || die "no '$PY' on PATH; install Python >= 3.11 or set PYTHON=/path/to/python"
 has_py 'import sys; assert sys.version_info >= (3, 11)' || die "$PY is older than 3.11 (hpclm reads TOML with tomllib); set PYTHON to a newer interpreter"
 
-# 1. System packages: Open MPI (runtime + headers), a C++ compiler, and, where no Slurm is
+# 1. System packages: Open MPI (runtime + headers), a C++ compiler, jemalloc, and, where no Slurm is
 #    installed at all (a workstation or CI, not a cluster's login node), a local Slurm + munge
 #    for the tests that start a real single-node cluster.
 apt_pkgs=()
 command -v mpirun >/dev/null && command -v mpicc >/dev/null || apt_pkgs+=(openmpi-bin libopenmpi-dev)
 command -v g++ >/dev/null || apt_pkgs+=(g++)
 command -v sbatch >/dev/null || apt_pkgs+=(slurmctld slurmd slurm-client munge)
+# jemalloc: the caching allocator hpclm preloads at launch (hpclm.allocator), as torch's run_cpu does
+ldconfig -p 2>/dev/null | grep -q 'libjemalloc\.so\.2' || apt_pkgs+=(libjemalloc2)
 # apt-get runs as root, or through sudo for a user who may use it (without a password, or asked for one
 # on this terminal).
 as_root=()

@@ -4,8 +4,9 @@ import json
 import pytest
 
 from conftest import REPO, horovod_available, mpirun, run_python
+from hpclm import runtime
 
-SECTIONS = {"hpclm", "python", "host", "packages", "torch", "mpi", "horovod", "native", "threads", "launch"}
+SECTIONS = {"hpclm", "python", "host", "packages", "torch", "mpi", "horovod", "native", "threads", "allocator", "launch"}
 
 
 def _info_json(env=None, cwd=None):
@@ -36,6 +37,24 @@ def test_info_json_has_every_field():
     assert h["ok"] == horovod_available()
     if h["ok"]:
         assert h["frameworks"]["pytorch"] and h["controllers"]["mpi"] and h["tensor_operations"]["mpi"]
+
+
+def _expected_allocator():
+    """What HPCLM_ALLOCATOR=auto runs under here: jemalloc, else tcmalloc, else glibc's malloc."""
+    return next((name for name in ("jemalloc", "tcmalloc") if runtime.find(name)), "glibc malloc")
+
+
+def test_compute_commands_run_under_the_caching_allocator_unless_told_not_to():
+    """CI installs jemalloc (scripts/setup.sh): there `hpclm` re-executes itself with it preloaded."""
+    auto = _info_json()["allocator"]
+    assert auto["in_use"].startswith(_expected_allocator()) and auto["choice"] == "auto"
+    if auto["installed"]["jemalloc"]:
+        assert auto["in_use"] == f"jemalloc ({auto['installed']['jemalloc']})"
+    assert _info_json(env={"HPCLM_ALLOCATOR": "system"})["allocator"]["in_use"] == "glibc malloc"
+    for bad, words in (("bogus", "is not an allocator choice"), *(
+            [("tcmalloc", "no libtcmalloc_minimal.so.4 is installed")] if not runtime.find("tcmalloc") else [])):
+        proc = run_python(["-m", "hpclm", "info"], env={"HPCLM_ALLOCATOR": bad})
+        assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_info_text_report():
@@ -75,3 +94,4 @@ def test_info_under_mpirun_reports_rank_and_size(tmp_path):
     reports = [json.loads(p.read_text()) for p in sorted(tmp_path.rglob("stdout"))]
     assert sorted((r["launch"]["rank"], r["launch"]["size"]) for r in reports) == [(0, 2), (1, 2)]
     assert {r["launch"]["launched_by"] for r in reports} == {"mpirun"}
+    assert all(r["allocator"]["in_use"].startswith(_expected_allocator()) for r in reports)  # re-executed in place

@@ -1,0 +1,103 @@
+"""The memory allocator `hpclm` runs its compute commands under, chosen before torch loads.
+
+glibc's malloc gives large blocks back to the kernel when they are freed, so every large tensor allocated
+again faults its pages in anew; a caching allocator keeps them for reuse. As torch's own CPU launcher
+(torch.backends.xeon.run_cpu) does, `hpclm` preloads jemalloc (else tcmalloc) when one is installed.
+LD_PRELOAD acts only when a process starts, so the command re-executes itself once with it set; the
+process keeps its PID, so a launcher (mpirun, srun) sees the same rank.
+
+    HPCLM_ALLOCATOR=auto       jemalloc, else tcmalloc, else glibc's malloc (the default)
+    HPCLM_ALLOCATOR=jemalloc   that one (a one-line error when it is not installed); also tcmalloc
+    HPCLM_ALLOCATOR=system     glibc's malloc, no re-execution
+
+This module imports nothing heavy: it runs before torch and MPI are loaded.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from hpclm.errors import HpclmError
+
+ALLOCATOR_ENV = "HPCLM_ALLOCATOR"
+CHOICES = ("auto", "jemalloc", "tcmalloc", "system")
+_REEXECUTED = "HPCLM_ALLOCATOR_PRELOADED"  # set in the re-executed process: never twice
+LIBRARIES = {
+    "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
+    "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so"),
+}
+# run_cpu's jemalloc settings: freed pages stay with the process (decay times of ~100 days), large
+# allocations come from their own arenas, a background thread purges
+JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:9000000000,muzzy_decay_ms:9000000000"
+
+
+def _library_dirs() -> list[str]:
+    dirs = [os.path.join(p, "lib") for p in (os.environ.get("CONDA_PREFIX"), sys.prefix) if p]
+    return dirs + ["/usr/local/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"]
+
+
+def find(allocator: str) -> str | None:
+    """The path of an installed shared library of `allocator` (jemalloc, tcmalloc), or None."""
+    for directory in _library_dirs():
+        for name in LIBRARIES[allocator]:
+            hits = glob.glob(os.path.join(directory, name))
+            if hits:
+                return hits[0]
+    return None
+
+
+def loaded(maps_path: str = "/proc/self/maps") -> str:
+    """The allocator this process runs: the jemalloc or tcmalloc library mapped into it, else glibc's malloc."""
+    try:
+        with open(maps_path, encoding="utf-8", errors="replace") as f:
+            maps = f.read()
+    except OSError:
+        return "unknown"
+    for allocator in LIBRARIES:
+        for line in maps.splitlines():
+            if f"lib{allocator}" in line:
+                return f"{allocator} ({line.split()[-1]})"
+    return "glibc malloc"
+
+
+def choice() -> str:
+    value = os.environ.get(ALLOCATOR_ENV, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise HpclmError(f"{ALLOCATOR_ENV}={value!r} is not an allocator choice: use one of {', '.join(CHOICES)}")
+    return value
+
+
+def preload_target() -> str | None:
+    """The library to preload under HPCLM_ALLOCATOR, None for none (system, auto with none installed, or
+    one already loaded)."""
+    wanted = choice()
+    if wanted == "system" or loaded() != "glibc malloc":
+        return None
+    for allocator in (("jemalloc", "tcmalloc") if wanted == "auto" else (wanted,)):
+        path = find(allocator)
+        if path:
+            return path
+    if wanted != "auto":
+        raise HpclmError(f"{ALLOCATOR_ENV}={wanted} but no {LIBRARIES[wanted][0]} is installed (Debian: apt-get install "
+                         f"{'libjemalloc2' if wanted == 'jemalloc' else 'libtcmalloc-minimal4'}): install it, or use "
+                         f"{ALLOCATOR_ENV}=auto or system")
+    return None
+
+
+def reexec_with_allocator(argv: list[str]) -> None:
+    """Replace this process by `python -m hpclm ARGV` with the caching allocator preloaded, when there is one
+    to preload and this process is not already the re-executed one; else return."""
+    if os.environ.get(_REEXECUTED):
+        return
+    path = preload_target()
+    if path is None:
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)
+    env[_REEXECUTED] = "1"
+    if "jemalloc" in os.path.basename(path):
+        env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "hpclm", *argv], env)
