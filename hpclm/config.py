@@ -68,6 +68,10 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     device: str = "auto"  # auto: cuda:<local rank> when CUDA is available, else cpu
+    eval_at_start: bool = True  # an eval before the first step of a fresh run (the untrained model's loss)
+    eval_whole_val: bool = False  # evals score the whole val split (hpclm eval's figure), not eval_iters batches
+    target_val_loss: float = 0.0  # stop (with a checkpoint) at the first eval whose val loss is <= this; 0: off
+    compile: bool = False  # torch.compile the model's training forward/backward (evals run eager)
 
 
 @dataclass
@@ -310,6 +314,12 @@ def validate(cfg: Config) -> None:
         (cfg.train.eval_interval >= 0, "train.eval_interval must be >= 0 (0: only at the end)"),
         (cfg.train.eval_iters >= 1, "train.eval_iters must be >= 1"),
         (cfg.train.log_interval >= 1, "train.log_interval must be >= 1"),
+        (cfg.train.target_val_loss >= 0, "train.target_val_loss must be >= 0 (0: off)"),
+        (not cfg.train.compile or cfg.model.arch == "gpt",
+         f"train.compile compiles a GPT; model.arch {cfg.model.arch!r} trains eager: set train.compile = false"),
+        (not cfg.train.compile or cfg.parallel.tensor == 1,
+         f"train.compile with parallel.tensor = {cfg.parallel.tensor} is not supported (the TP collectives are not "
+         "traced): set train.compile = false or parallel.tensor = 1"),
         (0 <= cfg.train.seed < MAX_SEED, f"train.seed must be in 0..2**62 - 1, got {cfg.train.seed}"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.train.device) is not None,
          f"train.device must be auto, cpu, cuda or cuda:N (N a device number), got {cfg.train.device!r}"),

@@ -6,6 +6,7 @@ blocks of data.block_size tokens; under mpirun the blocks are shared among ranks
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -20,10 +21,12 @@ from hpclm.generate import load_trained
 
 @torch.no_grad()
 def estimate_loss(model, data: Dataset, cfg, device, amp) -> dict[str, float]:
-    """Mean loss over train.eval_iters fixed batches per split, averaged over ranks."""
+    """Mean loss over train.eval_iters fixed batches per split, averaged over ranks; with train.eval_whole_val
+    the val loss is split_loss over the whole val split instead (its blocks shared among data replicas)."""
     model.eval()
     means = []
-    for split in ("train", "val"):
+    splits = ("train",) if cfg.train.eval_whole_val else ("train", "val")
+    for split in splits:
         total = torch.zeros((), device=device)
         for k in range(cfg.train.eval_iters):
             x, y = get_batch(data.split(split), cfg.train.batch_size, cfg.data.block_size,
@@ -32,17 +35,26 @@ def estimate_loss(model, data: Dataset, cfg, device, amp) -> dict[str, float]:
                 _, loss = model(x, y)
             total += loss.float()
         means.append(total / cfg.train.eval_iters)
-    model.train()
     result = torch.stack(means).cpu()
     if dist.is_distributed():
         result = dist.allreduce(result, "avg")
-    return {"train_loss": result[0].item(), "val_loss": result[1].item()}
+    losses = {"train_loss": result[0].item()}
+    if cfg.train.eval_whole_val:  # the same figure on every rank: split_loss sums over all of them
+        losses["val_loss"] = split_loss(model, data.val, cfg.data.block_size, rank=dist.data_rank(),
+                                        ranks=dist.data_size(), device=device, amp=amp,
+                                        reduce=dist.is_distributed())[0]
+    else:
+        losses["val_loss"] = result[1].item()
+    model.train()
+    return losses
 
 
 @torch.no_grad()
 def split_loss(model, tokens: np.ndarray, block_size: int, batch_size: int = 32, rank: int = 0, ranks: int = 1,
-               device="cpu") -> tuple[float, int]:
-    """(mean cross-entropy in nats, tokens predicted) over consecutive blocks of `tokens`."""
+               device="cpu", amp=None, reduce: bool | None = None) -> tuple[float, int]:
+    """(mean cross-entropy in nats, tokens predicted) over consecutive blocks of `tokens`, block i on rank
+    i % ranks; the sums are allreduced over every rank when `reduce` (default: ranks > 1). Ranks that share
+    blocks (a tensor-parallel group) scale sum and count alike, so the mean stays right."""
     n_blocks = (len(tokens) - 1) // block_size
     mine = np.arange(rank, n_blocks, ranks)
     total, count = 0.0, 0
@@ -50,10 +62,11 @@ def split_loss(model, tokens: np.ndarray, block_size: int, batch_size: int = 32,
     for i in range(0, len(mine), batch_size):
         starts = mine[i:i + batch_size] * block_size
         w = torch.from_numpy(tokens[starts[:, None] + offsets].astype(np.int64)).to(device)
-        _, loss = model(w[:, :-1], w[:, 1:])
+        with amp or contextlib.nullcontext():
+            _, loss = model(w[:, :-1], w[:, 1:])
         total += loss.item() * w[:, 1:].numel()
         count += w[:, 1:].numel()
-    if ranks > 1:
+    if ranks > 1 if reduce is None else reduce:
         both = dist.allreduce(torch.tensor([total, float(count)], dtype=torch.float64), "sum")
         total, count = both[0].item(), int(both[1].item())
     return total / max(count, 1), count

@@ -16,6 +16,9 @@ from hpclm import cli, config
 from hpclm.train import checkpoint, loop, train
 from hpclm.errors import HpclmError
 from hpclm.train.metrics import Prometheus
+from hpclm.data import load_dataset
+from hpclm.evaluate import split_loss
+from hpclm.generate import load_trained
 from helpers.lm_fixtures import TINY, one_thread, records, shakespeare_dir, tiny_config  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,7 +65,7 @@ def test_resume_equals_uninterrupted_run_exactly(shakespeare_dir, tmp_path, prec
     _train(shakespeare_dir, tmp_path / "split", "train.max_iters=20", *common)
     summary = _train(shakespeare_dir, tmp_path / "split", "train.max_iters=30", *common)
     assert summary["start_step"] == 20
-    timing = ("tokens_per_s", "step_time_s")
+    timing = ("tokens_per_s", "step_time_s", "time")  # wall-clock figures
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     for kind in ("train", "eval"):
         assert strip(records(tmp_path / "split", kind)) == strip(records(tmp_path / "whole", kind))  # exactly equal
@@ -333,10 +336,15 @@ def test_two_ranks_under_mpirun_then_one(shakespeare_dir, tmp_path, capsys):
     assert len(state["rng"]["torch"]) == 2 and not torch.equal(*state["rng"]["torch"])  # per-rank dropout RNG
 
     resumed = mpirun(2, ["-m", "hpclm", "train", "--out", str(out), *[f"--set={o}" for o in overrides],
-                         "--set=train.max_iters=50"])
+                         "--set=train.max_iters=50", "--set=train.eval_whole_val=true"])
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from" in resumed.stdout and "iter_0000040" in resumed.stdout
     assert [r["step"] for r in records(out, "train")][-1] == 50
+    # the whole val split's blocks shared between the 2 ranks: the same figure as one process over all of them
+    last_eval = records(out, "eval")[-1]
+    assert last_eval["step"] == 50 and last_eval["val_whole_split"]
+    whole = split_loss(load_trained(out).model, load_dataset(shakespeare_dir).val, 32)[0]
+    assert last_eval["val_loss"] == pytest.approx(whole, rel=1e-6)
 
     # on one rank: gradient accumulation 2 keeps the global batch of 8 (a note says so); the token count goes on
     capsys.readouterr()
@@ -347,6 +355,34 @@ def test_two_ranks_under_mpirun_then_one(shakespeare_dir, tmp_path, capsys):
     assert summary["start_step"] == 50 and last["step"] == 52 and last["ranks"] == 1
     assert last["tokens"] == 52 * 2 * 4 * 32  # 50 steps of 2 ranks x 4, then 2 of one rank x 4 x 2 micro-batches
     assert torch.load(checkpoint.resolve(out) / "state.pt", weights_only=True)["tokens"] == last["tokens"]
+
+
+def test_target_val_loss_stops_at_the_first_whole_split_eval_that_reaches_it(shakespeare_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = _train(shakespeare_dir, out, "train.max_iters=300", "train.eval_interval=10", "train.eval_whole_val=true",
+                     "train.target_val_loss=3.0", "train.eval_at_start=false", "checkpoint.every_iters=0")
+    evals = records(out, "eval")
+    steps = [r["step"] for r in evals]
+    assert steps == list(range(10, steps[-1] + 1, 10)) and steps[-1] < 300  # no eval at step 0; stopped early
+    assert evals[-1]["val_loss"] <= 3.0 < min(r["val_loss"] for r in evals[:-1])
+    assert all(r["val_whole_split"] for r in evals) and records(out, "train")[-1]["step"] == steps[-1]
+    assert summary["target_reached_step"] == steps[-1] == checkpoint.step_of(checkpoint.resolve(out))
+    assert f"<= train.target_val_loss = 3.0 at step {steps[-1]}: stopping" in capsys.readouterr().out
+    # the eval's figure is hpclm eval's: every block of val.bin, scored by the checkpoint written at the stop
+    whole = split_loss(load_trained(out).model, load_dataset(shakespeare_dir).val, 32)[0]
+    assert evals[-1]["val_loss"] == pytest.approx(whole, rel=1e-6)
+
+
+def test_compile_trains_like_eager_and_caches_its_code(shakespeare_dir, tmp_path, monkeypatch):
+    """train.compile: inductor's code for the forward and backward, our fused softmax traced as its custom op."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    common = ["train.max_iters=6", "train.eval_interval=0", "checkpoint.every_iters=0", 'model.softmax="fused"']
+    eager = _train(shakespeare_dir, tmp_path / "eager", *common)
+    compiled = _train(shakespeare_dir, tmp_path / "compiled", *common, "train.compile=true")
+    losses = [[r["loss"] for r in records(tmp_path / run, "train")] for run in ("eager", "compiled")]
+    assert len(losses[0]) == 6 and losses[1] == pytest.approx(losses[0], abs=1e-4)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], abs=1e-4)
+    assert any((tmp_path / "cache").rglob("*.py"))  # the generated code, on disk for the next run
 
 
 def test_gru_trains_and_generates(shakespeare_dir, tmp_path):

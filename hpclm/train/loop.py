@@ -102,6 +102,7 @@ class Run:
     detector: SpikeDetector | None = None
     resumed_from: str | None = None
     sample_log: object = None  # debug.record_samples: this rank's file of the sample indices it trained on
+    compiled: torch.nn.Module | None = None  # train.compile: torch.compile(model), sharing its parameters
 
     @property
     def global_batch(self) -> int:
@@ -194,7 +195,17 @@ def setup(cfg: Config, out: Path, resume: str, force: bool, say) -> Run:
         say(f"hpclm train: starting from the weights of {cfg.init.from_}")
     if dist.is_distributed() and run.tensor_group is None:  # TP shards: the same seed and files on every rank
         dist.broadcast_training_state(run.model, run.optimizer, root=0)
+    if cfg.train.compile:
+        run.compiled = compile_model(run.model)
     return run
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile (inductor) of the model for training steps; evals call the eager model, which shares the
+    parameters. Compiled code is cached on disk (TORCHINDUCTOR_CACHE_DIR, default ~/.cache/hpclm/inductor), so
+    a repeated or resumed run of the same model reuses it instead of compiling again."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "hpclm" / "inductor"))
+    return torch.compile(model)
 
 
 def save_checkpoint(run: Run, step: int, recent_losses=0.0) -> Path | None:
@@ -283,9 +294,10 @@ def forward_backward(run: Run, batches, amp, loss_factor: float = 1.0) -> torch.
     """Accumulate the (loss-scaled) gradients of the mean loss over `batches`; returns this rank's mean loss.
     loss_factor multiplies the loss (debug.inject_spike_at)."""
     loss_sum = torch.zeros((), device=run.device)
+    model = run.model if run.compiled is None else run.compiled
     for x, y in batches:
         with amp:
-            _, loss = run.model(x, y)
+            _, loss = model(x, y)
         loss = loss * loss_factor
         run.scaler.scale_loss(loss / len(batches)).backward()
         loss_sum += loss.detach().float()
@@ -470,7 +482,8 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
 
     def evaluate(step: int) -> None:
         losses = estimate_loss(run.model, run.data, cfg, run.device, amp)
-        record({"kind": "eval", "step": step, "tokens": run.tokens_at(step), **losses})
+        record({"kind": "eval", "step": step, "tokens": run.tokens_at(step), **losses,
+                "val_whole_split": cfg.train.eval_whole_val})
         summary.update(losses)
 
     signals = PreemptionSignals()
@@ -484,7 +497,7 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
         signals.__enter__()
         if run.start_step >= max_iters:
             say(f"already at step {run.start_step} (train.max_iters = {max_iters}): raise train.max_iters to train further")
-        elif run.start_step == 0 and t.eval_interval:
+        elif run.start_step == 0 and t.eval_interval and t.eval_at_start:
             evaluate(0)
         loss_acc, loss_n, steps_acc, time_acc, compute_acc, wait_acc = 0.0, 0, 0, 0.0, 0.0, 0.0
         train_time, updates, steps_run = 0.0, 0, 0
@@ -530,13 +543,20 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
                 record(rec)
                 summary["loss"] = mean_loss
                 loss_acc, loss_n, steps_acc, time_acc, compute_acc, wait_acc = 0.0, 0, 0, 0.0, 0.0, 0.0
+            reached = False
             if (t.eval_interval and done % t.eval_interval == 0) or done == max_iters:
                 evaluate(done)
+                reached = 0 < summary["val_loss"] <= t.target_val_loss  # the same figure on every rank
             every = cfg.checkpoint.every_iters
-            saved = (every and done % every == 0) or done == max_iters
+            saved = (every and done % every == 0) or done == max_iters or reached
             if saved:
                 summary["checkpoint"] = str(save_checkpoint(run, done, loss_acc))
             summary["step"] = done
+            if reached:
+                summary["target_reached_step"] = done
+                say(f"hpclm train: val loss {summary['val_loss']:.4f} <= train.target_val_loss = {t.target_val_loss} at "
+                    f"step {done}: stopping; checkpoint {summary['checkpoint']}")
+                break
             # any_rank is an MPI call beside Horovod: had one rank left it and exited, Horovod's shutdown would
             # finalize MPI under a rank still inside it (seen: exit 139). So a Horovod op follows every call on
             # every rank before any can exit: the next step's gradient allreduce, or the barrier below.

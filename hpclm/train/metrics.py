@@ -12,6 +12,8 @@ A train record also has "anomalies" (answered so far) and, on several ranks, the
 exchange-wait times: compute_s_min/median/max, slowest_rank, exchange_wait_s_max, straggler_rank,
 rank_compute_s (a list by rank).
 
+Every record also has "time", the Unix time it was written (seconds), for plots against wall time; an eval
+record has "val_whole_split" (true: its val_loss scores the whole val split, else eval_iters random batches).
 `step` counts optimizer updates done; `tokens` the training tokens consumed by all ranks so far;
 a train record's loss, tokens/s and step time are means over the steps since the previous record.
 """
@@ -21,6 +23,7 @@ import json
 import math
 import sys
 import threading
+import time
 from pathlib import Path
 
 from hpclm import atomic
@@ -59,7 +62,8 @@ class MetricsLog:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        stamped = {"time": round(time.time(), 3), **record}
+        self._f.write(json.dumps({k: _clean(v) for k, v in stamped.items()}) + "\n")
         self._f.flush()
 
     def close(self) -> None:
