@@ -103,10 +103,11 @@ def plain_loop(cfg, data_dir: Path, iters: int, evaluate: bool = True) -> dict:
         return out
 
     x, y = get_batch("train")
-    step_times, losses = [], {}
+    step_times, losses, evals = [], {}, []
     for it in range(iters + 1):
         if evaluate and (it % cfg.train.eval_interval == 0 or it == iters):
             losses = estimate_loss()
+            evals.append({"step": it, "time": time.time(), "val_loss": losses["val"]})
         if it == iters:
             break
         t0 = time.perf_counter()
@@ -120,12 +121,14 @@ def plain_loop(cfg, data_dir: Path, iters: int, evaluate: bool = True) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - t0)
+    loop_end_time = time.time()
     whole_val = whole_val_loss(model, data_dir, T) if evaluate else None
     chunk = cfg.train.log_interval  # the same intervals as hpclm's metrics records
     interval_means = [statistics.mean(step_times[i:i + chunk]) for i in range(0, len(step_times), chunk)]
     return {"iters": iters, "val_loss": losses.get("val"), "whole_val_loss": whole_val, "train_seconds": sum(step_times),
             "tokens_per_s": iters * B * T / sum(step_times),
-            "tokens_per_s_median_interval": B * T / statistics.median(interval_means)}
+            "tokens_per_s_median_interval": B * T / statistics.median(interval_means),
+            "evals": evals, "loop_end_time": loop_end_time}
 
 
 def hpclm_loop(cfg, run_dir: Path) -> dict:

@@ -62,7 +62,7 @@ def test_errors_in_a_file_name_the_file(tmp_path):
 
 def test_shipped_configs_load_and_shakespeare_matches_nanogpt_cpu_run():
     shipped = sorted(f for f in (REPO / "configs").glob("*.toml") if f.stem != "serve")  # serve.toml: hpclm serve's
-    assert [f.stem for f in shipped] == ["demo", "gru", "hmm", "ngram", "shakespeare-char"]
+    assert [f.stem for f in shipped] == ["demo", "gru", "hmm", "ngram", "shakespeare-char", "shakespeare-fast"]
     for f in shipped:  # every key a file sets arrives with the file's value; the rest keep their defaults
         cfg, written = config.load(f), tomllib.loads(f.read_text())
         defaults = config.Config()
@@ -71,11 +71,16 @@ def test_shipped_configs_load_and_shakespeare_matches_nanogpt_cpu_run():
                 want = written.get(section, {}).get(key, getattr(getattr(defaults, section), key))
                 assert getattr(getattr(cfg, section), key) == want, (f.name, section, key)
     assert {f.stem: config.load(f).model.arch for f in shipped} == {
-        "demo": "gpt", "gru": "gru", "hmm": "hmm", "ngram": "ngram", "shakespeare-char": "gpt"}
+        "demo": "gpt", "gru": "gru", "hmm": "hmm", "ngram": "ngram", "shakespeare-char": "gpt", "shakespeare-fast": "gpt"}
     s = config.load(REPO / "configs" / "shakespeare-char.toml")
     assert (s.model.n_layer, s.model.n_head, s.model.n_embd, s.data.block_size, s.train.batch_size) == (4, 4, 128, 64, 12)
     assert (s.train.max_iters, s.optim.lr_decay_iters, s.optim.lr, s.optim.min_lr, s.optim.warmup_iters) == (2000, 2000, 1e-3, 1e-4, 100)
     assert (s.optim.beta2, s.model.dropout, s.train.eval_interval, s.train.eval_iters) == (0.99, 0.0, 250, 20)
+    fast = config.load(REPO / "configs" / "shakespeare-fast.toml")  # the same task: its data and block size
+    assert (fast.data.path, fast.data.block_size, fast.train.target_val_loss) == (s.data.path, 64, 1.88)
+    assert fast.train.eval_whole_val and fast.precision.dtype == "bf16"
+    assert (REPO / "configs" / "shakespeare-fast.toml").read_text().startswith(
+        "# mpirun -np 2 hpclm train --config configs/shakespeare-fast.toml\n")  # the command that runs it
     g = config.load(REPO / "configs" / "gru.toml")
     assert (g.model.arch, g.model.n_embd, g.model.hidden_size) == ("gru", 100, 128)
 
