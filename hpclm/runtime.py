@@ -27,9 +27,9 @@ LIBRARIES = {
     "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
     "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so"),
 }
-# run_cpu's jemalloc settings: freed pages stay with the process (decay times of ~100 days), large
-# allocations come from their own arenas, a background thread purges
-JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:9000000000,muzzy_decay_ms:9000000000"
+# freed pages stay with the process for reuse (decay -1: never purged). run_cpu's decay of 9000000000 ms
+# left this jemalloc (5.3) faulting a 64 MiB tensor's pages in again at every allocation, as glibc does.
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 
 def _library_dirs() -> list[str]:
@@ -85,6 +85,16 @@ def preload_target() -> str | None:
     return None
 
 
+def preload_env(path: str, env) -> dict:
+    """`env` with the allocator library at `path` preloaded (and jemalloc told to keep freed pages)."""
+    env = dict(env)
+    env["LD_PRELOAD"] = ":".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)
+    env[_REEXECUTED] = "1"
+    if "jemalloc" in os.path.basename(path):
+        env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    return env
+
+
 def reexec_with_allocator(argv: list[str]) -> None:
     """Replace this process by `python -m hpclm ARGV` with the caching allocator preloaded, when there is one
     to preload and this process is not already the re-executed one; else return."""
@@ -93,11 +103,7 @@ def reexec_with_allocator(argv: list[str]) -> None:
     path = preload_target()
     if path is None:
         return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = ":".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)
-    env[_REEXECUTED] = "1"
-    if "jemalloc" in os.path.basename(path):
-        env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    env = preload_env(path, os.environ)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "hpclm", *argv], env)

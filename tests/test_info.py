@@ -57,6 +57,23 @@ def test_compute_commands_run_under_the_caching_allocator_unless_told_not_to():
         assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.skipif(not runtime.find("jemalloc"), reason="libjemalloc2 is not installed (scripts/setup.sh installs it)")
+def test_jemalloc_as_hpclm_preloads_it_keeps_freed_pages_for_the_next_tensor():
+    """Page faults, not time: a 64 MiB tensor allocated again faults its pages in under glibc, not under jemalloc."""
+    script = ("import resource, torch\n"
+              "def faults():\n"
+              "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+              "    torch.empty(16 << 20).fill_(1.0)\n"
+              "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+              "faults()\n"
+              "print(faults())\n")
+    pages = (64 << 20) // 4096
+    glibc = run_python(["-c", script])
+    jemalloc = run_python(["-c", script], env=runtime.preload_env(runtime.find("jemalloc"), {}))
+    assert glibc.returncode == 0 and jemalloc.returncode == 0, glibc.stderr + jemalloc.stderr
+    assert int(glibc.stdout) > pages / 2 and int(jemalloc.stdout) < pages / 20, (glibc.stdout, jemalloc.stdout)
+
+
 def test_info_text_report():
     proc = run_python(["-m", "hpclm", "info"])
     assert proc.returncode == 0, proc.stderr
