@@ -74,7 +74,7 @@ def hpclm_case(name: str, command: list[str], sets: list[str], out: Path, target
              for r in records if r["kind"] == "eval"]
     hit = next((e for e in evals if e["val_loss"] <= target), None)
     train = [r for r in records if r["kind"] == "train"]
-    return {"case": name, "command": shlex.join(full), "reached": hit is not None,
+    return {"case": name, "command": shlex.join(full), "launched": launched, "reached": hit is not None,
             "time_to_target_s": hit["time_s"] if hit else None, "step": hit["step"] if hit else None,
             "tokens": next((r["tokens"] for r in records if r["kind"] == "eval" and hit and r["step"] == hit["step"]), None),
             "final_val_loss": evals[-1]["val_loss"] if evals else None, "wall_s": time.time() - launched,
@@ -141,7 +141,7 @@ def lever_rows(data_dir: Path, work: Path, iters: int, only: list[str], config: 
             out.parent.mkdir(parents=True, exist_ok=True)
             r = hpclm_case(name, [*prefix, *single], [*short, *sets], out, target=0.0, env=env)
             records = [x for x in read_records(out / "metrics.jsonl") if x["kind"] == "train"]
-            first = records[0]["time"] - (time.time() - r["wall_s"]) if records else None  # launch to step log_interval
+            first = records[0]["time"] - r["launched"] if records else None  # launch to step log_interval
             row = {"lever": name + (f" ({which})" if which else ""), "tokens_per_s": r["tokens_per_s"],
                    "launch_to_first_log_s": first, "wall_s": r["wall_s"]}
             base = base or row["tokens_per_s"]
@@ -167,7 +167,7 @@ def plot(rows: list[dict], target: float, path: Path) -> Path | None:
         ax.plot(xs, ys, marker=".", color=color, alpha=0.8, label=r["case"] if r is next(
             x for x in rows if x["case"] == r["case"]) else None)
     ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target}")
-    ax.set(xlabel="wall time since launch (s)", ylabel="val loss", ylim=(target - 0.2, 2.8),
+    ax.set(xlabel="wall time since launch (s)", ylabel="val loss", ylim=(target - 0.2, max(2.8, target + 0.5)),
            title="Tiny Shakespeare (char): val loss against wall time (hpclm: whole val split; nanoGPT: 20 batches)")
     ax.legend()
     ax.grid(alpha=0.3)

@@ -239,3 +239,32 @@ def test_tensor_parallel_benchmark_measures_every_layout_and_peer(tmp_path):
     assert ratios["mpi4py / hpclm, decode [1,1,768]"] == pytest.approx(lat[("mpi4py", "decode [1,1,768]")] /
                                                                       lat[("hpclm", "decode [1,1,768]")])
     assert (tmp_path / "tp.png").stat().st_size > 1000 and "goals:" in proc.stdout
+
+
+@requires_shakespeare
+@requires_horovod
+def test_time_to_target_times_each_config_from_launch_and_the_fast_one_by_its_own_command(tmp_path):
+    out, work = tmp_path / "ttt.json", tmp_path / "work"
+    proc = run_python([str(REPO / "benchmarks" / "time_to_target.py"), "--from", str(SHAKESPEARE), "--work", str(work),
+                       "--seeds", "1", "--peer-iters", "30", "--set", "train.max_iters=30", "--target", "3.6",
+                       "--lever-iters", "20", "--levers", "shipped,glibc", "--json", str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    rows = {r["case"]: r for r in doc["rows"]}
+    peer, shipped, fast = (rows[c] for c in ("nanoGPT (replayed)", "hpclm shipped shakespeare-char",
+                                             "hpclm fastest (shakespeare-fast)"))
+    assert peer["iters"] == 30 and peer["final_val_loss"] < 4.1 and len(peer["evals"]) == 2  # evals at 0 and 30
+    for case, run in ((shipped, "shipped-seed1"), (fast, "fast-seed1")):
+        evals = records(work / run, "eval")
+        hit = next(r for r in evals if r["val_loss"] <= 3.6)  # the figure: launch to that eval record
+        assert case["reached"] and case["time_to_target_s"] == pytest.approx(hit["time"] - case["launched"], abs=1e-6)
+        assert 0 < case["time_to_target_s"] < case["wall_s"] and hit["val_whole_split"]
+    assert records(work / "fast-seed1", "train")[-1]["ranks"] == 2  # run by the command on the config's first line
+    medians = doc["median_time_to_target_s"]
+    assert doc["fastest_over_nanogpt"] == pytest.approx(medians[fast["case"]] / medians[peer["case"]])
+    assert doc["pass"] == (doc["fastest_over_nanogpt"] <= 0.5) and ("met" if doc["pass"] else "MISSED") in proc.stdout
+    levers = doc["levers"]
+    assert [r["lever"] for r in levers] == ["shipped config (fp32, 1 process x 2 threads)", "glibc malloc instead of jemalloc"]
+    assert levers[0]["vs_shipped"] == 1 and levers[1]["vs_shipped"] == pytest.approx(
+        levers[1]["tokens_per_s"] / levers[0]["tokens_per_s"])
+    assert out.with_suffix(".png").stat().st_size > 1000
