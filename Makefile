@@ -5,7 +5,7 @@ MPIRUN ?= mpirun $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)
 export PYTHON
 
 .PHONY: setup build demo test bench bench-full bench-softmax bench-reduce bench-allreduce bench-scaling \
-	bench-scaling-full bench-shakespeare bench-serve bench-quant bench-tp info clean
+	bench-scaling-full bench-shakespeare bench-ttt bench-serve bench-quant bench-tp info clean
 
 setup:
 	bash scripts/setup.sh
@@ -29,7 +29,7 @@ test: setup
 bench: bench-softmax bench-reduce bench-allreduce bench-scaling
 
 # The long studies (tens of minutes each): nanoGPT's CPU run against a plain loop, and every scaling cell.
-bench-full: bench-shakespeare bench-scaling-full bench-serve bench-quant bench-tp
+bench-full: bench-shakespeare bench-ttt bench-scaling-full bench-serve bench-quant bench-tp
 
 # Fused softmax vs torch, 1 thread, short setting: 2 calls per figure.
 bench-softmax: setup
@@ -54,6 +54,11 @@ bench-scaling-full: setup
 # hpclm train vs a plain PyTorch loop on nanoGPT's documented CPU run (val loss at 2000 steps, tokens/s).
 bench-shakespeare: setup
 	$(PYTHON) benchmarks/train_shakespeare.py --json runs/bench/train_shakespeare.json
+
+# Time to whole-split val loss 1.88: shakespeare-char and shakespeare-fast vs nanoGPT's CPU run replayed, 3 seeds,
+# and the levers' tokens/s (about 16 minutes).
+bench-ttt: setup
+	$(PYTHON) benchmarks/time_to_target.py --json runs/bench/time_to_target.json
 
 # Weight-quantized decoding and prefill (int8, int4) vs fp32, bf16 and torch.ao's int8 (GPT 6x384 and 12x768).
 bench-quant: setup

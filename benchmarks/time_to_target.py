@@ -79,7 +79,7 @@ def hpclm_case(name: str, command: list[str], sets: list[str], out: Path, target
             "tokens": next((r["tokens"] for r in records if r["kind"] == "eval" and hit and r["step"] == hit["step"]), None),
             "final_val_loss": evals[-1]["val_loss"] if evals else None, "wall_s": time.time() - launched,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train[1:] or train) if train else None,
-            "evals": evals}
+            "evals": evals, "train_curve": [{"time_s": r["time"] - launched, "loss": r["loss"]} for r in train]}
 
 
 def nanogpt_case(data_dir: Path, work: Path, seed: int, target: float, iters: int) -> dict:
@@ -164,12 +164,16 @@ def plot(rows: list[dict], target: float, path: Path) -> Path | None:
     for r in rows:
         color = colors.setdefault(r["case"], f"C{len(colors)}")
         xs, ys = [e["time_s"] for e in r["evals"]], [e["val_loss"] for e in r["evals"]]
-        ax.plot(xs, ys, marker=".", color=color, alpha=0.8, label=r["case"] if r is next(
-            x for x in rows if x["case"] == r["case"]) else None)
+        first = r is next(x for x in rows if x["case"] == r["case"])
+        ax.plot(xs, ys, marker="o", markersize=4, color=color, alpha=0.8, label=r["case"] + " (val)" if first else None)
+        curve = r.get("train_curve") or []
+        ax.plot([c["time_s"] for c in curve], [c["loss"] for c in curve], color=color, alpha=0.35, linewidth=0.8,
+                linestyle="--", label=r["case"] + " (train, per log interval)" if first and curve else None)
     ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target}")
-    ax.set(xlabel="wall time since launch (s)", ylabel="val loss", ylim=(target - 0.2, max(2.8, target + 0.5)),
-           title="Tiny Shakespeare (char): val loss against wall time (hpclm: whole val split; nanoGPT: 20 batches)")
-    ax.legend()
+    ax.set(xlabel="wall time since launch (s)", ylabel="loss (nats per character)", ylim=(target - 0.2, max(2.8, target + 0.5)),
+           title="Tiny Shakespeare (char): loss against wall time since launch\n"
+                 "val: hpclm over the whole split, nanoGPT over 20 batches")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     harness.save_figure(fig, path)
     plt.close(fig)

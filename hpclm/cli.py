@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     try:
         if argv is None and args.command in ALLOCATOR_COMMANDS:
             from hpclm import runtime
-            runtime.reexec_with_allocator(sys.argv[1:])
+            runtime.reexec_with_allocator()
         return args.func(args) or 0
     except HpclmError as e:
         print(f"hpclm {args.command}: error: {e}", file=sys.stderr)

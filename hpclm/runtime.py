@@ -3,8 +3,9 @@
 glibc's malloc gives large blocks back to the kernel when they are freed, so every large tensor allocated
 again faults its pages in anew; a caching allocator keeps them for reuse. As torch's own CPU launcher
 (torch.backends.xeon.run_cpu) does, `hpclm` preloads jemalloc (else tcmalloc) when one is installed.
-LD_PRELOAD acts only when a process starts, so the command re-executes itself once with it set; the
-process keeps its PID, so a launcher (mpirun, srun) sees the same rank.
+LD_PRELOAD acts only when a process starts, so the command re-executes itself once with it set (only a
+process started as `hpclm`: the console script or `python -m hpclm`); the process keeps its PID, so a
+launcher (mpirun, srun) sees the same rank.
 
     HPCLM_ALLOCATOR=auto       jemalloc, else tcmalloc, else glibc's malloc (the default)
     HPCLM_ALLOCATOR=jemalloc   that one (a one-line error when it is not installed); also tcmalloc
@@ -95,15 +96,31 @@ def preload_env(path: str, env) -> dict:
     return env
 
 
-def reexec_with_allocator(argv: list[str]) -> None:
-    """Replace this process by `python -m hpclm ARGV` with the caching allocator preloaded, when there is one
-    to preload and this process is not already the re-executed one; else return."""
+def started_as_hpclm(orig_argv: list[str]) -> list[str] | None:
+    """The interpreter's arguments when they start `hpclm` itself (`python [options] -m hpclm ...` or the
+    console script `hpclm ...`), else None: a program of the user's that calls hpclm.cli.main is never
+    replaced by a re-execution (its atexit hooks and state would be lost)."""
+    args, i = list(orig_argv[1:]), 0
+    while i < len(args) and args[i].startswith("-") and args[i] not in ("-m", "-c", "-"):
+        i += 2 if args[i] in ("-X", "-W", "-Q") else 1  # the options that take a separate value
+    if i + 1 < len(args) and args[i] == "-m" and args[i + 1] == "hpclm":
+        return args
+    if i < len(args) and os.path.basename(args[i]) == "hpclm":
+        return args
+    return None
+
+
+def reexec_with_allocator() -> None:
+    """Replace this process by itself (the same interpreter arguments) with the caching allocator preloaded,
+    when it was started as `hpclm`, there is an allocator to preload and this is not already the
+    re-executed process; else return."""
     if os.environ.get(_REEXECUTED):
         return
-    path = preload_target()
+    args = started_as_hpclm(getattr(sys, "orig_argv", []))
+    path = preload_target() if args is not None else None
     if path is None:
         return
     env = preload_env(path, os.environ)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "hpclm", *argv], env)
+    os.execve(sys.executable, [sys.executable, *args], env)

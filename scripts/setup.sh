@@ -27,7 +27,9 @@ command -v mpirun >/dev/null && command -v mpicc >/dev/null || apt_pkgs+=(openmp
 command -v g++ >/dev/null || apt_pkgs+=(g++)
 command -v sbatch >/dev/null || apt_pkgs+=(slurmctld slurmd slurm-client munge)
 # jemalloc: the caching allocator hpclm preloads at launch (hpclm.allocator), as torch's run_cpu does
-ldconfig -p 2>/dev/null | grep -q 'libjemalloc\.so\.2' || apt_pkgs+=(libjemalloc2)
+has_jemalloc() { local d; for d in /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lib /usr/local/lib; do
+  [ -e "$d/libjemalloc.so.2" ] && return 0; done; return 1; }
+has_jemalloc || apt_pkgs+=(libjemalloc2)
 # apt-get runs as root, or through sudo for a user who may use it (without a password, or asked for one
 # on this terminal).
 as_root=()

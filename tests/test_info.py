@@ -57,6 +57,16 @@ def test_compute_commands_run_under_the_caching_allocator_unless_told_not_to():
         assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_only_a_process_started_as_hpclm_re_executes_itself():
+    py = "/usr/bin/python3"
+    assert runtime.started_as_hpclm([py, "-m", "hpclm", "train"]) == ["-m", "hpclm", "train"]
+    assert runtime.started_as_hpclm([py, "-u", "-X", "dev", "-m", "hpclm", "eval"]) == ["-u", "-X", "dev", "-m", "hpclm", "eval"]
+    assert runtime.started_as_hpclm([py, "/usr/local/bin/hpclm", "info", "-m", "x"]) == ["/usr/local/bin/hpclm", "info", "-m", "x"]
+    for other in ([py, "-c", "from hpclm.cli import main; main()", "train"], [py, "run.py", "-m", "hpclm"],
+                  [py, "-m", "pytest", "-m", "hpclm"], [py]):
+        assert runtime.started_as_hpclm(other) is None, other
+
+
 @pytest.mark.skipif(not runtime.find("jemalloc"), reason="libjemalloc2 is not installed (scripts/setup.sh installs it)")
 def test_jemalloc_as_hpclm_preloads_it_keeps_freed_pages_for_the_next_tensor():
     """Page faults, not time: a 64 MiB tensor allocated again faults its pages in under glibc, not under jemalloc."""
