@@ -82,11 +82,11 @@ def hpclm_case(name: str, command: list[str], sets: list[str], out: Path, target
             "evals": evals, "train_curve": [{"time_s": r["time"] - launched, "loss": r["loss"]} for r in train]}
 
 
-def nanogpt_case(data_dir: Path, work: Path, seed: int, target: float, iters: int) -> dict:
+def nanogpt_case(data_dir: Path, work: Path, seed: int, target: float, iters: int, sets: list[str]) -> dict:
     """nanoGPT's documented run replayed in a fresh process (--replay below): launch to its last iteration."""
     result = work / f"nanogpt-seed{seed}.json"
     command = [sys.executable, __file__, "--replay", str(result), "--work", str(work), "--seeds", str(seed),
-               "--peer-iters", str(iters)]
+               "--peer-iters", str(iters), *[a for s in sets for a in ("--set", s)]]
     launched, code = timed_run(command, work / f"nanogpt-seed{seed}.log")
     if code != 0:
         raise SystemExit(f"the nanoGPT replay exited {code}: see {work / f'nanogpt-seed{seed}.log'}")
@@ -102,7 +102,7 @@ def replay(args) -> int:
     import train_shakespeare
     from hpclm.evaluate import split_loss  # noqa: F401  (imported before the clock matters less than in the loop)
     data_dir = shakespeare_data.prepare(args)
-    cfg = config_mod.load(args.config, [f"data.path={json.dumps(str(data_dir))}", f"train.seed={int(args.seeds)}"])
+    cfg = config_mod.load(args.config, [f"data.path={json.dumps(str(data_dir))}", f"train.seed={int(args.seeds)}", *args.set])
     run = train_shakespeare.plain_loop(cfg, data_dir, args.peer_iters)
     harness.write_json(args.replay, run)
     return 0
@@ -124,9 +124,9 @@ def levers(single: list[str], base: list[str]) -> dict[str, tuple[list[str], lis
     }
 
 
-def lever_rows(data_dir: Path, work: Path, iters: int, only: list[str], config: str) -> list[dict]:
+def lever_rows(data_dir: Path, work: Path, iters: int, only: list[str], config: str, sets: list[str]) -> list[dict]:
     single = [sys.executable, "-m", "hpclm", "train", "--config", config]
-    short = [f"data.path={json.dumps(str(data_dir))}", f"train.max_iters={iters}", "train.eval_interval=0",
+    short = [f"data.path={json.dumps(str(data_dir))}", *sets, f"train.max_iters={iters}", "train.eval_interval=0",
              "checkpoint.every_iters=0", "train.log_interval=10"]
     rows, base = [], None
     cache = work / "inductor-cache"
@@ -190,7 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lever-iters", type=int, default=150, help="iterations of each lever run (0: no lever table)")
     ap.add_argument("--levers", default="", help="comma-separated substrings of the lever names to run (default: all)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override for both hpclm configs (e.g. train.max_iters=50 for a quick check)")
+                    help="override for every run, the nanoGPT replay and the levers included (e.g. "
+                         "train.max_iters=50 and a smaller model for a quick check)")
     ap.add_argument("--json", default=str(ROOT / "runs" / "bench" / "time_to_target.json"))
     ap.add_argument("--replay", help=argparse.SUPPRESS)  # internal: the nanoGPT child process
     args = ap.parse_args(argv)
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
         seeded = [*common, f"train.seed={seed}", *args.set]
         for case in ("nanogpt", "shipped", "fast"):
             if case == "nanogpt":
-                r = nanogpt_case(data_dir, work, seed, args.target, args.peer_iters)
+                r = nanogpt_case(data_dir, work, seed, args.target, args.peer_iters, args.set)
             else:
                 r = hpclm_case(f"hpclm {'shipped shakespeare-char' if case == 'shipped' else 'fastest (shakespeare-fast)'}",
                                shipped if case == "shipped" else fast, seeded, work / f"{case}-seed{seed}", args.target)
@@ -233,7 +234,8 @@ def main(argv=None) -> int:
     lever_table = []
     if args.lever_iters:
         print(f"\nlevers: tokens/s of {args.lever_iters}-iteration runs of {Path(args.config).name}, one setting changed")
-        lever_table = lever_rows(data_dir, work, args.lever_iters, [s for s in args.levers.split(",") if s], args.config)
+        lever_table = lever_rows(data_dir, work, args.lever_iters, [s for s in args.levers.split(",") if s], args.config,
+                                 args.set)
 
     result = {"tool": "time_to_target", "host": harness.host_info(), "target": args.target, "seeds": seeds,
               "goal": {"fastest_over_nanogpt_max": GOAL_RATIO, "every_seed_reaches": True},
