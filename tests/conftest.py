@@ -64,6 +64,9 @@ def child_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("OMP_NUM_THREADS", "1")
+    # each `hpclm` child would re-execute itself under jemalloc (hpclm.runtime), ~0.1 s a process: the tests
+    # that exercise that path ask for it with HPCLM_ALLOCATOR=auto
+    env.setdefault("HPCLM_ALLOCATOR", "system")
     for var in [v for v in env if v.startswith(("OMPI_COMM_WORLD", "PMIX_", "PMI_", "SLURM_", "HOROVOD_"))]:
         del env[var]  # a test starts its own launcher; never inherit one
     env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"

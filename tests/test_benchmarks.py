@@ -248,7 +248,8 @@ def test_time_to_target_times_each_config_from_launch_and_the_fast_one_by_its_ow
     proc = run_python([str(REPO / "benchmarks" / "time_to_target.py"), "--from", str(SHAKESPEARE), "--work", str(work),
                        "--seeds", "1", "--peer-iters", "30", "--target", "3.7", "--lever-iters", "10", "--levers",
                        "shipped,glibc", "--json", str(out), *[a for s in ("train.max_iters=30", "model.n_layer=1",
-                       "model.n_embd=32", "model.n_head=2", "optim.warmup_iters=5") for a in ("--set", s)]], timeout=300)
+                       "model.n_embd=32", "model.n_head=2", "optim.warmup_iters=5") for a in ("--set", s)]], timeout=300,
+                      env={"HPCLM_ALLOCATOR": "auto"})  # the product's default: each rank re-executed under jemalloc
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     rows = {r["case"]: r for r in doc["rows"]}

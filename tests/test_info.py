@@ -46,7 +46,7 @@ def _expected_allocator():
 
 def test_compute_commands_run_under_the_caching_allocator_unless_told_not_to():
     """CI installs jemalloc (scripts/setup.sh): there `hpclm` re-executes itself with it preloaded."""
-    auto = _info_json()["allocator"]
+    auto = _info_json(env={"HPCLM_ALLOCATOR": "auto"})["allocator"]
     assert auto["in_use"].startswith(_expected_allocator()) and auto["choice"] == "auto"
     if auto["installed"]["jemalloc"]:
         assert auto["in_use"] == f"jemalloc ({auto['installed']['jemalloc']})"
@@ -116,7 +116,8 @@ def test_missing_pieces_are_reported_not_raised(tmp_path):
 
 def test_info_under_mpirun_reports_rank_and_size(tmp_path):
     # --output-filename: one file per rank, as mpirun may interleave the ranks' stdout
-    proc = mpirun(2, ["-m", "hpclm", "info", "--json", "--all-ranks"], mpirun_args=["--output-filename", str(tmp_path)])
+    proc = mpirun(2, ["-m", "hpclm", "info", "--json", "--all-ranks"], mpirun_args=["--output-filename", str(tmp_path)],
+                  env={"HPCLM_ALLOCATOR": "auto"})
     assert proc.returncode == 0, proc.stderr
     reports = [json.loads(p.read_text()) for p in sorted(tmp_path.rglob("stdout"))]
     assert sorted((r["launch"]["rank"], r["launch"]["size"]) for r in reports) == [(0, 2), (1, 2)]
