@@ -85,7 +85,9 @@ class HangWatchdog:
     def diagnosis(self) -> tuple[list[str], list[int]]:
         """A line per rank from its heartbeat, and the ranks that look stopped or behind."""
         now, lines, suspects = time.time(), [], []
-        stale_after = max(5 * self.period, 3.0)
+        # stale: older than 5 beats, but under a timeout shorter than 10 s no more than half of it, so that a rank
+        # stopped when the step began (its heartbeat as old as the step) reads as stopped when the timeout ends it
+        stale_after = min(max(5 * self.period, 3.0), max(2 * self.period, self.timeout() / 2))
         for r in range(self.size):
             try:
                 beat = json.loads(self._heartbeat(r).read_text())
