@@ -39,10 +39,9 @@ def estimate_loss(model, data: Dataset, cfg, device, amp) -> dict[str, float]:
     if dist.is_distributed():
         result = dist.allreduce(result, "avg")
     losses = {"train_loss": result[0].item()}
-    if cfg.train.eval_whole_val:  # the same figure on every rank: split_loss sums over all of them
+    if cfg.train.eval_whole_val:  # the same figure on every rank
         losses["val_loss"] = split_loss(model, data.val, cfg.data.block_size, rank=dist.data_rank(),
-                                        ranks=dist.data_size(), device=device, amp=amp,
-                                        reduce=dist.is_distributed())[0]
+                                        ranks=dist.data_size(), device=device, amp=amp)[0]
     else:
         losses["val_loss"] = result[1].item()
     model.train()
@@ -51,10 +50,10 @@ def estimate_loss(model, data: Dataset, cfg, device, amp) -> dict[str, float]:
 
 @torch.no_grad()
 def split_loss(model, tokens: np.ndarray, block_size: int, batch_size: int = 32, rank: int = 0, ranks: int = 1,
-               device="cpu", amp=None, reduce: bool | None = None) -> tuple[float, int]:
+               device="cpu", amp=None) -> tuple[float, int]:
     """(mean cross-entropy in nats, tokens predicted) over consecutive blocks of `tokens`, block i on rank
-    i % ranks; the sums are allreduced over every rank when `reduce` (default: ranks > 1). Ranks that share
-    blocks (a tensor-parallel group) scale sum and count alike, so the mean stays right."""
+    i % ranks; with ranks > 1 the sums are allreduced over every rank. Ranks that share blocks (a
+    tensor-parallel group) scale sum and count alike, so the mean stays right."""
     n_blocks = (len(tokens) - 1) // block_size
     mine = np.arange(rank, n_blocks, ranks)
     total, count = 0.0, 0
@@ -66,7 +65,7 @@ def split_loss(model, tokens: np.ndarray, block_size: int, batch_size: int = 32,
             _, loss = model(w[:, :-1], w[:, 1:])
         total += loss.item() * w[:, 1:].numel()
         count += w[:, 1:].numel()
-    if ranks > 1 if reduce is None else reduce:
+    if ranks > 1:
         both = dist.allreduce(torch.tensor([total, float(count)], dtype=torch.float64), "sum")
         total, count = both[0].item(), int(both[1].item())
     return total / max(count, 1), count
