@@ -70,13 +70,13 @@ def hpclm_case(name: str, command: list[str], sets: list[str], out: Path, target
     if code != 0:
         raise SystemExit(f"{name} exited {code}: see {out.with_suffix('.log')}")
     records = read_records(out / "metrics.jsonl")
-    evals = [{"step": r["step"], "time_s": r["time"] - launched, "val_loss": r["val_loss"]}
+    evals = [{"step": r["step"], "tokens": r["tokens"], "time_s": r["time"] - launched, "val_loss": r["val_loss"]}
              for r in records if r["kind"] == "eval"]
     hit = next((e for e in evals if e["val_loss"] <= target), None)
     train = [r for r in records if r["kind"] == "train"]
     return {"case": name, "command": shlex.join(full), "launched": launched, "reached": hit is not None,
             "time_to_target_s": hit["time_s"] if hit else None, "step": hit["step"] if hit else None,
-            "tokens": next((r["tokens"] for r in records if r["kind"] == "eval" and hit and r["step"] == hit["step"]), None),
+            "tokens": hit["tokens"] if hit else None,
             "final_val_loss": evals[-1]["val_loss"] if evals else None, "wall_s": time.time() - launched,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train[1:] or train) if train else None,
             "evals": evals, "train_curve": [{"time_s": r["time"] - launched, "loss": r["loss"]} for r in train]}
@@ -100,7 +100,6 @@ def nanogpt_case(data_dir: Path, work: Path, seed: int, target: float, iters: in
 def replay(args) -> int:
     """The child process of nanogpt_case: the plain loop, its result as JSON."""
     import train_shakespeare
-    from hpclm.evaluate import split_loss  # noqa: F401  (imported before the clock matters less than in the loop)
     data_dir = shakespeare_data.prepare(args)
     cfg = config_mod.load(args.config, [f"data.path={json.dumps(str(data_dir))}", f"train.seed={int(args.seeds)}", *args.set])
     run = train_shakespeare.plain_loop(cfg, data_dir, args.peer_iters)
@@ -110,7 +109,7 @@ def replay(args) -> int:
 
 # --- the levers: one setting changed at a time on the shipped config -------------------------------------
 
-def levers(single: list[str], base: list[str]) -> dict[str, tuple[list[str], list[str], dict]]:
+def levers() -> dict[str, tuple[list[str], list[str], dict]]:
     """name -> (command prefix, extra overrides, extra environment)."""
     mpi2 = ["mpirun", "-np", "2"]
     return {
@@ -131,7 +130,7 @@ def lever_rows(data_dir: Path, work: Path, iters: int, only: list[str], config: 
     rows, base = [], None
     cache = work / "inductor-cache"
     shutil.rmtree(cache, ignore_errors=True)  # the first compiled run pays the cold compile
-    for name, (prefix, sets, env) in levers(single, short).items():
+    for name, (prefix, changed, env) in levers().items():
         if only and not any(o in name for o in only):
             continue
         env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
@@ -139,9 +138,8 @@ def lever_rows(data_dir: Path, work: Path, iters: int, only: list[str], config: 
         for which in passes:
             out = work / "levers" / f"{len(rows)}"
             out.parent.mkdir(parents=True, exist_ok=True)
-            r = hpclm_case(name, [*prefix, *single], [*short, *sets], out, target=0.0, env=env)
-            records = [x for x in read_records(out / "metrics.jsonl") if x["kind"] == "train"]
-            first = records[0]["time"] - r["launched"] if records else None  # launch to step log_interval
+            r = hpclm_case(name, [*prefix, *single], [*short, *changed], out, target=0.0, env=env)
+            first = r["train_curve"][0]["time_s"] if r["train_curve"] else None  # launch to step log_interval
             row = {"lever": name + (f" ({which})" if which else ""), "tokens_per_s": r["tokens_per_s"],
                    "launch_to_first_log_s": first, "wall_s": r["wall_s"]}
             base = base or row["tokens_per_s"]

@@ -26,10 +26,8 @@ apt_pkgs=()
 command -v mpirun >/dev/null && command -v mpicc >/dev/null || apt_pkgs+=(openmpi-bin libopenmpi-dev)
 command -v g++ >/dev/null || apt_pkgs+=(g++)
 command -v sbatch >/dev/null || apt_pkgs+=(slurmctld slurmd slurm-client munge)
-# jemalloc: the caching allocator hpclm preloads at launch (hpclm.allocator), as torch's run_cpu does
-has_jemalloc() { local d; for d in /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lib /usr/local/lib; do
-  [ -e "$d/libjemalloc.so.2" ] && return 0; done; return 1; }
-has_jemalloc || apt_pkgs+=(libjemalloc2)
+# jemalloc: the caching allocator hpclm preloads at launch, looked for where hpclm.runtime looks
+has_py 'import sys; sys.path.insert(0, "."); from hpclm import runtime; assert runtime.find("jemalloc")' || apt_pkgs+=(libjemalloc2)
 # apt-get runs as root, or through sudo for a user who may use it (without a password, or asked for one
 # on this terminal).
 as_root=()
