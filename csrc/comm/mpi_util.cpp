@@ -121,6 +121,12 @@ std::string read_cvar(const char* wanted) {
             value = item;
         }
     }
+  } else if (type == MPI_UNSIGNED && count == 1) {
+    unsigned v = 0;
+    if (MPI_T_cvar_read(handle, &v) == MPI_SUCCESS) value = std::to_string(v);
+  } else if ((type == MPI_UNSIGNED_LONG || type == MPI_UNSIGNED_LONG_LONG) && count == 1) {
+    unsigned long long v = 0;  // size_t parameters (eager limits): 8 bytes either way on LP64
+    if (MPI_T_cvar_read(handle, &v) == MPI_SUCCESS) value = std::to_string(v);
   }
   MPI_T_cvar_handle_free(&handle);
   return value;
@@ -140,7 +146,7 @@ std::vector<std::pair<std::string, std::string>> transport_report() {
   if (MPI_T_init_thread(level, &provided) != MPI_SUCCESS) return out;
   // Open MPI's selection knobs and shared-memory single-copy mechanism; MPICH's netmod/shm choices.
   for (const char* name : {"pml", "btl", "mtl", "btl_vader_single_copy_mechanism", "btl_sm_single_copy_mechanism",
-                           "mpi_yield_when_idle",
+                           "mpi_yield_when_idle", "btl_tcp_links",
                            "MPIR_CVAR_CH4_NETMOD", "MPIR_CVAR_CH4_SHM", "MPIR_CVAR_NEMESIS_NETMOD"}) {
     std::string value = read_cvar(name);
     if (!value.empty()) out.emplace_back(name, value);

@@ -26,7 +26,8 @@ from hpclm.comm.ring import DTYPES, extension, mpi
 from hpclm.errors import HpclmError
 
 OPS = ("sum", "avg", "min", "max")
-IMPLS = ("ring", "mpi", "horovod", "sendrecv")
+IMPLS = ("ring", "mpi", "horovod", "sendrecv", "tcp")
+DEFAULT_IMPLS = ("ring", "mpi", "horovod", "sendrecv")  # tcp joins them where ranks sit on several nodes
 CORRUPT_ENV = "HPCLM_PROBE_CORRUPT"  # test hook: NAME of an implementation whose checked result gets one bad
                                     # element on each of the last two ranks
 
@@ -135,6 +136,24 @@ def _sendrecv_impl(ext, comm) -> Impl:
         return lambda: ext.mpi_sendrecv(*args)
     return Impl("sendrecv", "MPI_Sendrecv to rank+1 from rank-1 (one ring link; busbw = algbw): the ring's bound",
                 lambda n: 1.0, bind, expects="shift", per_op=False, in_place=False)
+
+
+def _tcp_impl(comm) -> Impl:
+    from hpclm.bench.tcp import Stream
+    streams = []
+
+    def start():
+        streams.append(Stream(comm))
+
+    def stop():
+        while streams:
+            streams.pop().close()
+
+    def bind(send, recv, dtype, op):
+        return lambda: streams[0].shift(send, recv)
+    return Impl("tcp", "a raw TCP stream to rank+1 from rank-1 (one connection each way, both at once; busbw = algbw): "
+                "the bound of a link between hosts", lambda n: 1.0, bind, expects="shift", per_op=False,
+                in_place=False, start=start, stop=stop)
 
 
 def horovod_problem() -> str | None:
@@ -277,8 +296,13 @@ def transport(MPI, comm) -> dict:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     ranks_per_node = [size for size in comm.allgather(local.Get_size() if local.Get_rank() == 0 else 0) if size]
     local.Free()
+    hosts = comm.allgather(MPI.Get_processor_name())
+    n = comm.Get_size()
+    links = [{"from": r, "to": (r + 1) % n, "hosts": [hosts[r], hosts[(r + 1) % n]],
+              "via": "shared memory" if hosts[r] == hosts[(r + 1) % n] else "network"} for r in range(n) if n > 1]
     return {"library": MPI.Get_library_version().strip().splitlines()[0].split(",")[0].strip(),
-            "says": dict(ext.mpi_transport()), "nodes": len(ranks_per_node), "ranks_per_node": ranks_per_node}
+            "says": dict(ext.mpi_transport()), "nodes": len(ranks_per_node), "ranks_per_node": ranks_per_node,
+            "ring_links": links}
 
 
 def _transport_line(t: dict, n: int) -> str:
@@ -287,7 +311,12 @@ def _transport_line(t: dict, n: int) -> str:
     where = (f"{n} rank(s) on 1 node: shared memory between all ranks" if t["nodes"] == 1 else
              f"{n} ranks on {t['nodes']} nodes ({', '.join(map(str, t['ranks_per_node']))} per node): the ring's "
              "slowest link crosses the network")
-    return f"# MPI: {t['library']}; {'; '.join(parts)}; {where}"
+    lines = f"# MPI: {t['library']}; {'; '.join(parts)}; {where}"
+    crossing = [link for link in t.get("ring_links", []) if link["via"] == "network"]
+    if crossing:
+        lines += ("\n# ring links between hosts (the rest within one, over shared memory): " +
+                  ", ".join(f"{l['from']}->{l['to']} ({l['hosts'][0]} -> {l['hosts'][1]})" for l in crossing))
+    return lines
 
 
 def _table_cells(row: dict | None) -> list:
@@ -328,7 +357,7 @@ def summary(rows: list[dict], n: int) -> dict:
                            "unsupported": {f"{r['impl']} {r['type']}": r["unsupported"]
                                            for r in rows if r.get("unsupported")}}
     by_key = {(r["impl"], r["type"], r["redop"], r["size"]): r for r in rows}
-    for peer in ("sendrecv", "mpi", "horovod"):
+    for peer in ("sendrecv", "tcp", "mpi", "horovod"):
         ratios = []
         for r in measured("ring"):
             other = by_key.get((peer, r["type"], r["redop"], r["size"]))
@@ -359,11 +388,12 @@ def footer_lines(summ: dict, impls: list[Impl], n: int, t: dict, s: Settings) ->
     lines += [f"# note: {note}" for note in s.notes]
     lines += [f"# n/a: {what}: {why}" for what, why in summ["unsupported"].items()]
     lines.append("# Avg bus bandwidth (GB/s): " + "  ".join(f"{k} {v:.2f}" for k, v in summ["avg_busbw"].items()))
-    for peer, title in (("sendrecv", "sendrecv (the ring's bound)"), ("mpi", "mpi"), ("horovod", "horovod")):
+    for peer, title in (("sendrecv", "sendrecv (the ring's bound)"), ("tcp", "tcp (the link's bound)"), ("mpi", "mpi"),
+                        ("horovod", "horovod")):
         ratio = summ.get(f"ring_vs_{peer}")
         if ratio:
             at = ratio["min_at"]
-            fmt = (lambda v: f"{100 * v:.0f}%") if peer == "sendrecv" else (lambda v: f"{v:.2f}x")
+            fmt = (lambda v: f"{100 * v:.0f}%") if peer in ("sendrecv", "tcp") else (lambda v: f"{v:.2f}x")
             lines.append(f"# ring vs {title}: busbw {fmt(ratio['mean'])} on average, lowest {fmt(ratio['min'])} "
                          f"at {format_size(at['size'])} {at['type']} {at['redop']}")
     model = summ.get("model")
@@ -443,7 +473,7 @@ def _choices(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def settings_from_args(args) -> Settings:
+def settings_from_args(args, nodes: int = 1) -> Settings:
     try:
         lo, hi = parse_size(args.minbytes), parse_size(args.maxbytes)
         segment = None if args.segment is None else parse_size(args.segment)
@@ -463,7 +493,9 @@ def settings_from_args(args) -> Settings:
                  threads=args.threads, hugepages=args.hugepages)
     problem = horovod_problem()
     if args.impl is None:
-        s.impls = [name for name in IMPLS if name != "horovod" or problem is None]
+        s.impls = [name for name in DEFAULT_IMPLS if name != "horovod" or problem is None]
+        if nodes > 1:
+            s.impls.append("tcp")
         if problem:
             s.notes.append(f"horovod left out: {problem}")
     else:
@@ -500,14 +532,15 @@ def main(args) -> int:
     rank, n = comm.Get_rank(), comm.Get_size()
     t = transport(MPI, comm)
     with reported_by_rank0():  # the same arguments on every rank: the error once
-        s = settings_from_args(args)
+        s = settings_from_args(args, t["nodes"])
         check_memory(s, max(t["ranks_per_node"]))
     s.segment_bytes = s.segment_bytes or ext.RING_SEGMENT_BYTES
     s.depth = s.depth or ext.RING_DEPTH
     makers = {"ring": lambda: _ring_impl(ext, comm, s.segment_bytes, s.depth, s.threads),
               "mpi": lambda: _mpi_impl(ext, comm, t["library"]),
               "horovod": lambda: _horovod_impl(comm),
-              "sendrecv": lambda: _sendrecv_impl(ext, comm)}
+              "sendrecv": lambda: _sendrecv_impl(ext, comm),
+              "tcp": lambda: _tcp_impl(comm)}
     impls = [makers[name]() for name in s.impls]
     verbose = rank == 0 and sys.stderr.isatty()
     rows = run(comm, impls, s, progress=lambda line: verbose and print(f"# measuring {line}", file=sys.stderr))

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from hpclm.comm import mca
 from hpclm.errors import DistError, HpclmError
 
 OPS = ("sum", "avg", "min", "max", "product")
@@ -323,6 +324,7 @@ def init(*, fusion_threshold_mb: float | None = None, cycle_time_ms: float | Non
             os.environ[var] = str(value)
     if mpi_yield_when_idle:
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    mca.apply()
     try:
         import horovod.torch as hvd
         if not hvd.mpi_built():

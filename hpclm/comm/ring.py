@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from hpclm import native
+from hpclm.comm import mca
 from hpclm.errors import HpclmError
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -24,7 +25,9 @@ RING_OPS = ("sum", "avg", "min", "max", "prod")
 # --- MPI and the extension ------------------------------------------------------------------
 
 def mpi():
-    """mpi4py's MPI module; importing it initializes MPI (and loads libmpi for Open MPI's plugins)."""
+    """mpi4py's MPI module; importing it initializes MPI (and loads libmpi for Open MPI's plugins), with
+    hpclm's Open MPI defaults (hpclm.comm.mca) in place first."""
+    mca.apply()
     try:
         from mpi4py import MPI
     except ImportError as e:
