@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, child_env, hang_guard, requires_horovod
+from conftest import REPO, child_env, hang_guard, mpirun, requires_horovod
 from helpers.lm_fixtures import TINY, records, shakespeare_dir  # noqa: F401 (fixture)
 from hpclm.cluster.netns import Cluster, why_unavailable
 
@@ -72,3 +72,85 @@ def _json_objects(text: str):
         obj, end = decoder.raw_decode(text, i)
         yield json.dumps(obj)
         i = end
+
+
+def _train_args(out, data_dir, *extra):
+    overrides = [f"data.path={json.dumps(str(data_dir))}", *TINY, "model.dropout=0.0", "train.max_iters=12", *extra]
+    return ["-m", "hpclm", "train", "--out", str(out), *[f"--set={o}" for o in overrides]]
+
+
+@requires_horovod
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_training_across_two_nodes_equals_one_node(cluster, shakespeare_dir, tmp_path, dtype):
+    args = lambda out: _train_args(out, shakespeare_dir, f"precision.dtype={dtype}")  # noqa: E731
+    one = mpirun(2, args(tmp_path / "one-node"))  # 1 node x 2 ranks, shared memory
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = cluster_mpirun(cluster, args(tmp_path / "two-nodes"), per_node=1)  # 2 nodes x 1 rank, TCP
+    assert two.returncode == 0, two.stdout + two.stderr
+    a = {r["step"]: r["loss"] for r in records(tmp_path / "one-node", "train")}
+    b = {r["step"]: r["loss"] for r in records(tmp_path / "two-nodes", "train")}
+    assert sorted(a) == list(range(1, 13)) and a == b  # exact: two ranks' sums are the same in any order
+
+
+@requires_horovod
+def test_tensor_parallel_groups_stay_within_a_node(cluster, shakespeare_dir, tmp_path):
+    proc = cluster_mpirun(cluster, _train_args(tmp_path / "tp", shakespeare_dir, "parallel.tensor=2",
+                                               "train.max_iters=3"), per_node=2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    n1, n2 = cluster.nodes
+    assert f"TP groups [0,1] on {n1}, [2,3] on {n2}" in proc.stdout and "span hosts" not in proc.stdout
+
+
+def _probe(cluster, tmp_path, *args):
+    out = tmp_path / "probe.json"
+    proc = cluster_mpirun(cluster, ["-m", "hpclm", "probe", "allreduce", "-n", "5", "-w", "1", *args, "--json", str(out)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text())
+
+
+@pytest.fixture
+def shaped(cluster):
+    """The module's cluster with its links shaped by the test (cluster.shape), unshaped again after."""
+    yield cluster
+    cluster.shape(None)
+
+
+def test_probe_measures_a_shaped_link(shaped, tmp_path):
+    shaped.shape(1.0)  # 1 Gbit/s = 0.125 GB/s each way, Ethernet, IP and TCP headers included
+    result = _probe(shaped, tmp_path, "-b", "1M", "-e", "16M", "-f", "4", "--impl", "ring,tcp")
+    assert result["mpi"]["nodes"] == 2 and {l["via"] for l in result["mpi"]["ring_links"]} == {"network"}
+    assert result["summary"]["model"]["link_GBps"] == pytest.approx(0.125, rel=0.10), result["summary"]["model"]
+    tcp = {r["size"]: r["busbw"] for r in result["rows"] if r["impl"] == "tcp"}
+    assert tcp[16 << 20] == pytest.approx(0.125, rel=0.10)  # the raw stream sees the link's rate too
+
+
+def test_ring_keeps_up_with_raw_tcp_at_10_gbits(shaped, tmp_path):
+    shaped.shape(10.0)
+    result = _probe(shaped, tmp_path, "-b", "16M", "-e", "16M", "--impl", "ring,mpi,tcp")
+    busbw = {r["impl"]: r["busbw"] for r in result["rows"]}
+    assert busbw["ring"] >= 0.7 * busbw["tcp"] and busbw["mpi"] >= 0.7 * busbw["tcp"], busbw
+
+
+@requires_horovod
+def test_losing_a_node_ends_the_job(cluster, shakespeare_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = cluster.mpirun_command([sys.executable, *_train_args(out, shakespeare_dir, "train.max_iters=100000",
+                                                                "checkpoint.every_iters=0")])
+    proc = subprocess.Popen(cmd, env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + hang_guard(120)
+        while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and records(out, "train")):
+            time.sleep(0.1)
+        assert records(out, "train"), "training did not start"
+        assert cluster.kill_node(cluster.nodes[1]) >= 2  # its Open MPI daemon and its rank, at least
+        lost = time.time()
+        try:
+            proc.communicate(timeout=hang_guard(60))
+        except subprocess.TimeoutExpired:
+            pytest.fail("the job still runs 60 s after a node's processes were killed")
+        assert time.time() - lost < 60
+    finally:
+        cluster.kill_node(cluster.nodes[0])
+        proc.kill()
+        proc.wait()
+    assert proc.returncode != 0

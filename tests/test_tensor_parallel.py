@@ -58,7 +58,11 @@ def test_layout_puts_consecutive_ranks_in_a_tp_group():
     assert [l.tp_rank for l in layouts] == [0, 1] * 4 and [l.dp_rank for l in layouts] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert layouts[5].tp_ranks == [4, 5] and layouts[0].data == 4
     assert Layout(8, 2, 0).describe() == ("8 rank(s) = 4 data replica(s) x 2 tensor-parallel; "
-                                          "TP groups [0,1] [2,3] [4,5] [6,7]")
+                                          "TP groups [0,1], [2,3], [4,5], [6,7]")
+    within = Layout(4, 2, 0).describe(["a", "a", "b", "b"])
+    assert within.endswith("TP groups [0,1] on a, [2,3] on b") and "warning" not in within
+    across = Layout(4, 2, 0).describe(["a", "b", "a", "b"])  # round-robin placement: every group spans hosts
+    assert "warning: TP group(s) [0,1] on a+b, [2,3] on a+b span hosts" in across
 
 
 def test_shard_and_unshard_are_inverse_with_padding():

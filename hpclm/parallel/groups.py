@@ -42,11 +42,25 @@ class Layout:
         first = self.dp_rank * self.tensor
         return list(range(first, first + self.tensor))
 
-    def describe(self) -> str:
-        groups = " ".join("[" + ",".join(str(r) for r in range(d * self.tensor, (d + 1) * self.tensor)) + "]"
-                          for d in range(self.data))
-        return (f"{self.world} rank(s) = {self.data} data replica(s) x {self.tensor} tensor-parallel; "
-                f"TP groups {groups}")
+    def describe(self, hosts: list[str] | None = None) -> str:
+        """The layout in one line; with every rank's host, where each TP group runs, and a warning for a
+        group that spans hosts (its collectives, one per layer, would cross the network)."""
+        groups, split = [], []
+        for d in range(self.data):
+            ranks = list(range(d * self.tensor, (d + 1) * self.tensor))
+            text = "[" + ",".join(map(str, ranks)) + "]"
+            if hosts:
+                on = list(dict.fromkeys(hosts[r] for r in ranks))
+                text += " on " + "+".join(on)
+                if len(on) > 1:
+                    split.append(text)
+            groups.append(text)
+        line = (f"{self.world} rank(s) = {self.data} data replica(s) x {self.tensor} tensor-parallel; "
+                f"TP groups {', '.join(groups)}")
+        if split:
+            line += (f"; warning: TP group(s) {', '.join(split)} span hosts: start one node's ranks consecutively "
+                     "(mpirun --map-by slot, srun's block distribution) with a multiple of parallel.tensor per node")
+        return line
 
 
 class TensorGroup:

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -460,7 +461,8 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
     tp = run.tensor_group
     parameters = run.model.parameter_count() if tp is not None else count_parameters(run.model)
     if tp is not None:
-        say(f"hpclm train: layout {tp.layout.describe()}; TP collectives "
+        hosts = dist.allgather_object(socket.gethostname())
+        say(f"hpclm train: layout {tp.layout.describe(hosts)}; TP collectives "
             f"over {tp.name}")
     say(f"hpclm train: {cfg.model.arch} {parameters / 1e6:.2f}M parameters, {dist.size()} rank(s) "
         f"({dist.backend()}), {run.device}, {cfg.precision.dtype}; data {cfg.data.path} ({run.data.meta['tokenizer']}, "
