@@ -1,15 +1,19 @@
 """Across nodes: a cluster of network-namespace nodes on this machine (hpclm.cluster.netns), Open MPI over
 TCP between them, links shaped with tc tbf. Every namespace, link and file is removed after the module."""
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO, child_env, hang_guard, mpirun, requires_horovod
+from conftest import REPO, child_env, descendants, hang_guard, mpirun, requires_horovod
 from helpers.lm_fixtures import TINY, records, shakespeare_dir  # noqa: F401 (fixture)
 from hpclm.cluster.netns import Cluster, why_unavailable
 
@@ -150,7 +154,83 @@ def test_losing_a_node_ends_the_job(cluster, shakespeare_dir, tmp_path):
             pytest.fail("the job still runs 60 s after a node's processes were killed")
         assert time.time() - lost < 60
     finally:
-        cluster.kill_node(cluster.nodes[0])
-        proc.kill()
+        for pid in [*descendants(proc.pid), proc.pid]:  # whatever of the job is left, on the first node
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
     assert proc.returncode != 0
+
+
+@pytest.fixture(scope="module")
+def slurm(cluster):
+    """slurmctld on the first node, a slurmd on each (NodeName = the node's name, NodeAddr its address)."""
+    from helpers.slurm_cluster import LocalSlurm, missing_tools
+    if missing_tools():
+        pytest.skip(f"Slurm/munge not installed ({', '.join(missing_tools())}); scripts/setup.sh installs them")
+    root = Path(tempfile.mkdtemp(prefix="hpclm-slurm-"))  # munged needs o+x above its socket: not pytest's 0700
+    s = LocalSlurm(root, cluster)
+    try:
+        yield s.start()
+    finally:
+        s.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_probe_sbatch_across_two_nodes(slurm, tmp_path):
+    out, log = tmp_path / "probe", tmp_path / "probe-%j.out"
+    job_id = slurm.sbatch("-o", str(log), str(REPO / "slurm" / "probe.sbatch"), cwd=REPO,  # its defaults: -N 2, 1 a node
+                          env=child_env({"HPCLM_PROBE_OUT": str(out), "HPCLM_PROBE_ARGS": "-b 64K -e 1M -f 4 -n 2 -w 1"}))
+    info = slurm.wait(job_id, timeout=120)
+    text = Path(str(log).replace("%j", str(job_id))).read_text()
+    assert info["JobState"] == "COMPLETED", text
+    doc = json.loads((out / str(job_id) / "allreduce.json").read_text())
+    assert doc["mpi"]["nodes"] == 2 and doc["summary"]["wrong"] == 0, doc["summary"]
+    assert {r["impl"] for r in doc["rows"]} >= {"ring", "mpi", "sendrecv", "tcp"}
+    assert sorted({h for link in doc["mpi"]["ring_links"] for h in link["hosts"]}) == slurm.cluster.nodes
+
+
+# PYTHON for train.sbatch: the first run trains without end (the test's USR1 stops it), the requeued run
+# 20 steps past the checkpoint it resumes from.
+REQUEUE_PYTHON = """#!/bin/bash
+extra=()
+if [ "$1 $2 $3" = "-m hpclm train" ]; then
+  if [ "${SLURM_RESTART_COUNT:-0}" -lt 1 ]; then extra=(--set train.max_iters=100000)
+  else extra=(--set "train.max_iters=$(( $(cat "$TEST_OUT/checkpoints/latest" | tr -dc 0-9 | sed 's/^0*//') + 20 ))"); fi
+fi
+exec "$TEST_PYTHON" "$@" "${extra[@]}"
+"""
+
+
+@requires_horovod
+def test_train_sbatch_across_two_nodes_requeues_and_resumes_exactly(slurm, shakespeare_dir, tmp_path):
+    from hpclm.train import checkpoint
+    out, wrapper, log = tmp_path / "run", tmp_path / "python", tmp_path / "train-%j.out"
+    wrapper.write_text(REQUEUE_PYTHON)
+    wrapper.chmod(0o755)
+    sets = [f"data.path={json.dumps(str(shakespeare_dir))}", *TINY, "checkpoint.every_iters=50", "train.eval_interval=0",
+            "optim.lr_decay_iters=200"]  # the schedule must not depend on max_iters, which the wrapper changes
+    args = [a for kv in sets for a in ("--set", kv)]
+    job_id = slurm.sbatch("-N", "2", "--ntasks-per-node=1", "-o", str(log), str(REPO / "slurm" / "train.sbatch"),
+                          "configs/demo.toml", *args, "--out", str(out), cwd=REPO,
+                          env=child_env({"PYTHON": str(wrapper), "TEST_PYTHON": sys.executable, "TEST_OUT": str(out)}))
+    log = Path(str(log).replace("%j", str(job_id)))
+    deadline = time.time() + hang_guard(120)
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and records(out, "train")
+                                          and records(out, "train")[-1]["step"] >= 10):
+        assert slurm.job(job_id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text()
+        time.sleep(0.2)
+    slurm.run("scancel", "--batch", "--signal=USR1", str(job_id))
+    info = slurm.wait(job_id, timeout=120)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
+    assert info["NodeList"] == f"{slurm.cluster.name}-n[1-2]" and "checkpointed on request" in text, (info, text)
+    final = checkpoint.read_latest(out)
+    reference = tmp_path / "reference"
+    whole = mpirun(2, ["-m", "hpclm", "train", "--config", "configs/demo.toml", "--out", str(reference), *args,
+                       "--set", f"train.max_iters={final}"])  # one node, two ranks, never stopped
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    got = {r["step"]: r["loss"] for r in records(out, "train")}
+    want = {r["step"]: r["loss"] for r in records(reference, "train")}
+    assert sorted(got) == list(range(1, final + 1)) and got == want

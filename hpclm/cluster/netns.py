@@ -5,7 +5,8 @@ Every node is a namespace NAME-nI with one interface, eth0, whose peer sits in t
 namespace NAME-sw on a bridge; nothing is added to the root namespace. A process run on a node
 (`Cluster.node_command`) enters its namespace, gets the node's own hostname (a UTS namespace) and the
 node's share of the cores (taskset), so Open MPI and Slurm see one host per node, as on a cluster.
-`/etc/netns/NODE/hosts` (bind-mounted over /etc/hosts by `ip netns exec`) resolves every node name.
+The cluster's own hosts file, bind-mounted over /etc/hosts in a private mount namespace, resolves every
+node name there.
 
     python -m hpclm.cluster up --nodes 2 --gbps 10
     python -m hpclm.cluster mpirun NAME --per-node 1 -- python -m hpclm info --all-ranks
@@ -30,16 +31,18 @@ from hpclm.errors import HpclmError
 
 STATE_ROOT = Path(os.environ.get("HPCLM_CLUSTER_DIR", "/run/hpclm-cluster"))
 SUBNET = "10.213.0"  # NODE i is SUBNET.i/24; private to the cluster's own namespaces
-TOOLS = ("ip", "tc", "unshare", "taskset")
+TOOLS = ("ip", "tc", "nsenter", "unshare", "taskset")
 
 # A launcher agent for Open MPI's plm_rsh_agent: `AGENT HOST CMD...` runs CMD on HOST (what `ssh HOST CMD`
 # does on a cluster), HOST's namespace, hostname and cores included.
 AGENT = """#!/bin/sh
 # Open MPI's remote-shell agent for the namespace cluster in this folder: HOST CMD... -> CMD on HOST.
 host=$1; shift
-cpus=$(sed -n "s/^$host //p" "$(dirname "$0")/cpus")
-exec ip netns exec "$host" unshare --uts -- /bin/sh -c 'hostname "$0" && exec taskset -c "$1" /bin/sh -c "$2"' \\
-  "$host" "${cpus:?unknown node $host}" "$*"
+here=$(dirname "$0")
+cpus=$(sed -n "s/^$host //p" "$here/cpus")
+exec nsenter --net=/run/netns/"$host" unshare --mount --uts -- /bin/sh -c \\
+  'mount --bind "$2" /etc/hosts && hostname "$0" && exec taskset -c "$1" /bin/sh -c "$3"' \\
+  "$host" "${cpus:?unknown node $host}" "$here/hosts" "$*"
 """
 
 
@@ -93,7 +96,7 @@ class Cluster:
     gbps: float | None = None
     mtu: int = 1500
     state: str = ""
-    made: list[str] = field(default_factory=list)  # namespaces and /etc/netns folders made so far
+    made: list[str] = field(default_factory=list)  # namespaces made so far
 
     @property
     def dir(self) -> Path:
@@ -159,11 +162,8 @@ class Cluster:
             _run(*nd, "addr", "add", f"{address}/24", "dev", "eth0")
             _run(*nd, "link", "set", "eth0", "up")
             _run(*nd, "link", "set", "lo", "up")
-            etc = Path("/etc/netns", node)
-            etc.mkdir(parents=True, exist_ok=True)
-            self.made.append(str(etc))
-            (etc / "hosts").write_text(hosts)
             self._save()
+        (self.dir / "hosts").write_text(hosts)
         self.shape(self.gbps)
         self.agent.write_text(AGENT)
         self.agent.chmod(0o755)
@@ -214,7 +214,7 @@ class Cluster:
         return len(pids)
 
     def destroy(self, timeout: float = 10.0):
-        """Kill what still runs in the namespaces, then remove every namespace, link and file made."""
+        """Kill what still runs in the namespaces, then remove every namespace (with its links) and the state folder."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in self.pids():
                 try:
@@ -224,11 +224,8 @@ class Cluster:
             deadline = time.time() + timeout / 2
             while self.pids() and time.time() < deadline:
                 time.sleep(0.1)
-        for thing in reversed(self.made):
-            if thing.startswith("/"):
-                shutil.rmtree(thing, ignore_errors=True)
-            else:  # a namespace: deleting it deletes its end of every veth pair, hence the pair
-                _run("ip", "netns", "del", thing, check=False)
+        for ns in reversed(self.made):  # deleting a namespace deletes its end of every veth pair, hence the pair
+            _run("ip", "netns", "del", ns, check=False)
         self.made.clear()
         if self.state:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -244,8 +241,10 @@ class Cluster:
         """cmd run on one node: its namespace, its hostname, its cores."""
         node = self.nodes[node] if isinstance(node, int) else node
         cpus = self.cpus[self.nodes.index(node)]
-        return ["ip", "netns", "exec", node, "unshare", "--uts", "--", "/bin/sh", "-c",
-                'hostname "$0" && cpus=$1 && shift && exec taskset -c "$cpus" "$@"', node, cpus, *cmd]
+        # nsenter, not `ip netns exec`: that remounts /sys, hiding /sys/fs/cgroup (which slurmd needs)
+        return ["nsenter", f"--net=/run/netns/{node}", "unshare", "--mount", "--uts", "--", "/bin/sh", "-c",
+                'mount --bind "$2" /etc/hosts && hostname "$0" && cpus=$1 && shift 2 && exec taskset -c "$cpus" "$@"',
+                node, cpus, str(self.dir / "hosts"), *cmd]
 
     def mpi_options(self) -> list[str]:
         """Open MPI over the cluster's links: TCP between nodes (shared memory within one), the agent to

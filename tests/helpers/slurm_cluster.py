@@ -1,4 +1,5 @@
-"""A real single-node Slurm cluster (munge + slurmctld + slurmd) on localhost, for tests.
+"""A real Slurm cluster (munge + slurmctld + slurmd) for tests: one node on localhost, or one slurmd per node
+of a namespace cluster (hpclm.cluster.netns), where slurmctld and every client run on the first node.
 
 Everything lives under one temporary directory, on free ports; clients find it through
 SLURM_CONF; stop() cancels jobs and kills the daemons by PID.
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import hang_guard
@@ -49,11 +51,30 @@ def _node_topology():
     return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
+@dataclass
+class Node:
+    name: str
+    address: str
+    hardware: str  # the slurm.conf node fields after NodeName and NodeAddr (CPUs, memory, ...)
+
+
 class LocalSlurm:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, cluster=None):
+        """cluster: a hpclm.cluster.netns.Cluster, one Slurm node per namespace node; None: localhost alone."""
         self.root = Path(root)
         self.conf = self.root / "etc" / "slurm.conf"
         self.pids: dict[str, int] = {}
+        self.cluster = cluster
+        if cluster is None:
+            self.nodes = [Node("localhost", "127.0.0.1", _node_topology())]
+        else:
+            memory = int(_node_topology().split("RealMemory=")[1].split()[0]) // len(cluster.nodes)
+            self.nodes = [Node(name, address, f"CPUs={len(cpus.split(','))} RealMemory={memory}")
+                          for name, address, cpus in zip(cluster.nodes, cluster.addresses, cluster.cpus)]
+
+    def on_node(self, index: int, cmd: list[str]) -> list[str]:
+        """cmd as it runs on node `index` (the first node also runs slurmctld and the clients)."""
+        return cmd if self.cluster is None else self.cluster.node_command(index, cmd)
 
     @property
     def env(self) -> dict:
@@ -62,14 +83,15 @@ class LocalSlurm:
         return env
 
     def run(self, *args, check=True, timeout=30) -> subprocess.CompletedProcess:
-        return subprocess.run([_tool(args[0]), *args[1:]], env=self.env, capture_output=True, text=True,
-                              check=check, timeout=timeout)
+        return subprocess.run(self.on_node(0, [_tool(args[0]), *args[1:]]), env=self.env, capture_output=True,
+                              text=True, check=check, timeout=timeout)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout=30.0):
         d = self.root
-        for sub in ("munge", "state", "spool", "log", "etc"):
-            (d / sub).mkdir(parents=True, exist_ok=True)
+        for sub in ("munge", "state", "log", "etc", *(f"{kind}/{node.name}" for node in self.nodes
+                                                      for kind in ("spool", "tmp"))):
+            (d / sub).mkdir(parents=True, exist_ok=True)  # a slurmd's spool must exist before it starts
         for path in (d, d / "munge"):  # munged refuses a socket path that is not o+x all the way
             path.chmod(0o755)
         key, sock = d / "munge" / "munge.key", d / "munge" / "munge.socket"
@@ -83,7 +105,7 @@ class LocalSlurm:
             try:
                 return self._start_slurm(sock, timeout)
             except (RuntimeError, subprocess.CalledProcessError):
-                self._terminate("slurmd", "slurmctld")
+                self._terminate(*self.daemons)
                 if attempt == 2:
                     raise
 
@@ -92,17 +114,22 @@ class LocalSlurm:
         self.conf.write_text(self._config(sock, *_free_ports(2)))
         self.run("slurmctld", "-f", str(self.conf))
         self._remember_pid("slurmctld", d / "slurmctld.pid")
-        self.run("slurmd", "-f", str(self.conf), "-N", "localhost")
-        self._remember_pid("slurmd", d / "slurmd.pid")
+        for i, node in enumerate(self.nodes):
+            subprocess.run(self.on_node(i, [_tool("slurmd"), "-f", str(self.conf), "-N", node.name]), env=self.env,
+                           capture_output=True, text=True, check=True, timeout=30)
+            self._remember_pid(f"slurmd {node.name}", d / f"slurmd-{node.name}.pid")
         deadline = time.time() + timeout
-        state = None
-        while time.time() < deadline and all(self._alive(name) for name in ("slurmctld", "slurmd")):
-            state = self.run("sinfo", "-h", "-n", "localhost", "-o", "%T", check=False).stdout.strip()
-            if state == "idle":
+        states = None
+        while time.time() < deadline and all(self._alive(name) for name in self.pids if name != "munged"):
+            states = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
+            if states == ["idle"] * len(self.nodes):
                 return self
             time.sleep(0.2)
-        raise RuntimeError(f"local Slurm did not become idle within {timeout} s (state {state!r}); "
-                           f"logs in {d / 'log'}")
+        raise RuntimeError(f"Slurm did not become idle within {timeout} s (states {states!r}); logs in {d / 'log'}")
+
+    @property
+    def daemons(self) -> list[str]:
+        return [f"slurmd {node.name}" for node in self.nodes] + ["slurmctld"]
 
     def _alive(self, name) -> bool:
         try:
@@ -122,19 +149,21 @@ class LocalSlurm:
 
     def _config(self, sock, ctld_port, slurmd_port):
         d = self.root
+        head = self.nodes[0]
         return "\n".join([
-            "ClusterName=hpclmtest", "SlurmctldHost=localhost", "SlurmUser=root",
+            "ClusterName=hpclmtest", f"SlurmctldHost={head.name}({head.address})", "SlurmUser=root",
             f"SlurmctldPort={ctld_port}", f"SlurmdPort={slurmd_port}",
             "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={sock},cred_expire=5",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core", "MpiDefault=pmix", "ReturnToService=2", "KillWait=5",
             "EnforcePartLimits=ALL", "SchedulerParameters=batch_sched_delay=0,bf_interval=1,sched_interval=2",
-            f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool",
-            f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd.pid",
-            f"SlurmctldLogFile={d}/log/slurmctld.log", f"SlurmdLogFile={d}/log/slurmd.log",
-            f"NodeName=localhost NodeAddr=127.0.0.1 {_node_topology()} State=UNKNOWN",
-            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES",
+            f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool/%n",  # %n: each slurmd its own
+            f"TmpFS={d}/tmp/%n",  # PMIx's per-step folders: two "nodes" share this machine's /tmp
+            f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd-%n.pid",
+            f"SlurmctldLogFile={d}/log/slurmctld.log", f"SlurmdLogFile={d}/log/slurmd-%n.log",
+            *(f"NodeName={n.name} NodeAddr={n.address} {n.hardware} State=UNKNOWN" for n in self.nodes),
+            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES",
             "",
         ])
 
@@ -154,13 +183,13 @@ class LocalSlurm:
             deadline = time.time() + timeout
             while time.time() < deadline and self.run("squeue", "-h", "-t", "R,CG", check=False).stdout.strip():
                 time.sleep(0.5)
-        self._terminate("slurmd", "slurmctld", "munged")
+        self._terminate(*self.daemons, "munged")
 
     # -- jobs --------------------------------------------------------------------------------
     def sbatch(self, *args, cwd=None, env=None) -> int:
         full_env = self.env | (env or {})
-        proc = subprocess.run([_tool("sbatch"), "--parsable", *args], env=full_env, cwd=cwd, capture_output=True,
-                              text=True, timeout=hang_guard(30))
+        proc = subprocess.run(self.on_node(0, [_tool("sbatch"), "--parsable", *args]), env=full_env, cwd=cwd,
+                              capture_output=True, text=True, timeout=hang_guard(30))
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch failed: {proc.stderr.strip()}")
         return int(proc.stdout.strip().split(";")[0])
