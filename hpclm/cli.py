@@ -180,7 +180,8 @@ def _add_probe(sub):
                    help="float32, float64, float16, bfloat16, comma-separated, or all (default float32)")
     a.add_argument("-o", "--op", default="sum", help="sum, avg, min, max, comma-separated, or all (default sum)")
     a.add_argument("--impl", default=None,
-                   help="comma-separated from ring, mpi, horovod, sendrecv (default: all that are usable here)")
+                   help="comma-separated from ring, mpi, horovod, sendrecv, tcp (default: all that are usable here; "
+                        "tcp, a raw socket stream between neighbouring ranks, where the ranks span nodes)")
     a.add_argument("--in-place", action="store_true", help="reduce in place (default: out of place)")
     a.add_argument("--hugepages", action="store_true",
                    help="back the buffers with transparent huge pages (madvise) instead of torch's allocator")
@@ -190,6 +191,20 @@ def _add_probe(sub):
     a.add_argument("--json", metavar="PATH", help="also write the rows and summary as JSON")
     a.add_argument("--plot", metavar="PNG", help="also plot busbw against size (matplotlib)")
     _runs(a, "bench.allreduce")
+    pr = kinds.add_parser(
+        "predict", help="a data-parallel job's step time and tokens/s at N ranks: measured compute + modelled exchange",
+        description="Measures one rank's training step of the config here, then adds Horovod's allreduce of the "
+                    "gradients under the ring's alpha-beta model of the job's links (a probe's fit, or a link rate); "
+                    "no overlap assumed, the full-overlap bound beside it. One process: run it without mpirun.")
+    pr.add_argument("--config", default=None, help="TOML run config (as hpclm train)")
+    pr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    pr.add_argument("--ranks", type=int, default=2, help="ranks of the job to predict (default 2)")
+    pr.add_argument("--link-gbps", type=float, default=None, help="the links' rate in Gbit/s (caps a probe's fit)")
+    pr.add_argument("--probe", metavar="JSON", default=None, help="hpclm probe allreduce --json output over the links")
+    pr.add_argument("--steps", type=int, default=10, help="timed training steps for the compute (default 10)")
+    pr.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    pr.add_argument("--json", metavar="PATH", help="also write the prediction as JSON")
+    _runs(pr, "bench.predict")
 
 
 class Parser(argparse.ArgumentParser):

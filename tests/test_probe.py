@@ -13,6 +13,7 @@ from hpclm.bench import allreduce as probe, costmodel, harness
 from hpclm.comm import ring
 from hpclm.cli import build_parser
 from hpclm.errors import HpclmError
+from helpers.lm_fixtures import TINY, shakespeare_dir  # noqa: F401 (fixture)
 
 
 # Waiting ranks yield the core: these tests check results, not speed, on a small shared machine.
@@ -404,3 +405,54 @@ def test_mpi_errors_raise_runtime_error_with_mpis_text():
     assert [line.split()[:2] for line in lines] == [[n, "RuntimeError"] for n in
                                                     ("ring_allreduce", "mpi_allreduce", "mpi_sendrecv")], proc.stdout
     assert all(line.endswith(f"failed: {text}") for line in lines), proc.stdout
+
+
+# --- hpclm probe predict ------------------------------------------------------------------------
+
+def test_predict_link_model_takes_the_slower_of_probe_and_link():
+    from hpclm.bench import predict
+    fit = {"summary": {"model": {"alpha_s": 50e-6, "link_bytes_per_s": 0.9e9}}}
+    on_1g = predict.link_model(fit, 1.0)  # the link is slower than the fit: it bounds B, alpha stays the fit's
+    assert on_1g["bytes_per_s"] == pytest.approx(1e9 / 8 * 1448 / 1514) and on_1g["alpha_s"] == 50e-6
+    on_10g = predict.link_model(fit, 10.0)  # the cores, not the link, set what the probe measured
+    assert on_10g["bytes_per_s"] == 0.9e9 and on_10g["source"] == "probe fit"
+    assert predict.link_model(None, 1.0)["alpha_s"] == predict.ALPHA_TCP_S
+    for probe_doc, gbps, message in ((None, None, "give the link"), ({"summary": {}}, None, "no ring model"),
+                                     (None, 0.0, "above 0")):
+        with pytest.raises(HpclmError, match=message):
+            predict.link_model(probe_doc, gbps)
+
+
+def test_predict_exchange_follows_gradient_bytes_and_link():
+    from hpclm.bench import predict
+    compute = {"step_s": 0.05, "parameters": 10_000_000, "tokens_per_step": 3072}
+    slow, fast = predict.link_model(None, 1.0), predict.link_model(None, 10.0)
+    fp32, fp16 = predict.predict(compute, 2, slow, False), predict.predict(compute, 2, slow, True)
+    assert fp32["gradient_bytes"] == 40_000_000 and fp16["gradient_bytes"] == 20_000_000
+    # 2 ranks: each sends half its gradients twice (reduce-scatter, allgather) = S bytes at B
+    assert fp32["exchange_s"] == pytest.approx(2 * slow["alpha_s"] + 40e6 / slow["bytes_per_s"])
+    assert fp16["exchange_s"] < fp32["exchange_s"] and predict.predict(compute, 2, fast, False)["exchange_s"] < fp32["exchange_s"]
+    assert fp32["tokens_per_s"] == pytest.approx(2 * 3072 / (0.05 + fp32["exchange_s"]))
+    assert fp32["tokens_per_s"] < fp32["tokens_per_s_full_overlap"]
+    one = predict.predict(compute, 1, slow, False)  # one rank exchanges nothing
+    assert one["exchange_s"] == 0 and one["tokens_per_s"] == pytest.approx(3072 / 0.05)
+    tiny = predict.predict({**compute, "parameters": 10}, 2, fast, False)
+    assert tiny["exchange_s"] == predict.HOROVOD_FLOOR_S  # Horovod's cycle: no allreduce is faster
+
+
+def test_predict_cli_measures_compute_and_writes_json(tmp_path, shakespeare_dir):
+    out = tmp_path / "predict.json"
+    sets = [f"data.path={json.dumps(str(shakespeare_dir))}", *TINY]
+    proc = run_python(["-m", "hpclm", "probe", "predict", "--ranks", "4", "--link-gbps", "1", "--steps", "3",
+                       "--warmup", "1", "--json", str(out), *[a for s in sets for a in ("--set", s)]])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert [r["ranks"] for r in doc["rows"]] == [1, 2, 4]
+    assert doc["compute"]["tokens_per_step"] == 4 * 32 and doc["compute"]["step_s"] > 0  # TINY: batch 4, block 32
+    assert doc["rows"][0]["gradient_bytes"] == 4 * doc["compute"]["parameters"]
+    assert "ranks" in proc.stdout and "1 Gbit/s link less headers" in proc.stdout
+    bad = run_python(["-m", "hpclm", "probe", "predict", *[a for s in sets for a in ("--set", s)]])
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--link-gbps" in bad.stderr, bad.stderr
+    ngram = run_python(["-m", "hpclm", "probe", "predict", "--link-gbps", "1", "--config", "configs/ngram.toml",
+                        "--set", f"data.path={json.dumps(str(shakespeare_dir))}"])
+    assert ngram.returncode == 2 and "gpt and gru" in ngram.stderr, ngram.stderr

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -147,8 +148,8 @@ def reference(shakespeare_dir, tmp_path_factory):
 
 def test_thirty_steps_at_t2_equal_t1_and_save_full_tensors(shakespeare_dir, reference, tmp_path):
     proc = _train(2, tmp_path / "t2", shakespeare_dir, "train.max_iters=30", "parallel.tensor=2")
-    assert "layout 2 rank(s) = 1 data replica(s) x 2 tensor-parallel; TP groups [0,1]; TP collectives over mpi" \
-        in proc.stdout
+    assert f"layout 2 rank(s) = 1 data replica(s) x 2 tensor-parallel; TP groups [0,1] on {socket.gethostname()}; " \
+        "TP collectives over mpi" in proc.stdout
     mine, ref = _losses(tmp_path / "t2"), _losses(reference)
     assert len(ref) == 30 and _close(mine, ref), (mine, ref)
     assert all(r["tp_collective_s"] > 0 for r in records(tmp_path / "t2", "train"))
@@ -186,7 +187,8 @@ def test_half_precision_at_t2_follows_t1(shakespeare_dir, tmp_path, precision):
 def test_four_ranks_d2_t2_equal_d2_t1(shakespeare_dir, tmp_path):
     _train(2, tmp_path / "d2t1", shakespeare_dir, "train.max_iters=30")
     proc = _train(4, tmp_path / "d2t2", shakespeare_dir, "train.max_iters=30", "parallel.tensor=2")
-    assert "4 rank(s) = 2 data replica(s) x 2 tensor-parallel; TP groups [0,1] [2,3]" in proc.stdout
+    assert (f"4 rank(s) = 2 data replica(s) x 2 tensor-parallel; TP groups [0,1] on {socket.gethostname()}, "
+            f"[2,3] on {socket.gethostname()}") in proc.stdout
     assert "global batch 8 = 4 per replica x 2 data replica(s)" in proc.stdout
     assert _close(_losses(tmp_path / "d2t2"), _losses(tmp_path / "d2t1"))
 

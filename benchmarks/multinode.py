@@ -1,0 +1,222 @@
+"""Across nodes: data-parallel training on 2 namespace nodes x 1 rank over TCP links, unshaped and shaped to
+10 and 1 Gbit/s (tc tbf), against 1 node x 2 ranks over shared memory, with and without Horovod's fp16
+gradient compression; `hpclm probe predict`'s figure beside every measured cell.
+
+Each node is a network namespace with one of this machine's cores (hpclm.cluster.netns); the one-node
+cells run both ranks in the root namespace on both cores. Per link: a probe run (ring, MPI_Allreduce and a
+raw TCP stream; its alpha-beta fit feeds the predictor), then every model's training cells. tokens/s comes
+from each run's metrics after the warm-up; the final val loss from its last eval (the same batches with and
+without compression: what compression costs in quality). Goal: the predictor within 15% of every measured
+2-node cell. Needs root (namespaces), Open MPI and Horovod.
+
+    python benchmarks/multinode.py [--quick] [--models shakespeare-char,gpt-6x384] [--links none,10,1]
+                                   [--json PATH] [--plot PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import shakespeare_data  # noqa: E402
+from train_scaling import LOG_INTERVAL, MODELS, finish, launch, train_args  # noqa: E402
+from hpclm.bench import harness  # noqa: E402
+from hpclm.cluster.netns import Cluster, why_unavailable  # noqa: E402
+from hpclm.errors import HpclmError  # noqa: E402
+from hpclm.train.metrics import read_records  # noqa: E402
+
+GOAL_PREDICTION_ERROR = 0.15
+ITERS = {"shakespeare-char": (60, 10), "gpt-6x384": (12, 4)}  # (iterations, warm-up) a cell
+QUICK_ITERS = {"shakespeare-char": (20, 4), "gpt-6x384": (6, 2)}
+
+
+def env_for_runs() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def run_logged(cmd: list[str], log: Path, what: str, timeout: float) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env_for_runs(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    finish(proc, what, timeout, log)
+
+
+def measured(out: Path, warmup: int) -> dict:
+    recs = read_records(out / "metrics.jsonl")
+    train = [r for r in recs if r["kind"] == "train" and r["step"] > warmup]
+    seconds = sum(r["step_time_s"] * LOG_INTERVAL for r in train)
+    steps = train[-1]["step"] - warmup
+    tokens = train[0]["tokens"] / train[0]["step"] * steps
+    evals = [r for r in recs if r["kind"] == "eval"]
+    return {"tokens_per_s": tokens / seconds, "step_time_s": seconds / steps,
+            "exchange_wait_s": sum(r.get("exchange_wait_s_max", 0.0) for r in train) / len(train),
+            "val_loss": evals[-1]["val_loss"] if evals else None}
+
+
+def cell_sets(model: str, data_dir: Path, iters: int, compression: bool) -> list[str]:
+    return [f"data.path={json.dumps(str(data_dir))}", *MODELS[model], f"train.max_iters={iters}",
+            "train.eval_interval=0", "train.eval_iters=5", f"train.log_interval={LOG_INTERVAL}",
+            "checkpoint.every_iters=0", f"dist.fp16_compression={'true' if compression else 'false'}"]
+
+
+def probe(cluster: Cluster, work: Path, link: str, args) -> dict:
+    out = work / f"probe-{link}.json"
+    sizes = ["-b", "4K", "-e", "16M", "-f", "4", "-n", "3" if args.quick else "5", "-w", "1"]
+    cmd = cluster.mpirun_command([sys.executable, "-m", "hpclm", "probe", "allreduce", *sizes,
+                                  "--impl", "ring,mpi,tcp", "--json", str(out)])
+    run_logged(cmd, work / f"probe-{link}.log", f"probe at {link}", args.timeout)
+    return json.loads(out.read_text())
+
+
+def predict(cluster: Cluster, work: Path, name: str, sets: list[str], probe_json: Path, gbps, args) -> dict:
+    """`hpclm probe predict` on the first node (its one core, like a rank's)."""
+    out = work / f"{name}-predict.json"
+    steps = ["--steps", "3", "--warmup", "1"] if args.quick or "6x384" in name else ["--steps", "10", "--warmup", "3"]
+    cmd = [sys.executable, "-m", "hpclm", "probe", "predict", "--config", args.config, *steps,
+           "--probe", str(probe_json), "--json", str(out), *[a for s in sets for a in ("--set", s)]]
+    if gbps:
+        cmd += ["--link-gbps", str(gbps)]
+    run_logged(cluster.node_command(0, cmd), work / f"{name}-predict.log", f"{name} predict", args.timeout)
+    doc = json.loads(out.read_text())
+    return next(r for r in doc["rows"] if r["ranks"] == 2)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shakespeare_data.add_arguments(ap, "multinode")
+    ap.add_argument("--models", default="shakespeare-char,gpt-6x384")
+    ap.add_argument("--links", default="none,10,1", help="link rates in Gbit/s, comma-separated; none = unshaped")
+    ap.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per run before it counts as hung")
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    args = ap.parse_args()
+    problem = why_unavailable()
+    if problem:
+        raise SystemExit(f"multinode: cannot make namespace nodes here: {problem}")
+    models = [m.strip() for m in args.models.split(",")]
+    links = [None if x.strip() == "none" else float(x) for x in args.links.split(",")]
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            harness.check_writable(path, flag)
+    data_dir = shakespeare_data.prepare(args)
+    work = Path(args.work).resolve()
+    iters = QUICK_ITERS if args.quick else ITERS
+    rows, probes = [], {}
+    t0 = time.time()
+    for model in models:  # one node, two ranks: the reference of every 2-node cell
+        n, warmup = iters[model]
+        for compression in (False, True):
+            name = f"{model}-1node-{'fp16wire' if compression else 'fp32wire'}"
+            out = work / name
+            proc = launch(2, 1, train_args(args.config, out / "run", cell_sets(model, data_dir, n, compression)),
+                          out / "log.txt")
+            finish(proc, name, args.timeout, out / "log.txt")
+            rows.append({"model": model, "layout": "1 node x 2", "link": "shared memory", "compression": compression,
+                         **measured(out / "run", warmup)})
+            print(f"# {name}: {rows[-1]['tokens_per_s']:.0f} tokens/s", flush=True)
+    with Cluster.create(nodes=2) as cluster:
+        for gbps in links:
+            label = "unshaped" if gbps is None else f"{gbps:g} Gbit/s"
+            cluster.shape(gbps)
+            key = "none" if gbps is None else f"{gbps:g}"
+            doc = probe(cluster, work, key, args)
+            probe_json = work / f"probe-{key}.json"
+            bus = {(r["impl"], r["size"]): r["busbw"] for r in doc["rows"]}
+            probes[label] = {"model": doc["summary"].get("model"),
+                             "busbw_16MiB": {impl: bus.get((impl, 16 << 20)) for impl in ("ring", "mpi", "tcp")},
+                             "busbw_4MiB": {impl: bus.get((impl, 4 << 20)) for impl in ("ring", "mpi", "tcp")}}
+            print(f"# probe {label}: 16 MiB busbw " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                                probes[label]["busbw_16MiB"].items() if v), flush=True)
+            for model in models:
+                n, warmup = iters[model]
+                for compression in (False, True):
+                    name = f"{model}-{key}-{'fp16wire' if compression else 'fp32wire'}"
+                    sets = cell_sets(model, data_dir, n, compression)
+                    out = work / name
+                    cmd = cluster.mpirun_command([sys.executable, "-m", "hpclm",
+                                                  *train_args(args.config, out / "run", sets)])
+                    run_logged(cmd, out / "log.txt", name, args.timeout)
+                    row = {"model": model, "layout": "2 nodes x 1", "link": label, "compression": compression,
+                           **measured(out / "run", warmup)}
+                    p = predict(cluster, work, name, sets, probe_json, gbps, args)
+                    row.update(predicted_tokens_per_s=p["tokens_per_s"], predicted_step_s=p["step_s"],
+                               predicted_exchange_s=p["exchange_s"], predicted_compute_s=p["compute_s"],
+                               prediction_error=p["tokens_per_s"] / row["tokens_per_s"] - 1)
+                    rows.append(row)
+                    print(f"# {name}: {row['tokens_per_s']:.0f} tokens/s, predicted {p['tokens_per_s']:.0f} "
+                          f"({100 * row['prediction_error']:+.0f}%)", flush=True)
+        cluster.shape(None)
+    errors = [abs(r["prediction_error"]) for r in rows if "prediction_error" in r]
+    summary = {"prediction_error_max": max(errors) if errors else None, "goal": GOAL_PREDICTION_ERROR,
+               "pass": bool(errors) and max(errors) <= GOAL_PREDICTION_ERROR, "seconds": time.time() - t0}
+    print_tables(rows, probes, summary)
+    if args.json:
+        harness.write_json(args.json, {"tool": "benchmarks/multinode.py", "host": harness.host_info(2),
+                                       "quick": args.quick, "rows": rows, "probes": probes, "summary": summary})
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+def print_tables(rows, probes, summary) -> None:
+    print("\n| link | ring | MPI_Allreduce | raw TCP | ring / TCP | fit B (GB/s) | fit alpha (us) |")
+    print("|---|---|---|---|---|---|---|")
+    for label, p in probes.items():
+        b, m = p["busbw_16MiB"], p["model"] or {}
+        ratio = b["ring"] / b["tcp"] if b.get("ring") and b.get("tcp") else float("nan")
+        print(f"| {label} | {b['ring']:.3f} | {b['mpi']:.3f} | {b['tcp']:.3f} | {100 * ratio:.0f}% | "
+              f"{m.get('link_GBps', float('nan')):.3f} | {m.get('alpha_us', float('nan')):.0f} |")
+    print("\n| model | layout | link | gradients on the wire | tokens/s | vs 1 node | predicted | error | val loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    one = {(r["model"], r["compression"]): r["tokens_per_s"] for r in rows if r["layout"] == "1 node x 2"}
+    for r in rows:
+        pred = f"{r['predicted_tokens_per_s']:.0f}" if "predicted_tokens_per_s" in r else ""
+        err = f"{100 * r['prediction_error']:+.0f}%" if "prediction_error" in r else ""
+        print(f"| {r['model']} | {r['layout']} | {r['link']} | {'fp16' if r['compression'] else 'fp32'} | "
+              f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / one[r['model'], r['compression']]:.2f}x | {pred} | "
+              f"{err} | {r['val_loss']:.4f} |")
+    worst = summary["prediction_error_max"]
+    if worst is not None:
+        print(f"\n# predictor: worst error {100 * worst:.0f}% (goal <= {100 * GOAL_PREDICTION_ERROR:.0f}%): "
+              f"{'PASS' if summary['pass'] else 'MISSED'}")
+
+
+def plot(rows, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        cells = [r for r in rows if r["model"] == model]
+        labels = [f"{r['link']}\n{'fp16' if r['compression'] else 'fp32'} wire" for r in cells]
+        x = range(len(cells))
+        ax.bar([i - 0.2 for i in x], [r["tokens_per_s"] for r in cells], 0.4, label="measured")
+        ax.bar([i + 0.2 for i in x], [r.get("predicted_tokens_per_s", 0) for r in cells], 0.4, label="predicted")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylabel("tokens/s (2 ranks)")
+        ax.set_title(model)
+        ax.legend(fontsize=8)
+    fig.suptitle("data parallel across 2 namespace nodes over TCP vs 1 node", fontsize=10)
+    fig.tight_layout()
+    harness.save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except HpclmError as e:
+        print(f"multinode: error: {e}", file=sys.stderr)
+        sys.exit(2)
