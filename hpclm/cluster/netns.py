@@ -248,8 +248,10 @@ class Cluster:
 
     def mpi_options(self) -> list[str]:
         """Open MPI over the cluster's links: TCP between nodes (shared memory within one), the agent to
-        start daemons on the other nodes, the cluster's subnet for both MPI traffic and the runtime's."""
-        return ["--mca", "plm_rsh_agent", str(self.agent), "--mca", "btl", "tcp,vader,self",
+        start daemons on the other nodes, the cluster's subnet for both MPI traffic and the runtime's.
+        --bind-to none: each node's processes already run on its own cores (taskset), and Open MPI's own
+        binding would count cores of the whole machine, putting every node's first rank on core 0."""
+        return ["--bind-to", "none", "--mca", "plm_rsh_agent", str(self.agent), "--mca", "btl", "tcp,vader,self",
                 "--mca", "btl_tcp_if_include", self.subnet, "--mca", "oob_tcp_if_include", self.subnet]
 
     def mpirun_command(self, cmd: list[str], per_node: int = 1, nodes: int | None = None,
