@@ -5,7 +5,7 @@ MPIRUN ?= mpirun $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)
 export PYTHON
 
 .PHONY: setup build demo test bench bench-full bench-softmax bench-reduce bench-allreduce bench-scaling \
-	bench-scaling-full bench-shakespeare bench-ttt bench-serve bench-quant bench-tp info clean
+	bench-scaling-full bench-shakespeare bench-ttt bench-serve bench-quant bench-tp bench-multinode info clean
 
 setup:
 	bash scripts/setup.sh
@@ -29,7 +29,7 @@ test: setup
 bench: bench-softmax bench-reduce bench-allreduce bench-scaling
 
 # The long studies (tens of minutes each): nanoGPT's CPU run against a plain loop, and every scaling cell.
-bench-full: bench-shakespeare bench-ttt bench-scaling-full bench-serve bench-quant bench-tp
+bench-full: bench-shakespeare bench-ttt bench-scaling-full bench-serve bench-quant bench-tp bench-multinode
 
 # Fused softmax vs torch, 1 thread, short setting: 2 calls per figure.
 bench-softmax: setup
@@ -71,6 +71,10 @@ bench-serve: setup
 # Tensor parallel on 2 ranks: bytes/RSS per rank, tokens/s of T=2 vs D=2 vs T=1, TP allreduce vs mpi4py/gloo/Horovod.
 bench-tp: setup
 	$(PYTHON) benchmarks/tensor_parallel.py --json runs/bench/tensor_parallel.json --plot runs/bench/tensor_parallel.png
+
+# Needs root: the nodes are network namespaces.
+bench-multinode: setup
+	$(PYTHON) benchmarks/multinode.py --json runs/bench/multinode.json --plot runs/bench/multinode.png
 
 info:
 	$(PYTHON) -m hpclm info

@@ -72,7 +72,7 @@ def probe(cluster: Cluster, work: Path, link: str, args) -> dict:
     out = work / f"probe-{link}.json"
     sizes = ["-b", "4K", "-e", "16M", "-f", "4", "-n", "3" if args.quick else "5", "-w", "1"]
     cmd = cluster.mpirun_command([sys.executable, "-m", "hpclm", "probe", "allreduce", *sizes,
-                                  "--impl", "ring,mpi,tcp", "--json", str(out)])
+                                  "--impl", "ring,mpi,horovod,tcp", "--json", str(out)])
     run_logged(cmd, work / f"probe-{link}.log", f"probe at {link}", args.timeout)
     return json.loads(out.read_text())
 

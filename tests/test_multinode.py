@@ -197,7 +197,7 @@ REQUEUE_PYTHON = """#!/bin/bash
 extra=()
 if [ "$1 $2 $3" = "-m hpclm train" ]; then
   if [ "${SLURM_RESTART_COUNT:-0}" -lt 1 ]; then extra=(--set train.max_iters=100000)
-  else extra=(--set "train.max_iters=$(( $(cat "$TEST_OUT/checkpoints/latest" | tr -dc 0-9 | sed 's/^0*//') + 20 ))"); fi
+  else extra=(--set "train.max_iters=$(( $(cat "$TEST_OUT/checkpoints/latest") + 20 ))"); fi
 fi
 exec "$TEST_PYTHON" "$@" "${extra[@]}"
 """

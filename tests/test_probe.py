@@ -415,7 +415,12 @@ def test_predict_link_model_takes_the_slower_of_probe_and_link():
     on_1g = predict.link_model(fit, 1.0)  # the link is slower than the fit: it bounds B, alpha stays the fit's
     assert on_1g["bytes_per_s"] == pytest.approx(1e9 / 8 * 1448 / 1514) and on_1g["alpha_s"] == 50e-6
     on_10g = predict.link_model(fit, 10.0)  # the cores, not the link, set what the probe measured
-    assert on_10g["bytes_per_s"] == 0.9e9 and on_10g["source"] == "probe fit"
+    assert on_10g["bytes_per_s"] == 0.9e9 and on_10g["source"] == "probe fit of the ring"
+    assert on_10g["floor_s"] == predict.HOROVOD_FLOOR_S  # the ring's fit knows nothing of Horovod's cycle
+    rows = [{"impl": "horovod", "size": size, "time_us": 1000 + size / 0.1e9 * 1e6} for size in (1 << 16, 1 << 20, 1 << 24)]
+    horovod = predict.link_model({"host": {"ranks": 2}, "rows": rows, "summary": fit["summary"]}, None)
+    assert horovod["source"] == "probe fit of Horovod's allreduce" and horovod["floor_s"] == 0
+    assert horovod["bytes_per_s"] == pytest.approx(0.1e9, rel=1e-6) and horovod["alpha_s"] == pytest.approx(500e-6)
     assert predict.link_model(None, 1.0)["alpha_s"] == predict.ALPHA_TCP_S
     for probe_doc, gbps, message in ((None, None, "give the link"), ({"summary": {}}, None, "no ring model"),
                                      (None, 0.0, "above 0")):
@@ -451,6 +456,8 @@ def test_predict_cli_measures_compute_and_writes_json(tmp_path, shakespeare_dir)
     assert doc["compute"]["tokens_per_step"] == 4 * 32 and doc["compute"]["step_s"] > 0  # TINY: batch 4, block 32
     assert doc["rows"][0]["gradient_bytes"] == 4 * doc["compute"]["parameters"]
     assert "ranks" in proc.stdout and "1 Gbit/s link less headers" in proc.stdout
+    # started as hpclm by no launcher, it measures one rank of a Horovod job (mpirun -np 1), as the job runs it
+    assert doc["compute"]["backend"] == ("horovod" if horovod_available() else "single")
     bad = run_python(["-m", "hpclm", "probe", "predict", *[a for s in sets for a in ("--set", s)]])
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--link-gbps" in bad.stderr, bad.stderr
     ngram = run_python(["-m", "hpclm", "probe", "predict", "--link-gbps", "1", "--config", "configs/ngram.toml",
