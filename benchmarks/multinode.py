@@ -10,7 +10,7 @@ without compression: what compression costs in quality). Goal: the predictor wit
 2-node cell. Needs root (namespaces), Open MPI and Horovod.
 
     python benchmarks/multinode.py [--quick] [--models shakespeare-char,gpt-6x384] [--links none,10,1]
-                                   [--json PATH] [--plot PATH]
+                                   [--wire fp32,fp16] [--json PATH] [--plot PATH]
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 import shakespeare_data  # noqa: E402
 from train_scaling import LOG_INTERVAL, MODELS, finish, launch, train_args  # noqa: E402
 from hpclm.bench import harness  # noqa: E402
+from hpclm.bench.costmodel import fit_ring_model  # noqa: E402
 from hpclm.cluster.netns import Cluster, why_unavailable  # noqa: E402
 from hpclm.errors import HpclmError  # noqa: E402
 from hpclm.train.metrics import read_records  # noqa: E402
@@ -70,7 +71,7 @@ def cell_sets(model: str, data_dir: Path, iters: int, compression: bool) -> list
 
 def probe(cluster: Cluster, work: Path, link: str, args) -> dict:
     out = work / f"probe-{link}.json"
-    sizes = ["-b", "4K", "-e", "16M", "-f", "4", "-n", "3" if args.quick else "5", "-w", "1"]
+    sizes = ["-b", "64K", "-e", "16M", "-f", "4", "-n", "3" if args.quick else "5", "-w", "1"]
     cmd = cluster.mpirun_command([sys.executable, "-m", "hpclm", "probe", "allreduce", *sizes,
                                   "--impl", "ring,mpi,horovod,tcp", "--json", str(out)])
     run_logged(cmd, work / f"probe-{link}.log", f"probe at {link}", args.timeout)
@@ -95,6 +96,8 @@ def main() -> int:
     shakespeare_data.add_arguments(ap, "multinode")
     ap.add_argument("--models", default="shakespeare-char,gpt-6x384")
     ap.add_argument("--links", default="none,10,1", help="link rates in Gbit/s, comma-separated; none = unshaped")
+    ap.add_argument("--wire", default="fp32,fp16", help="gradient wire formats, comma-separated: fp32 (plain), "
+                    "fp16 (dist.fp16_compression)")
     ap.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run before it counts as hung")
     ap.add_argument("--json")
@@ -104,7 +107,14 @@ def main() -> int:
     if problem:
         raise SystemExit(f"multinode: cannot make namespace nodes here: {problem}")
     models = [m.strip() for m in args.models.split(",")]
-    links = [None if x.strip() == "none" else float(x) for x in args.links.split(",")]
+    try:
+        links = [None if x.strip() == "none" else float(x) for x in args.links.split(",")]
+    except ValueError:
+        raise HpclmError(f"--links {args.links}: give rates in Gbit/s or none, comma-separated (e.g. none,10,1)") from None
+    wires = [w.strip() for w in args.wire.split(",")]
+    if not wires or set(wires) - {"fp32", "fp16"}:
+        raise HpclmError(f"--wire {args.wire}: give fp32, fp16 or both, comma-separated")
+    compressions = [w == "fp16" for w in dict.fromkeys(wires)]
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             harness.check_writable(path, flag)
@@ -115,7 +125,7 @@ def main() -> int:
     t0 = time.time()
     for model in models:  # one node, two ranks: the reference of every 2-node cell
         n, warmup = iters[model]
-        for compression in (False, True):
+        for compression in compressions:
             name = f"{model}-1node-{'fp16wire' if compression else 'fp32wire'}"
             out = work / name
             proc = launch(2, 1, train_args(args.config, out / "run", cell_sets(model, data_dir, n, compression)),
@@ -132,14 +142,15 @@ def main() -> int:
             doc = probe(cluster, work, key, args)
             probe_json = work / f"probe-{key}.json"
             bus = {(r["impl"], r["size"]): r["busbw"] for r in doc["rows"]}
-            probes[label] = {"model": doc["summary"].get("model"),
-                             "busbw_16MiB": {impl: bus.get((impl, 16 << 20)) for impl in ("ring", "mpi", "tcp")},
-                             "busbw_4MiB": {impl: bus.get((impl, 4 << 20)) for impl in ("ring", "mpi", "tcp")}}
+            large = [(r["size"], r["time_us"] * 1e-6) for r in doc["rows"] if r["impl"] == "ring" and r["size"] >= 1 << 20]
+            probes[label] = {"model": doc["summary"].get("model"), "ring_fit_from_1MiB": fit_ring_model(large, 2),
+                             "busbw_16MiB": {impl: bus.get((impl, 16 << 20)) for impl in ("ring", "mpi", "horovod", "tcp")},
+                             "busbw_4MiB": {impl: bus.get((impl, 4 << 20)) for impl in ("ring", "mpi", "horovod", "tcp")}}
             print(f"# probe {label}: 16 MiB busbw " + ", ".join(f"{k} {v:.3f}" for k, v in
                                                                 probes[label]["busbw_16MiB"].items() if v), flush=True)
             for model in models:
                 n, warmup = iters[model]
-                for compression in (False, True):
+                for compression in compressions:
                     name = f"{model}-{key}-{'fp16wire' if compression else 'fp32wire'}"
                     sets = cell_sets(model, data_dir, n, compression)
                     out = work / name
@@ -169,13 +180,13 @@ def main() -> int:
 
 
 def print_tables(rows, probes, summary) -> None:
-    print("\n| link | ring | MPI_Allreduce | raw TCP | ring / TCP | fit B (GB/s) | fit alpha (us) |")
+    print("\n| link | ring | MPI_Allreduce | Horovod | raw TCP | ring / TCP | ring fit B from 1 MiB (GB/s) |")
     print("|---|---|---|---|---|---|---|")
     for label, p in probes.items():
-        b, m = p["busbw_16MiB"], p["model"] or {}
+        b, fit = p["busbw_16MiB"], p["ring_fit_from_1MiB"] or {}
         ratio = b["ring"] / b["tcp"] if b.get("ring") and b.get("tcp") else float("nan")
-        print(f"| {label} | {b['ring']:.3f} | {b['mpi']:.3f} | {b['tcp']:.3f} | {100 * ratio:.0f}% | "
-              f"{m.get('link_GBps', float('nan')):.3f} | {m.get('alpha_us', float('nan')):.0f} |")
+        print(f"| {label} | {b['ring']:.3f} | {b['mpi']:.3f} | {b['horovod']:.3f} | {b['tcp']:.3f} | {100 * ratio:.0f}% | "
+              f"{fit.get('link_bytes_per_s', float('nan')) / 1e9:.3f} |")
     print("\n| model | layout | link | gradients on the wire | tokens/s | vs 1 node | predicted | error | val loss |")
     print("|---|---|---|---|---|---|---|---|---|")
     one = {(r["model"], r["compression"]): r["tokens_per_s"] for r in rows if r["layout"] == "1 node x 2"}

@@ -270,3 +270,30 @@ def test_time_to_target_times_each_config_from_launch_and_the_fast_one_by_its_ow
     assert levers[0]["vs_shipped"] == 1 and levers[1]["vs_shipped"] == pytest.approx(
         levers[1]["tokens_per_s"] / levers[0]["tokens_per_s"])
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+@requires_shakespeare
+@requires_horovod
+def test_multinode_benchmark_sets_each_two_node_cell_beside_one_node_and_the_prediction(tmp_path):
+    from hpclm.cluster.netns import why_unavailable
+    if why_unavailable():
+        pytest.skip(f"no namespace nodes here: {why_unavailable()}")
+    out = tmp_path / "multinode.json"
+    proc = run_python([str(REPO / "benchmarks" / "multinode.py"), "--quick", "--from", str(SHAKESPEARE), "--work",
+                       str(tmp_path / "work"), "--models", "shakespeare-char", "--links", "1", "--wire", "fp32",
+                       "--json", str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    one, two = doc["rows"]
+    assert (one["layout"], one["link"], two["layout"], two["link"]) == ("1 node x 2", "shared memory",
+                                                                          "2 nodes x 1", "1 Gbit/s")
+    assert two["prediction_error"] == pytest.approx(two["predicted_tokens_per_s"] / two["tokens_per_s"] - 1)
+    run = tmp_path / "work" / "shakespeare-char-1-fp32wire" / "run"
+    assert {r["ranks"] for r in records(run, "train")} == {2}
+    # what the probe measured is the shaped link: the raw stream near 0.125 GB/s, fed to the predictor
+    probe = doc["probes"]["1 Gbit/s"]
+    assert probe["busbw_16MiB"]["tcp"] == pytest.approx(0.125, rel=0.15)
+    predicted = json.loads((tmp_path / "work" / "shakespeare-char-1-fp32wire-predict.json").read_text())
+    assert predicted["link"]["bytes_per_s"] <= 1e9 / 8 and predicted["compute"]["backend"] == "horovod"
+    assert doc["summary"]["prediction_error_max"] == abs(two["prediction_error"])
+    assert "| shakespeare-char | 2 nodes x 1 | 1 Gbit/s | fp32 |" in proc.stdout
