@@ -210,7 +210,8 @@ def plot(rows, path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         cells = [r for r in rows if r["model"] == model]
-        labels = [f"{r['link']}\n{'fp16' if r['compression'] else 'fp32'} wire" for r in cells]
+        labels = [f"{'1 node' if r['layout'].startswith('1 node') else r['link']}\n"
+                  f"{'fp16' if r['compression'] else 'fp32'} wire" for r in cells]
         x = range(len(cells))
         ax.bar([i - 0.2 for i in x], [r["tokens_per_s"] for r in cells], 0.4, label="measured")
         ax.bar([i + 0.2 for i in x], [r.get("predicted_tokens_per_s", 0) for r in cells], 0.4, label="predicted")
