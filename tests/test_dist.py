@@ -160,3 +160,21 @@ def test_each_rank_gets_its_share_of_the_cores_unless_told():
     assert threads(2) == [(0, max(1, cores // 2)), (1, max(1, cores // 2))]
     assert threads(1, SLURM_CPUS_PER_TASK="3") == [(0, 3)]
     assert threads(1, OMP_NUM_THREADS="1") == [(0, 1)]  # torch takes it; hpclm leaves it alone
+
+
+@pytest.mark.parametrize("env, spans", [
+    ({}, False),
+    ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, True),   # mpirun, 2 nodes x 2
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, False),  # mpirun, one node
+    ({"SLURM_STEP_NUM_NODES": "2", "SLURM_PROCID": "0"}, True),                 # srun across 2 nodes
+    ({"SLURM_STEP_NUM_NODES": "1", "SLURM_PROCID": "1"}, False),
+    ({"HOROVOD_SIZE": "8", "HOROVOD_LOCAL_SIZE": "4"}, True),
+])
+def test_open_mpi_defaults_follow_the_launchers_node_count(env, spans):
+    from hpclm.comm import mca
+    assert mca.spans_nodes(env) is spans
+    assert mca.defaults(env) == {"btl_tcp_links": "2", **({"mpi_yield_when_idle": "1"} if spans else {})}
+    mine = {**env, "OMPI_MCA_btl_tcp_links": "4", "OMPI_MCA_mpi_yield_when_idle": "0"}  # the user's values win
+    assert mca.apply(mine) == {} and mine["OMPI_MCA_btl_tcp_links"] == "4" and mine["OMPI_MCA_mpi_yield_when_idle"] == "0"
+    fresh = dict(env)
+    assert mca.apply(fresh) == mca.defaults(env) and fresh["OMPI_MCA_btl_tcp_links"] == "2"
