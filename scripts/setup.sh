@@ -21,11 +21,17 @@ has_py 'import sys; assert sys.version_info >= (3, 11)' || die "$PY is older tha
 
 # 1. System packages: Open MPI (runtime + headers), a C++ compiler, jemalloc, and, where no Slurm is
 #    installed at all (a workstation or CI, not a cluster's login node), a local Slurm + munge
-#    for the tests that start a real single-node cluster.
+#    for the tests that start a real cluster (one node, or namespace nodes).
 apt_pkgs=()
 command -v mpirun >/dev/null && command -v mpicc >/dev/null || apt_pkgs+=(openmpi-bin libopenmpi-dev)
 command -v g++ >/dev/null || apt_pkgs+=(g++)
 command -v sbatch >/dev/null || apt_pkgs+=(slurmctld slurmd slurm-client munge)
+# iproute2 and util-linux for the namespace cluster (hpclm.cluster: ip, tc, nsenter, unshare, taskset), which
+# only root can make: asked for as root only
+if [ "$(id -u)" = 0 ]; then
+  command -v ip >/dev/null && command -v tc >/dev/null || apt_pkgs+=(iproute2)
+  command -v nsenter >/dev/null && command -v unshare >/dev/null && command -v taskset >/dev/null || apt_pkgs+=(util-linux)
+fi
 # jemalloc: the caching allocator hpclm preloads at launch, looked for where hpclm.runtime looks
 has_py 'import sys; sys.path.insert(0, "."); from hpclm import runtime; assert runtime.find("jemalloc")' || apt_pkgs+=(libjemalloc2)
 # apt-get runs as root, or through sudo for a user who may use it (without a password, or asked for one
