@@ -460,6 +460,8 @@ def test_predict_cli_measures_compute_and_writes_json(tmp_path, shakespeare_dir)
     assert doc["compute"]["backend"] == ("horovod" if horovod_available() else "single")
     bad = run_python(["-m", "hpclm", "probe", "predict", *[a for s in sets for a in ("--set", s)]])
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--link-gbps" in bad.stderr, bad.stderr
+    missing = run_python(["-m", "hpclm", "probe", "predict", "--link-gbps", "1", "--set", 'data.path="/nonexistent"'])
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "/nonexistent" in missing.stderr, missing.stderr
     ngram = run_python(["-m", "hpclm", "probe", "predict", "--link-gbps", "1", "--config", "configs/ngram.toml",
                         "--set", f"data.path={json.dumps(str(shakespeare_dir))}"])
     assert ngram.returncode == 2 and "gpt and gru" in ngram.stderr, ngram.stderr

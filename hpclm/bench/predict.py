@@ -140,6 +140,13 @@ def main(args) -> int:
     link = link_model(probe, args.link_gbps)
     if args.json:
         check_writable(args.json, "--json")
+    from hpclm.comm.dist import launch_env
+    from hpclm.data import load_dataset
+    launch = launch_env()
+    if launch.size is not None and launch.size > 1:
+        raise HpclmError(f"started as rank {launch.rank} of {launch.size}: run hpclm probe predict as one process "
+                         "(it measures one rank and models the others); give the job's size with --ranks")
+    load_dataset(cfg.data.path, cfg.data.block_size)  # a bad data path: one line here, not mpirun's report
     rerun_as_one_rank_job()
     compute = measure_compute(cfg, args.steps, args.warmup)
     rows = [predict(compute, n, link, cfg.dist.fp16_compression) for n in sorted({1, 2, args.ranks})]
