@@ -234,3 +234,30 @@ def test_train_sbatch_across_two_nodes_requeues_and_resumes_exactly(slurm, shake
     got = {r["step"]: r["loss"] for r in records(out, "train")}
     want = {r["step"]: r["loss"] for r in records(reference, "train")}
     assert sorted(got) == list(range(1, final + 1)) and got == want
+
+
+def test_cluster_command_brings_nodes_up_runs_on_them_and_removes_everything(tmp_path):
+    name = f"hct{os.getpid() % 100000}"
+
+    def cluster_cli(*args):
+        return subprocess.run([sys.executable, "-m", "hpclm.cluster", *args], env=child_env(), cwd=REPO,
+                              capture_output=True, text=True, timeout=hang_guard(60))
+    up = cluster_cli("up", "--nodes", "3", "--gbps", "2", "--name", name)
+    try:
+        assert up.returncode == 0 and up.stdout.strip() == name, up.stderr
+        assert name in cluster_cli("list").stdout.split()
+        on_3 = cluster_cli("exec", name, "3", "--", "sh", "-c", "hostname; getent hosts " + f"{name}-n1")
+        assert on_3.stdout.split()[:2] == [f"{name}-n3", "10.213.0.1"], on_3.stdout + on_3.stderr
+        qdisc = subprocess.run(["ip", "netns", "exec", f"{name}-n2", "tc", "qdisc", "show", "dev", "eth0"],
+                               capture_output=True, text=True).stdout
+        assert "tbf" in qdisc and "rate 2Gbit" in qdisc
+        assert cluster_cli("shape", name).returncode == 0  # lifted
+        assert "tbf" not in subprocess.run(["ip", "netns", "exec", f"{name}-n2", "tc", "qdisc", "show", "dev", "eth0"],
+                                           capture_output=True, text=True).stdout
+        bad = cluster_cli("exec", name, "7", "--", "true")
+        assert bad.returncode == 2 and "no node 7" in bad.stderr and bad.stderr.count("\n") == 1
+    finally:
+        down = cluster_cli("down", name)
+    assert down.returncode == 0, down.stderr
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert name not in left and name not in cluster_cli("list").stdout

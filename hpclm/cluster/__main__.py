@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             full = c.node_command(_node(c, args.node), cmd)
         else:
             extra = []
-            while cmd and cmd[0].startswith("-") and "--" in cmd:  # mpirun flags, then -- CMD
+            if cmd[0].startswith("-") and "--" in cmd:  # mpirun flags, then -- CMD
                 cut = cmd.index("--")
                 extra, cmd = cmd[:cut], cmd[cut + 1:]
             full = c.mpirun_command(cmd, per_node=args.per_node, nodes=args.nodes, extra=extra)
