@@ -428,6 +428,17 @@ def test_predict_link_model_takes_the_slower_of_probe_and_link():
             predict.link_model(probe_doc, gbps)
 
 
+def test_predict_compute_is_the_slowest_of_the_ranks_steps():
+    from hpclm.bench import predict
+    steps = [1.0, 2.0, 3.0, 4.0]
+    assert predict.slowest_of(steps, 1) == pytest.approx(2.5)  # one rank: the mean step
+    assert predict.slowest_of(steps, 2) == pytest.approx((1 * 1 + 2 * 3 + 3 * 5 + 4 * 7) / 16)
+    assert 3.9 < predict.slowest_of(steps, 64) <= 4.0  # many ranks: nearly always one at the slowest step seen
+    compute = {"step_s": 2.5, "step_times_s": steps, "parameters": 10, "tokens_per_step": 100}
+    rows = [predict.predict(compute, n, predict.link_model(None, 10.0), False) for n in (1, 2, 8)]
+    assert rows[0]["compute_s"] < rows[1]["compute_s"] < rows[2]["compute_s"]
+
+
 def test_predict_exchange_follows_gradient_bytes_and_link():
     from hpclm.bench import predict
     compute = {"step_s": 0.05, "parameters": 10_000_000, "tokens_per_step": 3072}

@@ -2,7 +2,8 @@
 
 step = compute + exchange, where
 - compute is one rank's training step (forward, backward, optimizer) measured here on the config's model
-  and batch with this process's threads. Started as `hpclm` with Horovod installed, the command re-runs
+  and batch with this process's threads; at N ranks, the expected slowest of N such steps (the exchange
+  waits for the last rank). Started as `hpclm` with Horovod installed, the command re-runs
   itself as a one-rank Horovod job (mpirun -np 1), so the step carries what Horovod adds to every rank of
   the job: gradient hooks, fusion-buffer copies and a background thread waking every cycle on its cores;
 - exchange is Horovod's allreduce of the model's gradient bytes (fp32, or fp16 with dist.fp16_compression)
@@ -105,17 +106,25 @@ def measure_compute(cfg, steps: int, warmup: int) -> dict:
             loop.train_step(run, step, amp)
             times.append(time.perf_counter() - t0)
         params = sum(p.numel() for p in run.params)
-        return {"step_s": statistics.median(times[warmup:]), "parameters": params,
+        return {"step_s": statistics.median(times[warmup:]), "step_times_s": times[warmup:], "parameters": params,
                 "tokens_per_step": run.tokens_per_step, "backend": dist.backend()}
+
+
+def slowest_of(times: list[float], ranks: int) -> float:
+    """The expected slowest of `ranks` steps drawn from the measured ones: every rank's step varies, and the
+    exchange waits for the last rank. Exact over the samples: E[max] = sum_i x_(i) ((i/m)^n - ((i-1)/m)^n)."""
+    xs, m = sorted(times), len(times)
+    return sum(x * ((i / m) ** ranks - ((i - 1) / m) ** ranks) for i, x in enumerate(xs, start=1))
 
 
 def predict(compute: dict, ranks: int, link: dict, fp16_compression: bool) -> dict:
     grad_bytes = compute["parameters"] * (2 if fp16_compression else 4)
     exchange = exchange_seconds(grad_bytes, ranks, link)
-    step = compute["step_s"] + exchange
-    overlapped = max(compute["step_s"], exchange)
+    busy = slowest_of(compute["step_times_s"], ranks) if compute.get("step_times_s") else compute["step_s"]
+    step = busy + exchange
+    overlapped = max(busy, exchange)
     tokens = compute["tokens_per_step"] * ranks  # one rank's batch on every rank
-    return {"ranks": ranks, "gradient_bytes": grad_bytes, "compute_s": compute["step_s"], "exchange_s": exchange,
+    return {"ranks": ranks, "gradient_bytes": grad_bytes, "compute_s": busy, "exchange_s": exchange,
             "step_s": step, "tokens_per_s": tokens / step, "step_s_full_overlap": overlapped,
             "tokens_per_s_full_overlap": tokens / overlapped, "exchange_share": exchange / step}
 
@@ -152,14 +161,15 @@ def main(args) -> int:
     rows = [predict(compute, n, link, cfg.dist.fp16_compression) for n in sorted({1, 2, args.ranks})]
     print(f"# hpclm probe predict: {cfg.model.arch} {compute['parameters'] / 1e6:.2f}M parameters, "
           f"{compute['tokens_per_step']} tokens per rank per step; compute {compute['step_s'] * 1e3:.1f} ms a step "
-          f"(one rank, {compute['backend']}, measured here, median of {args.steps}); gradients {format_size(rows[-1]['gradient_bytes'])} "
+          f"(one rank, {compute['backend']}, measured here, median of {args.steps}; at N ranks the slowest of N "
+          f"such steps); gradients {format_size(rows[-1]['gradient_bytes'])} "
           f"({'fp16' if cfg.dist.fp16_compression else 'fp32'}) a step")
     floor = f", floor {link['floor_s'] * 1e3:.1f} ms" if link["floor_s"] else ""
     print(f"# link: alpha {link['alpha_s'] * 1e6:.1f} us per ring step, B {link['bytes_per_s'] / 1e9:.3f} GB/s{floor} "
           f"({link['source'] or 'default alpha'}); no overlap of exchange and backward assumed")
-    print(f"{'ranks':>6} {'exchange ms':>12} {'step ms':>9} {'tokens/s':>10} {'exchange':>9} {'full-overlap tokens/s':>22}")
+    print(f"{'ranks':>6} {'compute ms':>11} {'exchange ms':>12} {'step ms':>9} {'tokens/s':>10} {'exchange':>9} {'full-overlap tokens/s':>22}")
     for r in rows:
-        print(f"{r['ranks']:6d} {r['exchange_s'] * 1e3:12.1f} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:10.0f} "
+        print(f"{r['ranks']:6d} {r['compute_s'] * 1e3:11.1f} {r['exchange_s'] * 1e3:12.1f} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:10.0f} "
               f"{100 * r['exchange_share']:8.0f}% {r['tokens_per_s_full_overlap']:22.0f}")
     if args.json:
         write_json(args.json, {"tool": "hpclm probe predict", "config": args.config, "set": args.set or [],
