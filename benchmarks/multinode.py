@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import shakespeare_data  # noqa: E402
-from train_scaling import LOG_INTERVAL, MODELS, finish, launch, train_args  # noqa: E402
+from train_scaling import LOG_INTERVAL, MODELS, after_warmup, finish, launch, train_args  # noqa: E402
 from hpclm.bench import harness  # noqa: E402
 from hpclm.bench.costmodel import fit_ring_model  # noqa: E402
 from hpclm.cluster.netns import Cluster, why_unavailable  # noqa: E402
@@ -52,13 +52,10 @@ def run_logged(cmd: list[str], log: Path, what: str, timeout: float) -> None:
 
 
 def measured(out: Path, warmup: int) -> dict:
-    recs = read_records(out / "metrics.jsonl")
-    train = [r for r in recs if r["kind"] == "train" and r["step"] > warmup]
-    seconds = sum(r["step_time_s"] * LOG_INTERVAL for r in train)
-    steps = train[-1]["step"] - warmup
-    tokens = train[0]["tokens"] / train[0]["step"] * steps
-    evals = [r for r in recs if r["kind"] == "eval"]
-    return {"tokens_per_s": tokens / seconds, "step_time_s": seconds / steps,
+    rates = after_warmup(out, warmup)
+    train = rates["records"]
+    evals = [r for r in read_records(out / "metrics.jsonl") if r["kind"] == "eval"]
+    return {"tokens_per_s": rates["tokens_per_s"], "step_time_s": rates["step_time_s"],
             "exchange_wait_s": sum(r.get("exchange_wait_s_max", 0.0) for r in train) / len(train),
             "val_loss": evals[-1]["val_loss"] if evals else None}
 

@@ -168,15 +168,23 @@ def timed_run(ranks: int, threads: int, sets: list[str], out: Path, warmup: int,
     finish(launch(ranks, threads, train_args(args.config, out / "run", sets), out / "log.txt"), name, args.timeout,
            out / "log.txt")
     wall = time.perf_counter() - t0
-    recs = [r for r in read_records(out / "run" / "metrics.jsonl") if r["kind"] == "train" and r["step"] > warmup]
+    rates = after_warmup(out / "run", warmup)
+    return {"tokens_per_s": rates["tokens_per_s"], "tokens_per_s_per_rank": rates["tokens_per_s"] / ranks,
+            "step_time_s": rates["step_time_s"], "timed_s": rates["timed_s"], "step_time_cv": rates["step_time_cv"],
+            "wall_s": wall, "load1_before": load_before, "load1_after": os.getloadavg()[0]}
+
+
+def after_warmup(run_dir: Path, warmup: int) -> dict:
+    """tokens/s, step time and its spread over a run's train records after `warmup` steps (every window is
+    LOG_INTERVAL steps: warmup % LOG_INTERVAL == 0), and those records."""
+    recs = [r for r in read_records(Path(run_dir) / "metrics.jsonl") if r["kind"] == "train" and r["step"] > warmup]
     steps = [r["step_time_s"] for r in recs]
     timed_steps = recs[-1]["step"] - warmup
-    timed = sum(r["step_time_s"] * LOG_INTERVAL for r in recs)  # every window is LOG_INTERVAL steps (warmup % it == 0)
+    timed = sum(r["step_time_s"] * LOG_INTERVAL for r in recs)
     tokens = recs[0]["tokens"] / recs[0]["step"] * timed_steps
-    return {"tokens_per_s": tokens / timed, "tokens_per_s_per_rank": tokens / timed / ranks,
-            "step_time_s": timed / timed_steps, "timed_s": timed,
+    return {"tokens_per_s": tokens / timed, "step_time_s": timed / timed_steps, "timed_s": timed,
             "step_time_cv": statistics.pstdev(steps) / statistics.mean(steps) if len(steps) > 1 else 0.0,
-            "wall_s": wall, "load1_before": load_before, "load1_after": os.getloadavg()[0]}
+            "records": recs}
 
 
 def run_cell(model: str, dtype: str, layout: str, args, data_dir: Path, work: Path) -> dict:

@@ -74,7 +74,6 @@ class Stream:
         for s in (self.to_next, self.from_prev):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             s.settimeout(120)
-        self.peer = peers[(rank + 1) % n][0]
 
     def shift(self, send: torch.Tensor, recv: torch.Tensor) -> None:
         """send -> rank+1 while recv <- rank-1, the whole buffer each way."""

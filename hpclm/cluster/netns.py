@@ -71,6 +71,11 @@ def _run(*cmd, check=True) -> subprocess.CompletedProcess:
     return proc
 
 
+def _netns_pids(ns: str) -> list[int]:
+    """The processes living in one namespace (none for a namespace that is gone)."""
+    return [int(p) for p in _run("ip", "netns", "pids", ns, check=False).stdout.split()]
+
+
 def _split_cores(nodes: int, cores: list[int]) -> list[str]:
     """Each node's cores: an even split where there are at least as many cores as nodes, else all of them."""
     if len(cores) < nodes:
@@ -197,15 +202,11 @@ class Cluster:
 
     def pids(self) -> list[int]:
         """Every process living in one of the cluster's namespaces."""
-        out = []
-        for ns in [*self.nodes, self.switch]:
-            proc = _run("ip", "netns", "pids", ns, check=False)
-            out += [int(p) for p in proc.stdout.split()]
-        return out
+        return [pid for ns in [*self.nodes, self.switch] for pid in _netns_pids(ns)]
 
     def kill_node(self, node: str, sig=signal.SIGKILL) -> int:
         """Signal every process on one node (what losing the machine does to its ranks); how many."""
-        pids = [int(p) for p in _run("ip", "netns", "pids", node, check=False).stdout.split()]
+        pids = _netns_pids(node)
         for pid in pids:
             try:
                 os.kill(pid, sig)
