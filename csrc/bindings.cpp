@@ -252,7 +252,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_devices", &cuda_device_report, "CUDA devices the runtime sees: {'devices': [...], 'error': str|None}.");
   m.def("cpu_path", [] { return std::string(isa_name(selected_isa())); }, "The CPU code path in use.");
   m.def("set_cpu_path", &set_isa, py::arg("name"),
-        "Use CPU path 'auto', 'scalar', 'avx2' or 'avx512'; ValueError if not compiled or not supported.");
+        "Use CPU path 'auto', 'scalar', 'avx2', 'avx512' or 'avx512_vnni'; ValueError if not compiled or not supported.");
   m.def("mpi_library_version", &mpi_library_version);
   m.def(
       "reduce_into",

@@ -36,12 +36,14 @@ def test_cpu_paths_match_this_cpu():
     flags = _cpu_flags()
     assert INFO["cpu_paths_compiled"][0] == "scalar"
     if os.uname().machine == "x86_64":
-        assert set(INFO["cpu_paths_compiled"]) == {"scalar", "avx2", "avx512"}
+        assert set(INFO["cpu_paths_compiled"]) == {"scalar", "avx2", "avx512", "avx512_vnni"}
     expect = ["scalar"]
     if {"avx2", "fma", "f16c"} <= flags:
         expect.append("avx2")
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
         expect.append("avx512")
+        if "avx512_vnni" in flags:
+            expect.append("avx512_vnni")
     assert INFO["cpu_paths_supported"] == [p for p in INFO["cpu_paths_compiled"] if p in expect]
     assert INFO["cpu_path"] == INFO["cpu_paths_supported"][-1]
 
@@ -70,7 +72,7 @@ def test_cuda_part_matches_what_was_asked():
 
 @pytest.mark.parametrize("asked, expect_path, expect_reason", [
     ("scalar", "scalar", "HPCLM_CPU_PATH=scalar"),
-    ("sse9", None, "is not scalar|avx2|avx512"),
+    ("sse9", None, "is not scalar|avx2|avx512|avx512_vnni"),
 ])
 def test_cpu_path_environment_override(asked, expect_path, expect_reason):
     proc = run_python(["-c", "import hpclm._C as C; i = C.build_info(); print(i['cpu_path']); print(i['cpu_path_reason'])"],

@@ -19,7 +19,7 @@ bool compiled(Isa isa) {
 }
 
 bool parse_isa(const std::string& name, Isa* out) {
-  for (Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512})
+  for (Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512, Isa::avx512_vnni})
     if (name == isa_name(isa)) {
       *out = isa;
       return true;
@@ -41,7 +41,7 @@ Selection initial_selection() {
     return {best, std::string("best compiled path this CPU supports")};
   Isa asked;
   if (!parse_isa(env, &asked))
-    return {best, std::string("HPCLM_CPU_PATH=") + env + " is not scalar|avx2|avx512; using the best path"};
+    return {best, std::string("HPCLM_CPU_PATH=") + env + " is not scalar|avx2|avx512|avx512_vnni; using the best path"};
   if (!compiled(asked))
     return {best, std::string("HPCLM_CPU_PATH=") + env + " is not compiled in; using the best path"};
   if (!cpu_supports(asked))
@@ -59,6 +59,7 @@ Selection& selection() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::avx512_vnni: return "avx512_vnni";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "scalar";
@@ -73,6 +74,9 @@ std::vector<Isa> compiled_isas() {
 #ifdef HPCLM_WITH_AVX512
   v.push_back(Isa::avx512);
 #endif
+#ifdef HPCLM_WITH_AVX512_VNNI
+  v.push_back(Isa::avx512_vnni);
+#endif
   return v;
 }
 
@@ -80,6 +84,8 @@ bool cpu_supports(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   switch (isa) {
+    case Isa::avx512_vnni:
+      return cpu_supports(Isa::avx512) && __builtin_cpu_supports("avx512vnni");
     case Isa::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -109,7 +115,7 @@ void set_isa(const std::string& name) {
   if (name == "auto") {
     isa = best_isa();
   } else if (!parse_isa(name, &isa)) {
-    throw std::invalid_argument("unknown CPU path '" + name + "': use auto, scalar, avx2 or avx512");
+    throw std::invalid_argument("unknown CPU path '" + name + "': use auto, scalar, avx2, avx512 or avx512_vnni");
   } else if (!compiled(isa)) {
     throw std::invalid_argument("CPU path '" + name + "' is not compiled into this build");
   } else if (!cpu_supports(isa)) {

@@ -1,5 +1,5 @@
 // Run-time dispatch among the CPU code paths compiled into _C (see cpu_features.h).
-// A kernel compiled once per ISA into hpclm::scalar / avx2 / avx512 is declared for every path with
+// A kernel compiled once per ISA into hpclm::scalar / avx2 / avx512 / avx512_vnni is declared for every path with
 // HPCLM_DECLARE_PER_ISA(declarations) and called through HPCLM_DISPATCH(call), which returns
 // <isa>::call for the path selected_isa() names (scalar when that path was not compiled).
 #pragma once
@@ -14,8 +14,18 @@
   }                                \
   namespace avx512 {               \
   __VA_ARGS__                      \
+  }                                \
+  namespace avx512_vnni {          \
+  __VA_ARGS__                      \
   }
 
+#ifdef HPCLM_WITH_AVX512_VNNI
+#define HPCLM_DISPATCH_CASE_AVX512_VNNI(call) \
+  case ::hpclm::Isa::avx512_vnni:             \
+    return ::hpclm::avx512_vnni::call;
+#else
+#define HPCLM_DISPATCH_CASE_AVX512_VNNI(call)
+#endif
 #ifdef HPCLM_WITH_AVX512
 #define HPCLM_DISPATCH_CASE_AVX512(call) \
   case ::hpclm::Isa::avx512:             \
@@ -32,6 +42,7 @@
 #endif
 #define HPCLM_DISPATCH(call)                 \
   switch (::hpclm::selected_isa()) {         \
+    HPCLM_DISPATCH_CASE_AVX512_VNNI(call)    \
     HPCLM_DISPATCH_CASE_AVX512(call)         \
     HPCLM_DISPATCH_CASE_AVX2(call)           \
     default:                                 \

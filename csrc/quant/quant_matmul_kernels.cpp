@@ -1,7 +1,12 @@
 // quant_matmul for one ISA (CMake builds this file once per path). Rows of x are quantized to int8 per block
-// of 32, then a register tile of R rows by one 16-column panel sums int8 x int8 products of a block exactly in
-// int32 (AVX2: vpsignb puts x's sign on the weight, vpmaddubsw multiplies |x| by it into pairs, vpmaddwd adds
-// the pairs), and adds each block in float32, scaled. The AVX-512 build runs the same 256-bit code.
+// of 32, then a register tile of rows by output columns sums int8 x int8 products of a block exactly in int32
+// and adds each block in float32, scaled.
+// AVX-512 VNNI: a tile of R rows by P 16-column panels; one vpdpbusd per row and panel multiplies a group
+// (16 columns x 4 k, 64 bytes) of unsigned weights (int8 w + 128, or int4's stored q = w + 8) by the row's 4
+// signed x, broadcast, and adds them into int32; the offset times the block's sum of x is taken out by
+// starting the accumulator at -offset * sum(x). x is repacked per tile so that a group's R rows lie together.
+// AVX2 (and the AVX-512 build without VNNI): 4 rows by one panel; vpsignb puts x's sign on the weight,
+// vpmaddubsw multiplies |x| by it into pairs, vpmaddwd adds the pairs, 256 bits at a time.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -31,40 +36,104 @@ constexpr int64_t kParallelMinFlops = int64_t(1) << 18;  // below this, threads 
 inline float x_at(const float* p) { return *p; }
 inline float x_at(const uint16_t* p) { return bf16_to_float(*p); }
 
-// One block of 32 (n <= 32 values, the rest zero) of a row: int8 values and their scale.
+// One block of 32 (n <= 32 values, the rest zero) of a row: its int8 values (scale = max |x| / 127, round to
+// nearest even, as nearbyint does in the default MXCSR mode), their sum and the scale.
+#if defined(__AVX512F__)
+inline __m512 load16(const float* x, __mmask16 keep) { return _mm512_maskz_loadu_ps(keep, x); }
+inline __m512 load16(const uint16_t* x, __mmask16 keep) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, x)), 16));
+}
+#elif defined(__AVX2__)
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const uint16_t* x) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))), 16));
+}
+#endif
+
 template <typename XT>
-inline float quantize_block(const XT* x, int n, int8_t* q) {
+inline float quantize_block(const XT* x, int n, int8_t* q, int32_t* sum) {
+#if defined(__AVX512F__)
+  const __m512 v[2] = {load16(x, __mmask16(n >= 16 ? 0xffff : (1u << n) - 1)),
+                       load16(x + 16, __mmask16(n >= 32 ? 0xffff : n <= 16 ? 0 : (1u << (n - 16)) - 1))};
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  const __m512 vinv = _mm512_set1_ps(inv), lim = _mm512_set1_ps(127.0f), neg = _mm512_set1_ps(-127.0f);
+  __m512i r[2];
+  for (int j = 0; j < 2; ++j) {
+    r[j] = _mm512_cvtps_epi32(_mm512_max_ps(neg, _mm512_min_ps(lim, _mm512_mul_ps(v[j], vinv))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * j), _mm512_cvtsepi32_epi8(r[j]));
+  }
+  *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(r[0], r[1]));
+#elif defined(__AVX2__)
+  __m256 v[4];
+  if (n == kQuantBlock) {
+    for (int j = 0; j < 4; ++j) v[j] = load8(x + 8 * j);
+  } else {
+    float tail[kQuantBlock] = {};
+    for (int i = 0; i < n; ++i) tail[i] = x_at(x + i);
+    for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(tail + 8 * j);
+  }
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 m8 = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                            _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float amax = _mm_cvtss_f32(m4);
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  const __m256 vinv = _mm256_set1_ps(inv), lim = _mm256_set1_ps(127.0f), neg = _mm256_set1_ps(-127.0f);
+  __m256i r[4];
+  for (int j = 0; j < 4; ++j)
+    r[j] = _mm256_cvtps_epi32(_mm256_max_ps(neg, _mm256_min_ps(lim, _mm256_mul_ps(v[j], vinv))));
+  __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+  packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), packed);
+  const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+  *sum = _mm_cvtsi128_si32(s4);
+#else
   float v[kQuantBlock] = {};
   for (int i = 0; i < n; ++i) v[i] = x_at(x + i);
   float amax = 0.0f;
   for (int i = 0; i < kQuantBlock; ++i) amax = std::max(amax, std::fabs(v[i]));
   const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-#if defined(__AVX2__)
-  const __m256 vinv = _mm256_set1_ps(inv), lim = _mm256_set1_ps(127.0f), neg = _mm256_set1_ps(-127.0f);
-  __m256i r[4];
-  for (int j = 0; j < 4; ++j)  // round to nearest even (the default MXCSR mode), as nearbyint does
-    r[j] = _mm256_cvtps_epi32(_mm256_max_ps(neg, _mm256_min_ps(lim, _mm256_mul_ps(_mm256_loadu_ps(v + 8 * j), vinv))));
-  __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
-  packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), packed);
-#else
-  for (int i = 0; i < kQuantBlock; ++i) q[i] = static_cast<int8_t>(std::nearbyint(std::clamp(v[i] * inv, -127.0f, 127.0f)));
+  *sum = 0;
+  for (int i = 0; i < kQuantBlock; ++i) {
+    q[i] = static_cast<int8_t>(std::nearbyint(std::clamp(v[i] * inv, -127.0f, 127.0f)));
+    *sum += q[i];
+  }
 #endif
   return amax / 127.0f;
 }
 
+// Every row's blocks: int8 values into xq ([M][K padded], or with VNNI tiles of kVnniRows rows, each
+// [groups][rows][4] at offset m * K padded, so that a group's rows lie together), scales into xs and
+// -offset * the block's sum into xcomp ([M][blocks]).
 template <typename XT>
-void quantize_rows(const QuantMatmulArgs& a, int64_t blocks, int8_t* xq, float* xs, int threads) {
+void quantize_rows(const QuantMatmulArgs& a, int64_t blocks, int rows_together, int32_t offset, int8_t* xq, float* xs,
+                   int32_t* xcomp, int threads) {
   const XT* x = static_cast<const XT*>(a.x);
   const int64_t kpad = blocks * kQuantBlock;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t m = 0; m < a.M; ++m)
+  for (int64_t m = 0; m < a.M; ++m) {
+    const int64_t m0 = m - m % rows_together, rows = std::min<int64_t>(rows_together, a.M - m0), i = m - m0;
     for (int64_t b = 0; b < blocks; ++b) {
       const int n = int(std::min<int64_t>(kQuantBlock, a.K - b * kQuantBlock));
-      xs[m * blocks + b] = quantize_block(x + m * a.ldx + b * kQuantBlock, n, xq + m * kpad + b * kQuantBlock);
+      int8_t q[kQuantBlock];
+      int32_t sum;
+      xs[m * blocks + b] = quantize_block(x + m * a.ldx + b * kQuantBlock, n, q, &sum);
+      xcomp[m * blocks + b] = -offset * sum;
+      if (rows == 1) {
+        std::memcpy(xq + m * kpad + b * kQuantBlock, q, kQuantBlock);
+      } else {
+        int8_t* tile = xq + m0 * kpad + (b * kGroupsPerBlock * rows + i) * kGroup;
+        for (int g = 0; g < kGroupsPerBlock; ++g) std::memcpy(tile + g * rows * kGroup, q + g * kGroup, kGroup);
+      }
     }
+  }
 }
-
 
 #if defined(__AVX2__)
 template <QuantScheme S>
@@ -87,6 +156,124 @@ template <QuantScheme S>
 constexpr int64_t group_bytes() {
   return S == QuantScheme::int4_block32 ? 32 : 64;
 }
+
+#if defined(__AVX512VNNI__)
+constexpr int kVnniRows = 6;    // rows per tile
+constexpr int kVnniPanels = 2;  // panels per tile: 12 int32 and 12 float32 zmm accumulators
+
+// A group's 16 columns x 4 k as unsigned bytes, column c in 32-bit lane c: int8 w + 128, or int4's stored q.
+template <QuantScheme S>
+inline __m512i load_group_u8(const uint8_t* p) {
+  if constexpr (S == QuantScheme::int4_block32) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    // 128-bit lanes [half 0 lo (columns 0-3), half 1 lo (8-11), half 0 hi (4-7), half 1 hi (12-15)], reordered
+    const __m512i both = _mm512_and_si512(
+        _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1), _mm512_set1_epi8(0x0f));
+    return _mm512_shuffle_i64x2(both, both, _MM_SHUFFLE(3, 1, 2, 0));
+  } else {
+    return _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_set1_epi8(char(0x80)));
+  }
+}
+
+// What load_group_u8 adds to every weight.
+template <QuantScheme S>
+constexpr int32_t weight_offset() {
+  return S == QuantScheme::int4_block32 ? 8 : 128;
+}
+
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t four;
+  std::memcpy(&four, p, 4);
+  return _mm512_set1_epi32(four);
+}
+
+// y rows m .. m + R - 1, panels p .. p + P - 1. xt: this tile's x, [groups][R rows][4]; xs: [M][blocks] scales of
+// each row's int8 blocks; xcomp: [M][blocks] -weight_offset * the block's sum of int8 x.
+template <QuantScheme S, int R, int P>
+void tile_vnni(const QuantMatmulArgs& a, const int8_t* xt, const float* xs, const int32_t* xcomp, int64_t blocks,
+               int64_t m, int64_t p) {
+  constexpr bool blocked = S != QuantScheme::int8_channel;
+  constexpr int64_t gbytes = group_bytes<S>();
+  const int64_t panel_bytes = blocks * kGroupsPerBlock * gbytes;
+  const uint8_t* w0 = a.weights + p * panel_bytes;
+  __m512 facc[R][P];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < P; ++j) facc[i][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i iacc[R][P];
+    for (int i = 0; i < R; ++i) {
+      const __m512i start = _mm512_set1_epi32(xcomp[(m + i) * blocks + b]);
+      for (int j = 0; j < P; ++j) iacc[i][j] = start;
+    }
+    const uint8_t* wb = w0 + b * kGroupsPerBlock * gbytes;
+    const int8_t* xb = xt + b * kGroupsPerBlock * R * kGroup;
+#pragma GCC unroll 8  // (a rolled loop gets a register copy per accumulator and group)
+    for (int g = 0; g < kGroupsPerBlock; ++g) {
+      __m512i w[P];
+      for (int j = 0; j < P; ++j) {
+        const uint8_t* wg = wb + j * panel_bytes + g * gbytes;
+        if (g % (64 / gbytes) == 0)  // each cache line of weights, kPrefetchBytes ahead
+          _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchBytes), _MM_HINT_T0);
+        w[j] = load_group_u8<S>(wg);
+      }
+      for (int i = 0; i < R; ++i) {
+        const __m512i xv = broadcast4(xb + (g * R + i) * kGroup);
+        for (int j = 0; j < P; ++j) iacc[i][j] = _mm512_dpbusd_epi32(iacc[i][j], w[j], xv);
+      }
+    }
+    for (int j = 0; j < P; ++j) {
+      const __m512 sw = blocked ? _mm512_loadu_ps(a.scales + ((p + j) * blocks + b) * kQuantPanel) : _mm512_set1_ps(1.0f);
+      for (int i = 0; i < R; ++i) {
+        const __m512 sx = _mm512_set1_ps(xs[(m + i) * blocks + b]);
+        facc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i][j]), blocked ? _mm512_mul_ps(sw, sx) : sx, facc[i][j]);
+      }
+    }
+  }
+  for (int j = 0; j < P; ++j) {
+    const int64_t col0 = (p + j) * kQuantPanel;
+    const int cols = int(std::min<int64_t>(kQuantPanel, a.N - col0));
+    const __mmask16 keep = __mmask16((1u << cols) - 1);
+    const __m512 sw = blocked ? _mm512_set1_ps(1.0f) : _mm512_maskz_loadu_ps(keep, a.scales + col0);
+    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(keep, a.bias + col0) : _mm512_setzero_ps();
+    for (int i = 0; i < R; ++i)
+      _mm512_mask_storeu_ps(a.y + (m + i) * a.ldy + col0, keep, _mm512_fmadd_ps(facc[i][j], sw, bias));
+  }
+}
+
+template <QuantScheme S, int R, int Max = kVnniPanels>
+void tile_vnni_panels(int panels, const QuantMatmulArgs& a, const int8_t* xt, const float* xs, const int32_t* xcomp,
+                      int64_t blocks, int64_t m, int64_t p) {
+  if constexpr (Max > 0) {
+    if (panels == Max) return tile_vnni<S, R, Max>(a, xt, xs, xcomp, blocks, m, p);
+    tile_vnni_panels<S, R, Max - 1>(panels, a, xt, xs, xcomp, blocks, m, p);
+  }
+}
+
+template <QuantScheme S, int Max>
+void tile_vnni_rows(int rows, int panels, const QuantMatmulArgs& a, const int8_t* xt, const float* xs,
+                    const int32_t* xcomp, int64_t blocks, int64_t m, int64_t p) {
+  if constexpr (Max > 0) {
+    if (rows == Max) return tile_vnni_panels<S, Max>(panels, a, xt, xs, xcomp, blocks, m, p);
+    tile_vnni_rows<S, Max - 1>(rows, panels, a, xt, xs, xcomp, blocks, m, p);
+  }
+}
+
+template <QuantScheme S>
+void run_vnni(const QuantMatmulArgs& a, const int8_t* xt, const float* xs, const int32_t* xcomp, int64_t blocks,
+              int threads) {
+  const int64_t kpad = blocks * kQuantBlock;
+  const int64_t panels = (a.N + kQuantPanel - 1) / kQuantPanel;
+  const int64_t tiles = (panels + kVnniPanels - 1) / kVnniPanels;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t p = t * kVnniPanels;
+    const int np = int(std::min<int64_t>(kVnniPanels, panels - p));
+    for (int64_t m0 = 0; m0 < a.M; m0 += kVnniRows)
+      tile_vnni_rows<S, kVnniRows>(int(std::min<int64_t>(kVnniRows, a.M - m0)), np, a, xt + m0 * kpad, xs, xcomp,
+                                   blocks, m0, p);
+  }
+}
+#endif
 
 // y rows m .. m + R - 1 of panel p.
 template <QuantScheme S, int R>
@@ -184,18 +371,29 @@ void run(const QuantMatmulArgs& a, int threads) {
   const int64_t blocks = (a.K + kQuantBlock - 1) / kQuantBlock;
   const int64_t panels = (a.N + kQuantPanel - 1) / kQuantPanel;
   if (2 * a.M * a.N * a.K < kParallelMinFlops) threads = 1;
+#if defined(__AVX512VNNI__)
+  const int rows_together = kVnniRows;
+  const int32_t offset = weight_offset<S>();
+#else
+  const int rows_together = 1, offset = 0;
+#endif
   std::vector<int8_t> xq(a.M * blocks * kQuantBlock);
   std::vector<float> xs(a.M * blocks);
+  std::vector<int32_t> xcomp(a.M * blocks);
   if (a.x_bf16)
-    quantize_rows<uint16_t>(a, blocks, xq.data(), xs.data(), threads);
+    quantize_rows<uint16_t>(a, blocks, rows_together, offset, xq.data(), xs.data(), xcomp.data(), threads);
   else
-    quantize_rows<float>(a, blocks, xq.data(), xs.data(), threads);
+    quantize_rows<float>(a, blocks, rows_together, offset, xq.data(), xs.data(), xcomp.data(), threads);
+#if defined(__AVX512VNNI__)
+  run_vnni<S>(a, xq.data(), xs.data(), xcomp.data(), blocks, threads);
+#else
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t p = 0; p < panels; ++p) {
     int64_t m = 0;
     for (; m + kRows <= a.M; m += kRows) tile<S, kRows>(a, xq.data(), xs.data(), blocks, m, p);
     if (m < a.M) tile_rows<S, kRows - 1>(int(a.M - m), a, xq.data(), xs.data(), blocks, m, p);
   }
+#endif
 }
 
 }  // namespace

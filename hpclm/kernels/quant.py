@@ -177,24 +177,37 @@ def _torch_quant_linear(x, q, scales, bias, scheme):
     return y.to(x.dtype)
 
 
-def _native_quant_linear(x, packed_weights, packed_scales, bias, scheme, out_features):
-    ext = native.require()
-    in_features = x.shape[-1]
-    rows = x.reshape(-1, in_features)
-    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < in_features):
-        rows = rows.contiguous()
-    y = torch.empty(rows.shape[0], out_features)
-    bias_ptr = 0
-    if bias is not None:
-        if bias.dtype != torch.float32 or not bias.is_contiguous():
-            bias = bias.to(torch.float32).contiguous()
-        bias_ptr = bias.data_ptr()
-    ext.quant_matmul(rows.data_ptr(), _KERNEL_X_DTYPES[x.dtype], packed_weights.data_ptr(), packed_scales.data_ptr(),
-                     bias_ptr, y.data_ptr(), rows.shape[0], out_features, in_features, max(rows.stride(0), 1),
-                     out_features, scheme, torch.get_num_threads())
-    if x.dim() != 2:
-        y = y.view(*x.shape[:-1], out_features)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+class _KernelCall:
+    """What quant_matmul needs besides the input, computed once per packed weight: the packed buffers'
+    addresses, a float32 bias (kept alive here) and the shape."""
+    __slots__ = ("weights", "scales", "bias", "bias_source", "weights_ptr", "scales_ptr", "bias_ptr",
+                 "out_features", "scheme")
+
+    def __init__(self, packed_weights, packed_scales, bias, scheme, out_features):
+        self.weights, self.scales, self.bias_source = packed_weights, packed_scales, bias
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.device.type != "cpu"):
+            bias = bias.to("cpu", torch.float32).contiguous()
+        self.bias = bias
+        self.weights_ptr, self.scales_ptr = packed_weights.data_ptr(), packed_scales.data_ptr()
+        self.bias_ptr = 0 if bias is None else bias.data_ptr()
+        self.out_features, self.scheme = out_features, scheme
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """y for an input the gate (_unavailable_reason) let through."""
+        in_features, flat = x.shape[-1], x.dim() == 2
+        rows = x if flat else x.reshape(-1, in_features)
+        m, ldx = rows.shape[0], rows.stride(0)
+        if rows.stride(-1) != 1 or (m > 1 and ldx < in_features):
+            rows = rows.contiguous()
+            ldx = in_features
+        y = torch.empty(m, self.out_features)
+        native.require().quant_matmul(
+            rows.data_ptr(), _KERNEL_X_DTYPES[x.dtype], self.weights_ptr, self.scales_ptr, self.bias_ptr,
+            y.data_ptr(), m, self.out_features, in_features, max(ldx, 1), self.out_features, self.scheme,
+            torch.get_num_threads())
+        if not flat:
+            y = y.view(*x.shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def _quant_linear(x, q, scales, packed_weights, packed_scales, bias, scheme):
@@ -203,7 +216,7 @@ def _quant_linear(x, q, scales, packed_weights, packed_scales, bias, scheme):
         return x.new_empty(*x.shape[:-1], out_features)
     reason = _unavailable_reason(x)
     if reason is None:
-        return _native_quant_linear(x, packed_weights, packed_scales, bias, scheme, out_features)
+        return _KernelCall(packed_weights, packed_scales, bias, scheme, out_features)(x)
     _log_fallback_once(reason)
     return _torch_quant_linear(x, q, scales, bias, scheme)
 
@@ -241,6 +254,7 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("scales", torch.zeros(sshape, dtype=sdtype))
         self.bias = torch.nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._packed = None
+        self._call = None
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, scheme: str) -> "QuantLinear":
@@ -254,11 +268,11 @@ class QuantLinear(torch.nn.Module):
         q, scales = quantize_weight(weight, self.scheme)
         self.qweight.copy_(q)
         self.scales.copy_(scales)
-        self._packed = None
+        self._packed = self._call = None
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._packed = None
+        self._packed = self._call = None
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._packed is None:
@@ -272,7 +286,13 @@ class QuantLinear(torch.nn.Module):
         weights, scales = self.packed()
         if torch.compiler.is_compiling():
             return torch.ops.hpclm.quant_linear(x, self.qweight, self.scales, weights, scales, self.bias, self.scheme)
-        # eager: the op's own body, without torch.library's dispatch (tens of microseconds a call)
+        # eager: the op's own body, without torch.library's dispatch (tens of microseconds a call), and with the
+        # kernel's arguments prepared once (rebuilt when the bias is replaced, as .to() does)
+        call = self._call
+        if call is None or call.weights is not weights or call.bias_source is not self.bias:
+            call = self._call = _KernelCall(weights, scales, self.bias, self.scheme, self.out_features)
+        if x.numel() and _unavailable_reason(x) is None:
+            return call(x)
         return _quant_linear(x, self.qweight, self.scales, weights, scales, self.bias, self.scheme)
 
     def extra_repr(self) -> str:
