@@ -199,11 +199,16 @@ void tile_vnni(const QuantMatmulArgs& a, const int8_t* xt, const float* xs, cons
   __m512 facc[R][P];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < P; ++j) facc[i][j] = _mm512_setzero_ps();
+  // A small tile sums even and odd groups apart: one chain of dependent vpdpbusd would bound its speed.
+  constexpr int C = R * P == 1 ? 4 : R * P < 4 ? 2 : 1;
   for (int64_t b = 0; b < blocks; ++b) {
-    __m512i iacc[R][P];
+    __m512i iacc[C][R][P];
     for (int i = 0; i < R; ++i) {
       const __m512i start = _mm512_set1_epi32(xcomp[(m + i) * blocks + b]);
-      for (int j = 0; j < P; ++j) iacc[i][j] = start;
+      for (int j = 0; j < P; ++j) {
+        iacc[0][i][j] = start;
+        for (int c = 1; c < C; ++c) iacc[c][i][j] = _mm512_setzero_si512();
+      }
     }
     const uint8_t* wb = w0 + b * kGroupsPerBlock * gbytes;
     const int8_t* xb = xt + b * kGroupsPerBlock * R * kGroup;
@@ -218,14 +223,17 @@ void tile_vnni(const QuantMatmulArgs& a, const int8_t* xt, const float* xs, cons
       }
       for (int i = 0; i < R; ++i) {
         const __m512i xv = broadcast4(xb + (g * R + i) * kGroup);
-        for (int j = 0; j < P; ++j) iacc[i][j] = _mm512_dpbusd_epi32(iacc[i][j], w[j], xv);
+        for (int j = 0; j < P; ++j) iacc[g % C][i][j] = _mm512_dpbusd_epi32(iacc[g % C][i][j], w[j], xv);
       }
     }
+    for (int c = 1; c < C; ++c)
+      for (int i = 0; i < R; ++i)
+        for (int j = 0; j < P; ++j) iacc[0][i][j] = _mm512_add_epi32(iacc[0][i][j], iacc[c][i][j]);
     for (int j = 0; j < P; ++j) {
       const __m512 sw = blocked ? _mm512_loadu_ps(a.scales + ((p + j) * blocks + b) * kQuantPanel) : _mm512_set1_ps(1.0f);
       for (int i = 0; i < R; ++i) {
         const __m512 sx = _mm512_set1_ps(xs[(m + i) * blocks + b]);
-        facc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i][j]), blocked ? _mm512_mul_ps(sw, sx) : sx, facc[i][j]);
+        facc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[0][i][j]), blocked ? _mm512_mul_ps(sw, sx) : sx, facc[i][j]);
       }
     }
   }
@@ -263,11 +271,13 @@ void run_vnni(const QuantMatmulArgs& a, const int8_t* xt, const float* xs, const
               int threads) {
   const int64_t kpad = blocks * kQuantBlock;
   const int64_t panels = (a.N + kQuantPanel - 1) / kQuantPanel;
-  const int64_t tiles = (panels + kVnniPanels - 1) / kVnniPanels;
+  // A row or two: one panel at a time, so the weights are read in one sequential stream.
+  const int per_tile = a.M <= 2 ? 1 : kVnniPanels;
+  const int64_t tiles = (panels + per_tile - 1) / per_tile;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t p = t * kVnniPanels;
-    const int np = int(std::min<int64_t>(kVnniPanels, panels - p));
+    const int64_t p = t * per_tile;
+    const int np = int(std::min<int64_t>(per_tile, panels - p));
     for (int64_t m0 = 0; m0 < a.M; m0 += kVnniRows)
       tile_vnni_rows<S, kVnniRows>(int(std::min<int64_t>(kVnniRows, a.M - m0)), np, a, xt + m0 * kpad, xs, xcomp,
                                    blocks, m0, p);
