@@ -303,7 +303,7 @@ PYBIND11_MODULE(_C, m) {
         if (xt != DType::f32 && xt != DType::bf16)
           throw std::invalid_argument("quant_matmul takes float32 or bfloat16 activations, not " + x_dtype);
         QuantMatmulArgs a{reinterpret_cast<const void*>(x), xt == DType::bf16, reinterpret_cast<const uint8_t*>(weights),
-                          reinterpret_cast<const float*>(scales), reinterpret_cast<const float*>(bias),
+                          reinterpret_cast<const void*>(scales), reinterpret_cast<const float*>(bias),
                           reinterpret_cast<float*>(y), M, N, K, ldx, ldy, s};
         py::gil_scoped_release release;
         quant_matmul(a, threads);

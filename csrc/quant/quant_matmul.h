@@ -23,12 +23,12 @@ enum class QuantScheme { int8_channel = 0, int8_block32 = 1, int4_block32 = 2 };
 //   int8: weights [P][G][16 columns][4 k] int8, 64 bytes a group;
 //   int4: weights [P][G][2 halves][16 bytes], 32 bytes a group: half h holds columns 8h .. 8h + 7 as the 32
 //         values v[c * 4 + j] (column 8h + c, k = 4g + j), byte i = v[i] | v[i + 16] << 4 (q in 0..15);
-//   int8_channel scales [P * 16]; block schemes: scales [P][B][16].
+//   int8_channel scales [P * 16] float32; block schemes: scales [P][B][16] float16 bits.
 struct QuantMatmulArgs {
   const void* x;          // [M, K], row stride ldx elements: float32, or bfloat16 bits when x_bf16
   bool x_bf16;
   const uint8_t* weights;
-  const float* scales;
+  const void* scales;     // float32 (int8_channel) or float16 bits (the block schemes), laid out as above
   const float* bias;      // [N] or nullptr
   float* y;               // [M, N], row stride ldy
   int64_t M, N, K, ldx, ldy;

@@ -33,6 +33,9 @@ constexpr int kRows = 4;                            // rows per tile: 8 int32 an
 constexpr int64_t kPrefetchBytes = 2048;                  // how far ahead of the weights in use to fetch
 constexpr int64_t kParallelMinFlops = int64_t(1) << 18;  // below this, threads cost more than they save
 
+inline const float* channel_scales(const QuantMatmulArgs& a) { return static_cast<const float*>(a.scales); }
+inline const uint16_t* block_scales(const QuantMatmulArgs& a) { return static_cast<const uint16_t*>(a.scales); }
+
 inline float x_at(const float* p) { return *p; }
 inline float x_at(const uint16_t* p) { return bf16_to_float(*p); }
 
@@ -230,7 +233,9 @@ void tile_vnni(const QuantMatmulArgs& a, const int8_t* xt, const float* xs, cons
       for (int i = 0; i < R; ++i)
         for (int j = 0; j < P; ++j) iacc[0][i][j] = _mm512_add_epi32(iacc[0][i][j], iacc[c][i][j]);
     for (int j = 0; j < P; ++j) {
-      const __m512 sw = blocked ? _mm512_loadu_ps(a.scales + ((p + j) * blocks + b) * kQuantPanel) : _mm512_set1_ps(1.0f);
+      const __m512 sw = blocked ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                      block_scales(a) + ((p + j) * blocks + b) * kQuantPanel)))
+                                : _mm512_set1_ps(1.0f);
       for (int i = 0; i < R; ++i) {
         const __m512 sx = _mm512_set1_ps(xs[(m + i) * blocks + b]);
         facc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[0][i][j]), blocked ? _mm512_mul_ps(sw, sx) : sx, facc[i][j]);
@@ -241,7 +246,7 @@ void tile_vnni(const QuantMatmulArgs& a, const int8_t* xt, const float* xs, cons
     const int64_t col0 = (p + j) * kQuantPanel;
     const int cols = int(std::min<int64_t>(kQuantPanel, a.N - col0));
     const __mmask16 keep = __mmask16((1u << cols) - 1);
-    const __m512 sw = blocked ? _mm512_set1_ps(1.0f) : _mm512_maskz_loadu_ps(keep, a.scales + col0);
+    const __m512 sw = blocked ? _mm512_set1_ps(1.0f) : _mm512_maskz_loadu_ps(keep, channel_scales(a) + col0);
     const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(keep, a.bias + col0) : _mm512_setzero_ps();
     for (int i = 0; i < R; ++i)
       _mm512_mask_storeu_ps(a.y + (m + i) * a.ldy + col0, keep, _mm512_fmadd_ps(facc[i][j], sw, bias));
@@ -322,7 +327,9 @@ void tile(const QuantMatmulArgs& a, const int8_t* xq, const float* xs, int64_t b
       for (int i = 0; i < R; ++i)
         for (int h = 0; h < 2; ++h) iacc[i][h] = _mm256_madd_epi16(iacc[i][h], ones);
     for (int h = 0; h < 2; ++h) {
-      const __m256 sw = blocked ? _mm256_loadu_ps(a.scales + (p * blocks + b) * kQuantPanel + 8 * h) : _mm256_set1_ps(1.0f);
+      const __m256 sw = blocked ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                                      block_scales(a) + (p * blocks + b) * kQuantPanel + 8 * h)))
+                                : _mm256_set1_ps(1.0f);
       for (int i = 0; i < R; ++i) {
         const __m256 scale = _mm256_mul_ps(sw, _mm256_set1_ps(xs[(m + i) * blocks + b]));
         facc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[i][h]), scale, facc[i][h]);
@@ -351,7 +358,7 @@ void tile(const QuantMatmulArgs& a, const int8_t* xq, const float* xs, int64_t b
         }
     }
     for (int c = 0; c < kQuantPanel; ++c) {
-      const float sw = blocked ? a.scales[(p * blocks + b) * kQuantPanel + c] : 1.0f;
+      const float sw = blocked ? f16_to_float(block_scales(a)[(p * blocks + b) * kQuantPanel + c]) : 1.0f;
       for (int i = 0; i < R; ++i) acc[i][c] = std::fma(float(iacc[i][c]), sw * xs[(m + i) * blocks + b], acc[i][c]);
     }
   }
@@ -360,7 +367,7 @@ void tile(const QuantMatmulArgs& a, const int8_t* xq, const float* xs, int64_t b
   const int cols = int(std::min<int64_t>(kQuantPanel, a.N - col0));
   for (int i = 0; i < R; ++i) {
     if constexpr (!blocked)
-      for (int c = 0; c < cols; ++c) acc[i][c] *= a.scales[col0 + c];
+      for (int c = 0; c < cols; ++c) acc[i][c] *= channel_scales(a)[col0 + c];
     if (a.bias)
       for (int c = 0; c < cols; ++c) acc[i][c] += a.bias[col0 + c];
     std::memcpy(a.y + (m + i) * a.ldy + col0, acc[i], sizeof(float) * cols);
