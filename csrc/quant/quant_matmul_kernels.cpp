@@ -30,7 +30,7 @@ namespace {
 constexpr int kGroup = 4;                           // consecutive k of one column side by side
 constexpr int kGroupsPerBlock = kQuantBlock / kGroup;
 constexpr int kRows = 4;                            // rows per tile: 8 int32 and 8 float32 accumulators (AVX2)
-constexpr int64_t kPrefetchBytes = 2048;                  // how far ahead of the weights in use to fetch
+constexpr int64_t kPrefetchBytes = 8192;                  // how far ahead of the weights in use to fetch
 constexpr int64_t kParallelMinFlops = int64_t(1) << 18;  // below this, threads cost more than they save
 
 inline const float* channel_scales(const QuantMatmulArgs& a) { return static_cast<const float*>(a.scales); }
