@@ -191,14 +191,16 @@ inline __m512i broadcast4(const int8_t* p) {
 }
 
 // y rows m .. m + R - 1, panels p .. p + P - 1. xt: this tile's x, [groups][R rows][4]; xs: [M][blocks] scales of
-// each row's int8 blocks; xcomp: [M][blocks] -weight_offset * the block's sum of int8 x.
-template <QuantScheme S, int R, int P>
-void tile_vnni(const QuantMatmulArgs& a, const int8_t* xt, const float* xs, const int32_t* xcomp, int64_t blocks,
-               int64_t m, int64_t p) {
+// each row's int8 blocks; xcomp: [M][blocks] -weight_offset * the block's sum of int8 x. The weights are the packed
+// panels p.. of a.weights, or with U (Unsigned) the same P panels already as load_group_u8 gives them, 64 bytes a
+// group, at `converted`.
+template <QuantScheme S, int R, int P, bool U>
+void tile_vnni(const QuantMatmulArgs& a, const uint8_t* converted, const int8_t* xt, const float* xs,
+               const int32_t* xcomp, int64_t blocks, int64_t m, int64_t p) {
   constexpr bool blocked = S != QuantScheme::int8_channel;
-  constexpr int64_t gbytes = group_bytes<S>();
+  constexpr int64_t gbytes = U ? 64 : group_bytes<S>();
   const int64_t panel_bytes = blocks * kGroupsPerBlock * gbytes;
-  const uint8_t* w0 = a.weights + p * panel_bytes;
+  const uint8_t* w0 = U ? converted : a.weights + p * panel_bytes;
   __m512 facc[R][P];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < P; ++j) facc[i][j] = _mm512_setzero_ps();
@@ -220,9 +222,13 @@ void tile_vnni(const QuantMatmulArgs& a, const int8_t* xt, const float* xs, cons
       __m512i w[P];
       for (int j = 0; j < P; ++j) {
         const uint8_t* wg = wb + j * panel_bytes + g * gbytes;
-        if (g % (64 / gbytes) == 0)  // each cache line of weights, kPrefetchBytes ahead
-          _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchBytes), _MM_HINT_T0);
-        w[j] = load_group_u8<S>(wg);
+        if constexpr (U) {
+          w[j] = _mm512_loadu_si512(wg);
+        } else {
+          if (g % (64 / gbytes) == 0)  // each cache line of weights, kPrefetchBytes ahead
+            _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchBytes), _MM_HINT_T0);
+          w[j] = load_group_u8<S>(wg);
+        }
       }
       for (int i = 0; i < R; ++i) {
         const __m512i xv = broadcast4(xb + (g * R + i) * kGroup);
@@ -253,39 +259,56 @@ void tile_vnni(const QuantMatmulArgs& a, const int8_t* xt, const float* xs, cons
   }
 }
 
-template <QuantScheme S, int R, int Max = kVnniPanels>
-void tile_vnni_panels(int panels, const QuantMatmulArgs& a, const int8_t* xt, const float* xs, const int32_t* xcomp,
-                      int64_t blocks, int64_t m, int64_t p) {
+template <QuantScheme S, bool U, int R, int Max = kVnniPanels>
+void tile_vnni_panels(int panels, const QuantMatmulArgs& a, const uint8_t* converted, const int8_t* xt,
+                      const float* xs, const int32_t* xcomp, int64_t blocks, int64_t m, int64_t p) {
   if constexpr (Max > 0) {
-    if (panels == Max) return tile_vnni<S, R, Max>(a, xt, xs, xcomp, blocks, m, p);
-    tile_vnni_panels<S, R, Max - 1>(panels, a, xt, xs, xcomp, blocks, m, p);
+    if (panels == Max) return tile_vnni<S, R, Max, U>(a, converted, xt, xs, xcomp, blocks, m, p);
+    tile_vnni_panels<S, U, R, Max - 1>(panels, a, converted, xt, xs, xcomp, blocks, m, p);
   }
 }
 
-template <QuantScheme S, int Max>
-void tile_vnni_rows(int rows, int panels, const QuantMatmulArgs& a, const int8_t* xt, const float* xs,
-                    const int32_t* xcomp, int64_t blocks, int64_t m, int64_t p) {
+template <QuantScheme S, bool U, int Max = kVnniRows>
+void tile_vnni_rows(int rows, int panels, const QuantMatmulArgs& a, const uint8_t* converted, const int8_t* xt,
+                    const float* xs, const int32_t* xcomp, int64_t blocks, int64_t m, int64_t p) {
   if constexpr (Max > 0) {
-    if (rows == Max) return tile_vnni_panels<S, Max>(panels, a, xt, xs, xcomp, blocks, m, p);
-    tile_vnni_rows<S, Max - 1>(rows, panels, a, xt, xs, xcomp, blocks, m, p);
+    if (rows == Max) return tile_vnni_panels<S, U, Max>(panels, a, converted, xt, xs, xcomp, blocks, m, p);
+    tile_vnni_rows<S, U, Max - 1>(rows, panels, a, converted, xt, xs, xcomp, blocks, m, p);
   }
 }
 
 template <QuantScheme S>
 void run_vnni(const QuantMatmulArgs& a, const int8_t* xt, const float* xs, const int32_t* xcomp, int64_t blocks,
               int threads) {
-  const int64_t kpad = blocks * kQuantBlock;
+  const int64_t kpad = blocks * kQuantBlock, groups = kpad / kGroup;
   const int64_t panels = (a.N + kQuantPanel - 1) / kQuantPanel;
-  // A row or two: one panel at a time, so the weights are read in one sequential stream.
+  // A row or two: one panel at a time, so the weights are read in one sequential stream. Three row tiles or more:
+  // each tile's panels are converted to unsigned groups once, then every row tile reads them from the cache.
   const int per_tile = a.M <= 2 ? 1 : kVnniPanels;
+  const bool convert = a.M >= 3 * kVnniRows;
   const int64_t tiles = (panels + per_tile - 1) / per_tile;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t p = t * per_tile;
-    const int np = int(std::min<int64_t>(per_tile, panels - p));
-    for (int64_t m0 = 0; m0 < a.M; m0 += kVnniRows)
-      tile_vnni_rows<S, kVnniRows>(int(std::min<int64_t>(kVnniRows, a.M - m0)), np, a, xt + m0 * kpad, xs, xcomp,
-                                   blocks, m0, p);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    std::vector<uint8_t> converted(convert ? per_tile * groups * 64 : 0);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t p = t * per_tile;
+      const int np = int(std::min<int64_t>(per_tile, panels - p));
+      if (convert) {
+        const uint8_t* src = a.weights + p * groups * group_bytes<S>();
+        for (int64_t g = 0; g < np * groups; ++g) {
+          _mm_prefetch(reinterpret_cast<const char*>(src + g * group_bytes<S>() + kPrefetchBytes), _MM_HINT_T0);
+          _mm512_storeu_si512(converted.data() + g * 64, load_group_u8<S>(src + g * group_bytes<S>()));
+        }
+      }
+      for (int64_t m0 = 0; m0 < a.M; m0 += kVnniRows) {
+        const int rows = int(std::min<int64_t>(kVnniRows, a.M - m0));
+        if (convert)
+          tile_vnni_rows<S, true>(rows, np, a, converted.data(), xt + m0 * kpad, xs, xcomp, blocks, m0, p);
+        else
+          tile_vnni_rows<S, false>(rows, np, a, nullptr, xt + m0 * kpad, xs, xcomp, blocks, m0, p);
+      }
+    }
   }
 }
 #endif
