@@ -33,6 +33,15 @@ constexpr int kRows = 4;                            // rows per tile: 8 int32 an
 constexpr int64_t kPrefetchBytes = 8192;                  // how far ahead of the weights in use to fetch
 constexpr int64_t kParallelMinFlops = int64_t(1) << 18;  // below this, threads cost more than they save
 
+// A calling thread's buffer of at least n T, kept between calls (no allocation, page faults or zero-filling
+// per call); `which` tells a thread's buffers apart.
+template <typename T, int which>
+T* scratch(int64_t n) {
+  thread_local std::vector<T> buf;
+  if (int64_t(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
 inline const float* channel_scales(const QuantMatmulArgs& a) { return static_cast<const float*>(a.scales); }
 inline const uint16_t* block_scales(const QuantMatmulArgs& a) { return static_cast<const uint16_t*>(a.scales); }
 
@@ -289,7 +298,7 @@ void run_vnni(const QuantMatmulArgs& a, const int8_t* xt, const float* xs, const
   const int64_t tiles = (panels + per_tile - 1) / per_tile;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    std::vector<uint8_t> converted(convert ? per_tile * groups * 64 : 0);
+    uint8_t* converted = convert ? scratch<uint8_t, 0>(per_tile * groups * 64) : nullptr;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t p = t * per_tile;
@@ -298,13 +307,13 @@ void run_vnni(const QuantMatmulArgs& a, const int8_t* xt, const float* xs, const
         const uint8_t* src = a.weights + p * groups * group_bytes<S>();
         for (int64_t g = 0; g < np * groups; ++g) {
           _mm_prefetch(reinterpret_cast<const char*>(src + g * group_bytes<S>() + kPrefetchBytes), _MM_HINT_T0);
-          _mm512_storeu_si512(converted.data() + g * 64, load_group_u8<S>(src + g * group_bytes<S>()));
+          _mm512_storeu_si512(converted + g * 64, load_group_u8<S>(src + g * group_bytes<S>()));
         }
       }
       for (int64_t m0 = 0; m0 < a.M; m0 += kVnniRows) {
         const int rows = int(std::min<int64_t>(kVnniRows, a.M - m0));
         if (convert)
-          tile_vnni_rows<S, true>(rows, np, a, converted.data(), xt + m0 * kpad, xs, xcomp, blocks, m0, p);
+          tile_vnni_rows<S, true>(rows, np, a, converted, xt + m0 * kpad, xs, xcomp, blocks, m0, p);
         else
           tile_vnni_rows<S, false>(rows, np, a, nullptr, xt + m0 * kpad, xs, xcomp, blocks, m0, p);
       }
@@ -417,21 +426,21 @@ void run(const QuantMatmulArgs& a, int threads) {
 #else
   const int rows_together = 1, offset = 0;
 #endif
-  std::vector<int8_t> xq(a.M * blocks * kQuantBlock);
-  std::vector<float> xs(a.M * blocks);
-  std::vector<int32_t> xcomp(a.M * blocks);
+  int8_t* xq = scratch<int8_t, 1>(a.M * blocks * kQuantBlock);
+  float* xs = scratch<float, 2>(a.M * blocks);
+  int32_t* xcomp = scratch<int32_t, 3>(a.M * blocks);
   if (a.x_bf16)
-    quantize_rows<uint16_t>(a, blocks, rows_together, offset, xq.data(), xs.data(), xcomp.data(), threads);
+    quantize_rows<uint16_t>(a, blocks, rows_together, offset, xq, xs, xcomp, threads);
   else
-    quantize_rows<float>(a, blocks, rows_together, offset, xq.data(), xs.data(), xcomp.data(), threads);
+    quantize_rows<float>(a, blocks, rows_together, offset, xq, xs, xcomp, threads);
 #if defined(__AVX512VNNI__)
-  run_vnni<S>(a, xq.data(), xs.data(), xcomp.data(), blocks, threads);
+  run_vnni<S>(a, xq, xs, xcomp, blocks, threads);
 #else
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t p = 0; p < panels; ++p) {
     int64_t m = 0;
-    for (; m + kRows <= a.M; m += kRows) tile<S, kRows>(a, xq.data(), xs.data(), blocks, m, p);
-    if (m < a.M) tile_rows<S, kRows - 1>(int(a.M - m), a, xq.data(), xs.data(), blocks, m, p);
+    for (; m + kRows <= a.M; m += kRows) tile<S, kRows>(a, xq, xs, blocks, m, p);
+    if (m < a.M) tile_rows<S, kRows - 1>(int(a.M - m), a, xq, xs, blocks, m, p);
   }
 #endif
 }
