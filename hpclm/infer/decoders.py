@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hpclm.errors import HpclmError
-from hpclm.kernels.attention import decode_attention
+from hpclm.kernels.attention import DecodeAttention
 from hpclm.kernels.gemm import PackedLinear
 
 
@@ -143,9 +143,9 @@ class GPTDecoder(Decoder):
         t = self.model.transformer
         positions = [self.lengths[s] for s in slots]
         x = t.wte(self._tokens(tokens)) + t.wpe(self._tokens(positions))  # [B, C]: one token per sequence
+        attend = DecodeAttention(slots, positions, self.n_head, self.keys.shape[1:], self.device)
         for layer, block in enumerate(self.blocks):
-            y = decode_attention(block.qkv(block.ln_1(x)), self.keys[layer], self.values[layer], slots, positions,
-                                 self.n_head)
+            y = attend(block.qkv(block.ln_1(x)), self.keys[layer], self.values[layer])
             x = x + block.attn_out(y)
             x = x + block.mlp(block.ln_2(x))
         return self._logits(x)

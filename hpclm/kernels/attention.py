@@ -33,32 +33,50 @@ def decode_attention_available(cache: torch.Tensor) -> tuple[bool, str]:
     return True, ""
 
 
-@torch.no_grad()
+class DecodeAttention:
+    """One decoding step's attention for B sequences in cache `slots` with their new token at `positions`,
+    checked once and then applied layer by layer: attend(qkv, keys, values) for each layer's cache of
+    shape cache_shape [slots, H, P, C / H]."""
+
+    def __init__(self, slots: list[int], positions: list[int], n_head: int, cache_shape, device):
+        n_slots, H, P, D = cache_shape
+        B = len(slots)
+        if H != n_head or len(positions) != B:
+            raise ValueError(f"decode_attention: a cache {tuple(cache_shape)}, {B} slots and {len(positions)} "
+                             f"positions do not agree with {n_head} heads")
+        if len(set(slots)) != B:
+            raise ValueError(f"decode_attention: each sequence of a step needs its own cache slot, not {slots}")
+        if B and (min(slots) < 0 or max(slots) >= n_slots or min(positions) < 0 or max(positions) >= P):
+            raise ValueError(f"decode_attention: slots {slots} or positions {positions} outside the cache's "
+                             f"{n_slots} slots of {P} positions")
+        self.cache_shape, self.B, self.H, self.P, self.D, self.C = tuple(cache_shape), B, H, P, D, H * D
+        self.slots = torch.tensor(slots, dtype=torch.int64, device=device)
+        self.positions = torch.tensor(positions, dtype=torch.int64, device=device)
+        self.scale = 1.0 / math.sqrt(D)
+
+    @torch.no_grad()
+    def __call__(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        B, C = self.B, self.C
+        if tuple(qkv.shape) != (B, 3 * C) or tuple(keys.shape) != self.cache_shape or values.shape != keys.shape:
+            raise ValueError(f"decode_attention: qkv {tuple(qkv.shape)} and a cache {tuple(keys.shape)} do not agree "
+                             f"with {B} sequences and a cache {self.cache_shape}")
+        if (qkv.dtype == torch.float32 and qkv.device.type == "cpu" and values.is_contiguous()
+                and decode_attention_available(keys)[0]):
+            if qkv.stride(-1) != 1:
+                qkv = qkv.contiguous()
+            y = torch.empty(B, C)
+            native.extension().decode_attention(qkv.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                                                self.slots.data_ptr(), self.positions.data_ptr(), y.data_ptr(), B,
+                                                self.H, self.D, self.P, qkv.stride(0), C, self.scale,
+                                                torch.get_num_threads())
+            return y
+        return _decode_attention_torch(qkv, keys, values, self.slots, self.positions)
+
+
 def decode_attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: list[int],
                      positions: list[int], n_head: int) -> torch.Tensor:
-    n_slots, H, P, D = keys.shape
-    B, C = qkv.shape[0], H * D
-    if H != n_head or tuple(qkv.shape) != (B, 3 * C) or values.shape != keys.shape or len(slots) != B \
-            or len(positions) != B:
-        raise ValueError(f"decode_attention: qkv {tuple(qkv.shape)}, cache {tuple(keys.shape)}, {len(slots)} slots "
-                         f"and {len(positions)} positions do not agree with {n_head} heads")
-    if len(set(slots)) != B:
-        raise ValueError(f"decode_attention: each sequence of a step needs its own cache slot, not {slots}")
-    if B and (min(slots) < 0 or max(slots) >= n_slots or min(positions) < 0 or max(positions) >= P):
-        raise ValueError(f"decode_attention: slots {slots} or positions {positions} outside the cache's "
-                         f"{n_slots} slots of {P} positions")
-    slots_t = torch.tensor(slots, dtype=torch.int64, device=qkv.device)
-    positions_t = torch.tensor(positions, dtype=torch.int64, device=qkv.device)
-    ok, _ = decode_attention_available(keys)
-    if ok and qkv.dtype == torch.float32 and qkv.device.type == "cpu" and values.is_contiguous():
-        if qkv.stride(-1) != 1:
-            qkv = qkv.contiguous()
-        y = torch.empty(B, C)
-        native.extension().decode_attention(qkv.data_ptr(), keys.data_ptr(), values.data_ptr(), slots_t.data_ptr(),
-                                            positions_t.data_ptr(), y.data_ptr(), B, H, D, P, qkv.stride(0), C,
-                                            1.0 / math.sqrt(D), torch.get_num_threads())
-        return y
-    return _decode_attention_torch(qkv, keys, values, slots_t, positions_t)
+    """One layer's attention of one decoding step (see the module's docstring)."""
+    return DecodeAttention(slots, positions, n_head, keys.shape, qkv.device)(qkv, keys, values)
 
 
 def _decode_attention_torch(qkv, keys, values, slots, positions):
