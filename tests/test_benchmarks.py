@@ -210,7 +210,11 @@ def test_quant_benchmark_times_every_variant_against_torch_ao(tmp_path):
     assert rows["int8-channel"]["matrix_bytes"] < 0.3 * rows["fp32"]["matrix_bytes"]
     assert (tmp_path / "quant.png").stat().st_size > 0
     goals = {(g["variant"], g["goal"]): g for g in doc["goals"]}
-    assert goals["int4-block32", "batch-1 decode vs torch.ao's int8"]["min"] == 2.0
+    int4 = goals["int4-block32", "batch-1 matrices vs torch.ao's int8"]
+    assert int4["min"] == 2.0 and int4["value"] == rows["int4-block32"]["matrices_b1_vs_peer"]
+    assert goals["int8-channel", "prefill vs torch.ao"]["value"] == rows["int8-channel"]["prefill_tok_s_vs_peer"]
+    read = doc["read_gb_s"]["1"]
+    assert all(r["matrices_of_read_bandwidth"] == pytest.approx(r["matrices_gb_s"] / read) for r in rows.values())
     assert all(g["met"] == (g["value"] >= g["min"]) for g in goals.values()) and len(goals) == 11
     assert ("MISSED" in proc.stdout) == (not all(g["met"] for g in goals.values()))
 

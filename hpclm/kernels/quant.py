@@ -148,7 +148,7 @@ def _unavailable_reason(x: torch.Tensor) -> Optional[str]:
         return native.load_error() or "hpclm._C is not built"
     if not hasattr(ext, "quant_matmul"):
         return "this build of hpclm._C has no quant_matmul"
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return f"quant_matmul runs on the CPU; this input is on {x.device}"
     if x.dtype not in _KERNEL_X_DTYPES:
         return f"quant_matmul takes float32 or bfloat16 inputs, not {x.dtype}"
@@ -180,7 +180,7 @@ class _KernelCall:
     """What quant_matmul needs besides the input, computed once per packed weight: the packed buffers'
     addresses, a float32 bias (kept alive here) and the shape."""
     __slots__ = ("weights", "scales", "bias", "bias_source", "weights_ptr", "scales_ptr", "bias_ptr",
-                 "out_features", "scheme")
+                 "out_features", "scheme", "kernel")
 
     def __init__(self, packed_weights, packed_scales, bias, scheme, out_features):
         self.weights, self.scales, self.bias_source = packed_weights, packed_scales, bias
@@ -190,6 +190,7 @@ class _KernelCall:
         self.weights_ptr, self.scales_ptr = packed_weights.data_ptr(), packed_scales.data_ptr()
         self.bias_ptr = 0 if bias is None else bias.data_ptr()
         self.out_features, self.scheme = out_features, scheme
+        self.kernel = native.require().quant_matmul
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """y for an input the gate (_unavailable_reason) let through."""
@@ -200,7 +201,7 @@ class _KernelCall:
             rows = rows.contiguous()
             ldx = in_features
         y = torch.empty(m, self.out_features)
-        native.require().quant_matmul(
+        self.kernel(
             rows.data_ptr(), _KERNEL_X_DTYPES[x.dtype], self.weights_ptr, self.scales_ptr, self.bias_ptr,
             y.data_ptr(), m, self.out_features, in_features, max(ldx, 1), self.out_features, self.scheme,
             torch.get_num_threads())
