@@ -4,7 +4,7 @@
 // AVX-512 VNNI: a tile of R rows by P 16-column panels; one vpdpbusd per row and panel multiplies a group
 // (16 columns x 4 k, 64 bytes) of unsigned weights (int8 w + 128, or int4's stored q = w + 8) by the row's 4
 // signed x, broadcast, and adds them into int32; the offset times the block's sum of x is taken out by
-// starting the accumulator at -offset * sum(x). x is repacked per tile so that a group's R rows lie together.
+// starting the accumulator at -offset * sum(x).
 // AVX2 (and the AVX-512 build without VNNI): 4 rows by one panel; vpsignb puts x's sign on the weight,
 // vpmaddubsw multiplies |x| by it into pairs, vpmaddwd adds the pairs, 256 bits at a time.
 #include <algorithm>
@@ -120,31 +120,21 @@ inline float quantize_block(const XT* x, int n, int8_t* q, int32_t* sum) {
   return amax / 127.0f;
 }
 
-// Every row's blocks: int8 values into xq ([M][K padded], or with VNNI tiles of kVnniRows rows, each
-// [groups][rows][4] at offset m * K padded, so that a group's rows lie together), scales into xs and
-// -offset * the block's sum into xcomp ([M][blocks]).
+// Every row's blocks: int8 values into xq [M][K padded], scales into xs and -offset * the block's sum into
+// xcomp ([M][blocks]), straight into the buffers (no copy).
 template <typename XT>
-void quantize_rows(const QuantMatmulArgs& a, int64_t blocks, int rows_together, int32_t offset, int8_t* xq, float* xs,
-                   int32_t* xcomp, int threads) {
+void quantize_rows(const QuantMatmulArgs& a, int64_t blocks, int32_t offset, int8_t* xq, float* xs, int32_t* xcomp,
+                   int threads) {
   const XT* x = static_cast<const XT*>(a.x);
   const int64_t kpad = blocks * kQuantBlock;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t m = 0; m < a.M; ++m) {
-    const int64_t m0 = m - m % rows_together, rows = std::min<int64_t>(rows_together, a.M - m0), i = m - m0;
+  for (int64_t m = 0; m < a.M; ++m)
     for (int64_t b = 0; b < blocks; ++b) {
       const int n = int(std::min<int64_t>(kQuantBlock, a.K - b * kQuantBlock));
-      int8_t q[kQuantBlock];
       int32_t sum;
-      xs[m * blocks + b] = quantize_block(x + m * a.ldx + b * kQuantBlock, n, q, &sum);
+      xs[m * blocks + b] = quantize_block(x + m * a.ldx + b * kQuantBlock, n, xq + m * kpad + b * kQuantBlock, &sum);
       xcomp[m * blocks + b] = -offset * sum;
-      if (rows == 1) {
-        std::memcpy(xq + m * kpad + b * kQuantBlock, q, kQuantBlock);
-      } else {
-        int8_t* tile = xq + m0 * kpad + (b * kGroupsPerBlock * rows + i) * kGroup;
-        for (int g = 0; g < kGroupsPerBlock; ++g) std::memcpy(tile + g * rows * kGroup, q + g * kGroup, kGroup);
-      }
     }
-  }
 }
 
 #if defined(__AVX2__)
@@ -199,17 +189,18 @@ inline __m512i broadcast4(const int8_t* p) {
   return _mm512_set1_epi32(four);
 }
 
-// y rows m .. m + R - 1, panels p .. p + P - 1. xt: this tile's x, [groups][R rows][4]; xs: [M][blocks] scales of
+// y rows m .. m + R - 1, panels p .. p + P - 1. xq: row m's int8 x, rows K padded apart; xs: [M][blocks] scales of
 // each row's int8 blocks; xcomp: [M][blocks] -weight_offset * the block's sum of int8 x. The weights are the packed
 // panels p.. of a.weights, or with U (Unsigned) the same P panels already as load_group_u8 gives them, 64 bytes a
 // group, at `converted`.
 template <QuantScheme S, int R, int P, bool U>
-void tile_vnni(const QuantMatmulArgs& a, const uint8_t* converted, const int8_t* xt, const float* xs,
+void tile_vnni(const QuantMatmulArgs& a, const uint8_t* converted, const int8_t* xq, const float* xs,
                const int32_t* xcomp, int64_t blocks, int64_t m, int64_t p) {
   constexpr bool blocked = S != QuantScheme::int8_channel;
   constexpr int64_t gbytes = U ? 64 : group_bytes<S>();
   const int64_t panel_bytes = blocks * kGroupsPerBlock * gbytes;
   const uint8_t* w0 = U ? converted : a.weights + p * panel_bytes;
+  const int64_t kpad = blocks * kQuantBlock;
   __m512 facc[R][P];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < P; ++j) facc[i][j] = _mm512_setzero_ps();
@@ -225,7 +216,7 @@ void tile_vnni(const QuantMatmulArgs& a, const uint8_t* converted, const int8_t*
       }
     }
     const uint8_t* wb = w0 + b * kGroupsPerBlock * gbytes;
-    const int8_t* xb = xt + b * kGroupsPerBlock * R * kGroup;
+    const int8_t* xb = xq + b * kQuantBlock;
 #pragma GCC unroll 8  // (a rolled loop gets a register copy per accumulator and group)
     for (int g = 0; g < kGroupsPerBlock; ++g) {
       __m512i w[P];
@@ -240,7 +231,7 @@ void tile_vnni(const QuantMatmulArgs& a, const uint8_t* converted, const int8_t*
         }
       }
       for (int i = 0; i < R; ++i) {
-        const __m512i xv = broadcast4(xb + (g * R + i) * kGroup);
+        const __m512i xv = broadcast4(xb + i * kpad + g * kGroup);
         for (int j = 0; j < P; ++j) iacc[g % C][i][j] = _mm512_dpbusd_epi32(iacc[g % C][i][j], w[j], xv);
       }
     }
@@ -269,25 +260,25 @@ void tile_vnni(const QuantMatmulArgs& a, const uint8_t* converted, const int8_t*
 }
 
 template <QuantScheme S, bool U, int R, int Max = kVnniPanels>
-void tile_vnni_panels(int panels, const QuantMatmulArgs& a, const uint8_t* converted, const int8_t* xt,
+void tile_vnni_panels(int panels, const QuantMatmulArgs& a, const uint8_t* converted, const int8_t* xq,
                       const float* xs, const int32_t* xcomp, int64_t blocks, int64_t m, int64_t p) {
   if constexpr (Max > 0) {
-    if (panels == Max) return tile_vnni<S, R, Max, U>(a, converted, xt, xs, xcomp, blocks, m, p);
-    tile_vnni_panels<S, U, R, Max - 1>(panels, a, converted, xt, xs, xcomp, blocks, m, p);
+    if (panels == Max) return tile_vnni<S, R, Max, U>(a, converted, xq, xs, xcomp, blocks, m, p);
+    tile_vnni_panels<S, U, R, Max - 1>(panels, a, converted, xq, xs, xcomp, blocks, m, p);
   }
 }
 
 template <QuantScheme S, bool U, int Max = kVnniRows>
-void tile_vnni_rows(int rows, int panels, const QuantMatmulArgs& a, const uint8_t* converted, const int8_t* xt,
+void tile_vnni_rows(int rows, int panels, const QuantMatmulArgs& a, const uint8_t* converted, const int8_t* xq,
                     const float* xs, const int32_t* xcomp, int64_t blocks, int64_t m, int64_t p) {
   if constexpr (Max > 0) {
-    if (rows == Max) return tile_vnni_panels<S, U, Max>(panels, a, converted, xt, xs, xcomp, blocks, m, p);
-    tile_vnni_rows<S, U, Max - 1>(rows, panels, a, converted, xt, xs, xcomp, blocks, m, p);
+    if (rows == Max) return tile_vnni_panels<S, U, Max>(panels, a, converted, xq, xs, xcomp, blocks, m, p);
+    tile_vnni_rows<S, U, Max - 1>(rows, panels, a, converted, xq, xs, xcomp, blocks, m, p);
   }
 }
 
 template <QuantScheme S>
-void run_vnni(const QuantMatmulArgs& a, const int8_t* xt, const float* xs, const int32_t* xcomp, int64_t blocks,
+void run_vnni(const QuantMatmulArgs& a, const int8_t* xq, const float* xs, const int32_t* xcomp, int64_t blocks,
               int threads) {
   const int64_t kpad = blocks * kQuantBlock, groups = kpad / kGroup;
   const int64_t panels = (a.N + kQuantPanel - 1) / kQuantPanel;
@@ -313,9 +304,9 @@ void run_vnni(const QuantMatmulArgs& a, const int8_t* xt, const float* xs, const
       for (int64_t m0 = 0; m0 < a.M; m0 += kVnniRows) {
         const int rows = int(std::min<int64_t>(kVnniRows, a.M - m0));
         if (convert)
-          tile_vnni_rows<S, true>(rows, np, a, converted, xt + m0 * kpad, xs, xcomp, blocks, m0, p);
+          tile_vnni_rows<S, true>(rows, np, a, converted, xq + m0 * kpad, xs, xcomp, blocks, m0, p);
         else
-          tile_vnni_rows<S, false>(rows, np, a, nullptr, xt + m0 * kpad, xs, xcomp, blocks, m0, p);
+          tile_vnni_rows<S, false>(rows, np, a, nullptr, xq + m0 * kpad, xs, xcomp, blocks, m0, p);
       }
     }
   }
@@ -421,18 +412,17 @@ void run(const QuantMatmulArgs& a, int threads) {
   const int64_t panels = (a.N + kQuantPanel - 1) / kQuantPanel;
   if (2 * a.M * a.N * a.K < kParallelMinFlops) threads = 1;
 #if defined(__AVX512VNNI__)
-  const int rows_together = kVnniRows;
   const int32_t offset = weight_offset<S>();
 #else
-  const int rows_together = 1, offset = 0;
+  const int32_t offset = 0;
 #endif
   int8_t* xq = scratch<int8_t, 1>(a.M * blocks * kQuantBlock);
   float* xs = scratch<float, 2>(a.M * blocks);
   int32_t* xcomp = scratch<int32_t, 3>(a.M * blocks);
   if (a.x_bf16)
-    quantize_rows<uint16_t>(a, blocks, rows_together, offset, xq, xs, xcomp, threads);
+    quantize_rows<uint16_t>(a, blocks, offset, xq, xs, xcomp, threads);
   else
-    quantize_rows<float>(a, blocks, rows_together, offset, xq, xs, xcomp, threads);
+    quantize_rows<float>(a, blocks, offset, xq, xs, xcomp, threads);
 #if defined(__AVX512VNNI__)
   run_vnni<S>(a, xq, xs, xcomp, blocks, threads);
 #else
