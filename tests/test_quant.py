@@ -24,9 +24,10 @@ def force_torch_path(m):
 
 # ---- the kernel -------------------------------------------------------------------------------------
 
-# M = 1 .. past a row tile; N = 1, a panel's width +- 1; K odd, not a multiple of the block or a vector
+# M = 1 .. past a row tile (and, from 18 rows, the VNNI path's converted panels); N = 1, a panel's width +- 1, an
+# odd number of panels; K odd, not a multiple of the block or a vector
 SHAPES = [(1, 1, 1), (1, 17, 33), (2, 16, 31), (3, 40, 70), (7, 100, 64), (12, 33, 95), (13, 50, 100), (64, 48, 96),
-          (5, 130, 300)]
+          (5, 130, 300), (20, 33, 70)]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
