@@ -120,21 +120,27 @@ inline float quantize_block(const XT* x, int n, int8_t* q, int32_t* sum) {
   return amax / 127.0f;
 }
 
-// Every row's blocks: int8 values into xq [M][K padded], scales into xs and -offset * the block's sum into
-// xcomp ([M][blocks]), straight into the buffers (no copy).
+// Every row's blocks: int8 values into xq, their scales into xs and -offset * their sums into xcomp, in tiles of
+// `rows_together` rows (the last one shorter): tile m0's block b of its row i at xq + m0 * K padded +
+// (b * rows + i) * 32 and xs, xcomp + m0 * blocks + b * rows + i. rows_together 1 is plain [M][K padded] and
+// [M][blocks]; more let one pointer reach a tile's rows.
 template <typename XT>
-void quantize_rows(const QuantMatmulArgs& a, int64_t blocks, int32_t offset, int8_t* xq, float* xs, int32_t* xcomp,
-                   int threads) {
+void quantize_rows(const QuantMatmulArgs& a, int64_t blocks, int rows_together, int32_t offset, int8_t* xq, float* xs,
+                   int32_t* xcomp, int threads) {
   const XT* x = static_cast<const XT*>(a.x);
   const int64_t kpad = blocks * kQuantBlock;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t m = 0; m < a.M; ++m)
+  for (int64_t m = 0; m < a.M; ++m) {
+    const int64_t m0 = m - m % rows_together, rows = std::min<int64_t>(rows_together, a.M - m0), i = m - m0;
+    int8_t* tile = xq + m0 * kpad + i * kQuantBlock;
     for (int64_t b = 0; b < blocks; ++b) {
       const int n = int(std::min<int64_t>(kQuantBlock, a.K - b * kQuantBlock));
       int32_t sum;
-      xs[m * blocks + b] = quantize_block(x + m * a.ldx + b * kQuantBlock, n, xq + m * kpad + b * kQuantBlock, &sum);
-      xcomp[m * blocks + b] = -offset * sum;
+      const int64_t at = m0 * blocks + b * rows + i;
+      xs[at] = quantize_block(x + m * a.ldx + b * kQuantBlock, n, tile + b * rows * kQuantBlock, &sum);
+      xcomp[at] = -offset * sum;
     }
+  }
 }
 
 #if defined(__AVX2__)
@@ -189,8 +195,8 @@ inline __m512i broadcast4(const int8_t* p) {
   return _mm512_set1_epi32(four);
 }
 
-// y rows m .. m + R - 1, panels p .. p + P - 1. xq: row m's int8 x, rows K padded apart; xs: [M][blocks] scales of
-// each row's int8 blocks; xcomp: [M][blocks] -weight_offset * the block's sum of int8 x. The weights are the packed
+// y rows m .. m + R - 1, panels p .. p + P - 1. This tile's int8 x: block b of its row i at xq + (b * R + i) * 32,
+// its scale at xs[b * R + i], -weight_offset * its sum at xcomp[b * R + i] (quantize_rows' tiles). The weights are the packed
 // panels p.. of a.weights, or with U (Unsigned) the same P panels already as load_group_u8 gives them, 64 bytes a
 // group, at `converted`.
 template <QuantScheme S, int R, int P, bool U>
@@ -200,7 +206,6 @@ void tile_vnni(const QuantMatmulArgs& a, const uint8_t* converted, const int8_t*
   constexpr int64_t gbytes = U ? 64 : group_bytes<S>();
   const int64_t panel_bytes = blocks * kGroupsPerBlock * gbytes;
   const uint8_t* w0 = U ? converted : a.weights + p * panel_bytes;
-  const int64_t kpad = blocks * kQuantBlock;
   __m512 facc[R][P];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < P; ++j) facc[i][j] = _mm512_setzero_ps();
@@ -209,14 +214,14 @@ void tile_vnni(const QuantMatmulArgs& a, const uint8_t* converted, const int8_t*
   for (int64_t b = 0; b < blocks; ++b) {
     __m512i iacc[C][R][P];
     for (int i = 0; i < R; ++i) {
-      const __m512i start = _mm512_set1_epi32(xcomp[(m + i) * blocks + b]);
+      const __m512i start = _mm512_set1_epi32(xcomp[b * R + i]);
       for (int j = 0; j < P; ++j) {
         iacc[0][i][j] = start;
         for (int c = 1; c < C; ++c) iacc[c][i][j] = _mm512_setzero_si512();
       }
     }
     const uint8_t* wb = w0 + b * kGroupsPerBlock * gbytes;
-    const int8_t* xb = xq + b * kQuantBlock;
+    const int8_t* xb = xq + b * R * kQuantBlock;
 #pragma GCC unroll 8  // (a rolled loop gets a register copy per accumulator and group)
     for (int g = 0; g < kGroupsPerBlock; ++g) {
       __m512i w[P];
@@ -231,7 +236,7 @@ void tile_vnni(const QuantMatmulArgs& a, const uint8_t* converted, const int8_t*
         }
       }
       for (int i = 0; i < R; ++i) {
-        const __m512i xv = broadcast4(xb + i * kpad + g * kGroup);
+        const __m512i xv = broadcast4(xb + i * kQuantBlock + g * kGroup);
         for (int j = 0; j < P; ++j) iacc[g % C][i][j] = _mm512_dpbusd_epi32(iacc[g % C][i][j], w[j], xv);
       }
     }
@@ -243,7 +248,7 @@ void tile_vnni(const QuantMatmulArgs& a, const uint8_t* converted, const int8_t*
                                       block_scales(a) + ((p + j) * blocks + b) * kQuantPanel)))
                                 : _mm512_set1_ps(1.0f);
       for (int i = 0; i < R; ++i) {
-        const __m512 sx = _mm512_set1_ps(xs[(m + i) * blocks + b]);
+        const __m512 sx = _mm512_set1_ps(xs[b * R + i]);
         facc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[0][i][j]), blocked ? _mm512_mul_ps(sw, sx) : sx, facc[i][j]);
       }
     }
@@ -304,9 +309,11 @@ void run_vnni(const QuantMatmulArgs& a, const int8_t* xq, const float* xs, const
       for (int64_t m0 = 0; m0 < a.M; m0 += kVnniRows) {
         const int rows = int(std::min<int64_t>(kVnniRows, a.M - m0));
         if (convert)
-          tile_vnni_rows<S, true>(rows, np, a, converted, xq + m0 * kpad, xs, xcomp, blocks, m0, p);
+          tile_vnni_rows<S, true>(rows, np, a, converted, xq + m0 * kpad, xs + m0 * blocks, xcomp + m0 * blocks,
+                                  blocks, m0, p);
         else
-          tile_vnni_rows<S, false>(rows, np, a, nullptr, xq + m0 * kpad, xs, xcomp, blocks, m0, p);
+          tile_vnni_rows<S, false>(rows, np, a, nullptr, xq + m0 * kpad, xs + m0 * blocks, xcomp + m0 * blocks,
+                                   blocks, m0, p);
       }
     }
   }
@@ -412,17 +419,18 @@ void run(const QuantMatmulArgs& a, int threads) {
   const int64_t panels = (a.N + kQuantPanel - 1) / kQuantPanel;
   if (2 * a.M * a.N * a.K < kParallelMinFlops) threads = 1;
 #if defined(__AVX512VNNI__)
+  const int rows_together = kVnniRows;
   const int32_t offset = weight_offset<S>();
 #else
-  const int32_t offset = 0;
+  const int rows_together = 1, offset = 0;
 #endif
   int8_t* xq = scratch<int8_t, 1>(a.M * blocks * kQuantBlock);
   float* xs = scratch<float, 2>(a.M * blocks);
   int32_t* xcomp = scratch<int32_t, 3>(a.M * blocks);
   if (a.x_bf16)
-    quantize_rows<uint16_t>(a, blocks, offset, xq, xs, xcomp, threads);
+    quantize_rows<uint16_t>(a, blocks, rows_together, offset, xq, xs, xcomp, threads);
   else
-    quantize_rows<float>(a, blocks, offset, xq, xs, xcomp, threads);
+    quantize_rows<float>(a, blocks, rows_together, offset, xq, xs, xcomp, threads);
 #if defined(__AVX512VNNI__)
   run_vnni<S>(a, xq, xs, xcomp, blocks, threads);
 #else
