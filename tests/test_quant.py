@@ -24,7 +24,7 @@ def force_torch_path(m):
 
 # ---- the kernel -------------------------------------------------------------------------------------
 
-# M = 1 .. past a row tile (and, from 18 rows, the VNNI path's converted panels); N = 1, a panel's width +- 1, an
+# M = 1 .. past a row tile (and, from 64 rows, the VNNI path's converted panels); N = 1, a panel's width +- 1, an
 # odd number of panels; K odd, not a multiple of the block or a vector
 SHAPES = [(1, 1, 1), (1, 17, 33), (2, 16, 31), (3, 40, 70), (7, 100, 64), (12, 33, 95), (13, 50, 100), (64, 48, 96),
           (5, 130, 300), (20, 33, 70)]
@@ -60,9 +60,10 @@ def test_without_bias_and_empty_inputs(cpu_path, scheme):
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_a_row_is_the_same_alone_and_in_any_batch(cpu_path, scheme):
     torch.manual_seed(0)
-    q, x = QuantLinear.from_linear(torch.nn.Linear(200, 72), scheme), torch.randn(40, 200)
-    batched = q(x)
-    for rows in ([0], [5], [0, 1], [3, 4, 5], list(range(11)), list(range(12)), list(range(13)), list(range(40))):
+    q, x = QuantLinear.from_linear(torch.nn.Linear(200, 72), scheme), torch.randn(70, 200)
+    batched = q(x)  # (the VNNI path's tiles: up to 8 rows of one panel, and from 64 rows 6 rows x 2 panels)
+    for rows in ([0], [5], [0, 1], [3, 4, 5], list(range(8)), list(range(11)), list(range(13)), list(range(40)),
+                 list(range(70))):
         assert torch.equal(q(x[rows]), batched[rows]), (cpu_path, scheme, rows)
 
 

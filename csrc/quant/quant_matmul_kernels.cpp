@@ -167,6 +167,19 @@ constexpr int64_t group_bytes() {
 
 #if defined(__AVX512VNNI__)
 constexpr int kVnniRows = 6;    // rows per tile
+constexpr int kVnniMaxRows = 8;  // up to this many rows make one tile of one panel (8 int32 + 8 float32 accumulators)
+
+// Below this many rows, tiles take one panel at a time (the weights read in one sequential stream, the row tiles
+// after the first finding the panel in the cache), of up to kVnniMaxRows rows; from it on, kVnniRows x kVnniPanels
+// with each tile's panels converted to unsigned groups once for all its row tiles.
+constexpr int64_t kVnniWideFrom = 64;
+
+// Rows per tile for M rows (balanced below kVnniWideFrom).
+inline int vnni_tile_rows(int64_t M) {
+  if (M >= kVnniWideFrom) return kVnniRows;
+  const int64_t tiles = (M + kVnniMaxRows - 1) / kVnniMaxRows;
+  return int((M + tiles - 1) / tiles);
+}
 constexpr int kVnniPanels = 2;  // panels per tile: 12 int32 and 12 float32 zmm accumulators
 
 // A group's 16 columns x 4 k as unsigned bytes, column c in 32-bit lane c: int8 w + 128, or int4's stored q.
@@ -273,7 +286,7 @@ void tile_vnni_panels(int panels, const QuantMatmulArgs& a, const uint8_t* conve
   }
 }
 
-template <QuantScheme S, bool U, int Max = kVnniRows>
+template <QuantScheme S, bool U, int Max = kVnniMaxRows>
 void tile_vnni_rows(int rows, int panels, const QuantMatmulArgs& a, const uint8_t* converted, const int8_t* xq,
                     const float* xs, const int32_t* xcomp, int64_t blocks, int64_t m, int64_t p) {
   if constexpr (Max > 0) {
@@ -287,10 +300,9 @@ void run_vnni(const QuantMatmulArgs& a, const int8_t* xq, const float* xs, const
               int threads) {
   const int64_t kpad = blocks * kQuantBlock, groups = kpad / kGroup;
   const int64_t panels = (a.N + kQuantPanel - 1) / kQuantPanel;
-  // A row or two: one panel at a time, so the weights are read in one sequential stream. Three row tiles or more:
-  // each tile's panels are converted to unsigned groups once, then every row tile reads them from the cache.
-  const int per_tile = a.M <= 2 ? 1 : kVnniPanels;
-  const bool convert = a.M >= 3 * kVnniRows;
+  const int rows_per_tile = vnni_tile_rows(a.M);
+  const bool convert = a.M >= kVnniWideFrom;
+  const int per_tile = convert ? kVnniPanels : 1;
   const int64_t tiles = (panels + per_tile - 1) / per_tile;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
@@ -306,8 +318,8 @@ void run_vnni(const QuantMatmulArgs& a, const int8_t* xq, const float* xs, const
           _mm512_storeu_si512(converted + g * 64, load_group_u8<S>(src + g * group_bytes<S>()));
         }
       }
-      for (int64_t m0 = 0; m0 < a.M; m0 += kVnniRows) {
-        const int rows = int(std::min<int64_t>(kVnniRows, a.M - m0));
+      for (int64_t m0 = 0; m0 < a.M; m0 += rows_per_tile) {
+        const int rows = int(std::min<int64_t>(rows_per_tile, a.M - m0));
         if (convert)
           tile_vnni_rows<S, true>(rows, np, a, converted, xq + m0 * kpad, xs + m0 * blocks, xcomp + m0 * blocks,
                                   blocks, m0, p);
@@ -419,7 +431,7 @@ void run(const QuantMatmulArgs& a, int threads) {
   const int64_t panels = (a.N + kQuantPanel - 1) / kQuantPanel;
   if (2 * a.M * a.N * a.K < kParallelMinFlops) threads = 1;
 #if defined(__AVX512VNNI__)
-  const int rows_together = kVnniRows;
+  const int rows_together = vnni_tile_rows(a.M);
   const int32_t offset = weight_offset<S>();
 #else
   const int rows_together = 1, offset = 0;
