@@ -57,7 +57,7 @@ def _add_bench(sub):
     r = kinds.add_parser(
         "reduce", help="the ring's reduce kernel (dst += src) on every CPU path vs numpy: time, GB/s",
         description="The elementwise sum the ring allreduce runs, on each CPU path this machine supports "
-                    "(scalar, avx2, avx512), next to numpy's np.add(out=) in the same run; every path's result "
+                    "(scalar, avx2, avx512, avx512_vnni), next to numpy's np.add(out=) in the same run; every path's result "
                     "is checked against numpy's (exit code 1 on a mismatch).")
     r.add_argument("--mib", type=float, default=64, help="buffer size in MiB (default 64)")
     r.add_argument("--repeat", type=int, default=20, help="timed calls per figure, the fastest is kept (default 20)")
