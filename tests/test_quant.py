@@ -67,6 +67,18 @@ def test_a_row_is_the_same_alone_and_in_any_batch(cpu_path, scheme):
         assert torch.equal(q(x[rows]), batched[rows]), (cpu_path, scheme, rows)
 
 
+def test_a_changed_or_replaced_bias_is_used():
+    torch.manual_seed(7)
+    q, x = QuantLinear.from_linear(torch.nn.Linear(40, 20), "int8-channel"), torch.randn(3, 40)
+    without = q(x) - q.bias
+    q.bias.data.add_(1.0)                      # in place
+    assert torch.allclose(q(x), without + q.bias, atol=1e-5)
+    q.bias.data = torch.full((20,), -2.0)      # new memory (as .to() gives)
+    assert torch.allclose(q(x), without - 2.0, atol=1e-5)
+    q.bias.data = torch.full((20,), 3.0, dtype=torch.float64)
+    assert torch.allclose(q(x), without + 3.0, atol=1e-5)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_the_torch_fallback_computes_the_same(scheme, monkeypatch):
     torch.manual_seed(2)

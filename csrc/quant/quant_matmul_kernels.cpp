@@ -34,7 +34,7 @@ constexpr int64_t kPrefetchBytes = 8192;                  // how far ahead of th
 constexpr int64_t kParallelMinFlops = int64_t(1) << 18;  // below this, threads cost more than they save
 
 // A calling thread's buffer of at least n T, kept between calls (no allocation, page faults or zero-filling
-// per call); `which` tells a thread's buffers apart.
+// per call; it keeps the size of the largest call the thread made); `which` tells a thread's buffers apart.
 template <typename T, int which>
 T* scratch(int64_t n) {
   thread_local std::vector<T> buf;
@@ -58,7 +58,8 @@ inline __m512 load16(const uint16_t* x, __mmask16 keep) {
 #elif defined(__AVX2__)
 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
 inline __m256 load8(const uint16_t* x) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))), 16));
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 }
 #endif
 
@@ -166,8 +167,9 @@ constexpr int64_t group_bytes() {
 }
 
 #if defined(__AVX512VNNI__)
-constexpr int kVnniRows = 6;    // rows per tile
-constexpr int kVnniMaxRows = 8;  // up to this many rows make one tile of one panel (8 int32 + 8 float32 accumulators)
+constexpr int kVnniRows = 6;     // rows per wide tile
+constexpr int kVnniPanels = 2;   // panels per wide tile: 12 int32 and 12 float32 zmm accumulators
+constexpr int kVnniMaxRows = 8;  // rows per narrow tile at most (one panel: 8 int32 and 8 float32 accumulators)
 
 // Below this many rows, tiles take one panel at a time (the weights read in one sequential stream, the row tiles
 // after the first finding the panel in the cache), of up to kVnniMaxRows rows; from it on, kVnniRows x kVnniPanels
@@ -180,7 +182,6 @@ inline int vnni_tile_rows(int64_t M) {
   const int64_t tiles = (M + kVnniMaxRows - 1) / kVnniMaxRows;
   return int((M + tiles - 1) / tiles);
 }
-constexpr int kVnniPanels = 2;  // panels per tile: 12 int32 and 12 float32 zmm accumulators
 
 // A group's 16 columns x 4 k as unsigned bytes, column c in 32-bit lane c: int8 w + 128, or int4's stored q.
 template <QuantScheme S>
@@ -208,10 +209,10 @@ inline __m512i broadcast4(const int8_t* p) {
   return _mm512_set1_epi32(four);
 }
 
-// y rows m .. m + R - 1, panels p .. p + P - 1. This tile's int8 x: block b of its row i at xq + (b * R + i) * 32,
-// its scale at xs[b * R + i], -weight_offset * its sum at xcomp[b * R + i] (quantize_rows' tiles). The weights are the packed
-// panels p.. of a.weights, or with U (Unsigned) the same P panels already as load_group_u8 gives them, 64 bytes a
-// group, at `converted`.
+// y rows m .. m + R - 1, panels p .. p + P - 1. This tile's int8 x (quantize_rows' tiles): block b of its row i
+// at xq + (b * R + i) * 32, its scale at xs[b * R + i], -weight_offset * its sum at xcomp[b * R + i]. The weights:
+// the packed panels p.. of a.weights, or with U (Unsigned) the same P panels as load_group_u8 gives them, 64
+// bytes a group, at `converted`.
 template <QuantScheme S, int R, int P, bool U>
 void tile_vnni(const QuantMatmulArgs& a, const uint8_t* converted, const int8_t* xq, const float* xs,
                const int32_t* xcomp, int64_t blocks, int64_t m, int64_t p) {
@@ -262,7 +263,8 @@ void tile_vnni(const QuantMatmulArgs& a, const uint8_t* converted, const int8_t*
                                 : _mm512_set1_ps(1.0f);
       for (int i = 0; i < R; ++i) {
         const __m512 sx = _mm512_set1_ps(xs[b * R + i]);
-        facc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[0][i][j]), blocked ? _mm512_mul_ps(sw, sx) : sx, facc[i][j]);
+        const __m512 scale = blocked ? _mm512_mul_ps(sw, sx) : sx;
+        facc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[0][i][j]), scale, facc[i][j]);
       }
     }
   }

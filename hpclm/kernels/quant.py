@@ -117,7 +117,8 @@ def pack(q: torch.Tensor, scales: torch.Tensor, scheme: str, in_features: int) -
     if scheme == "int8-channel":
         packed_scales = F.pad(scales.to(torch.float32), (0, pad_n)).contiguous()
     else:  # float16, as stored: half the bytes a decoding step reads for them
-        packed_scales = F.pad(scales.to(torch.float16), (0, 0, 0, pad_n)).view(panels, PANEL, -1).transpose(1, 2).contiguous()
+        packed_scales = F.pad(scales.to(torch.float16), (0, 0, 0, pad_n)).view(panels, PANEL, -1)
+        packed_scales = packed_scales.transpose(1, 2).contiguous()
     return weights, packed_scales
 
 
@@ -177,15 +178,20 @@ def _torch_quant_linear(x, q, scales, bias, scheme):
 
 
 class _KernelCall:
-    """What quant_matmul needs besides the input, computed once per packed weight: the packed buffers'
-    addresses, a float32 bias (kept alive here) and the shape."""
+    """What quant_matmul needs besides the input, computed once per packed weight and bias: the buffers'
+    addresses (the tensors held here, so the memory stays), the bias as float32 (the bias itself when it is
+    float32 already, so changes made in place show) and the shape. `bias_source` is the address of the bias
+    it was made from: a bias whose memory was replaced (`.data = `, `.to()`) needs a new one."""
     __slots__ = ("weights", "scales", "bias", "bias_source", "weights_ptr", "scales_ptr", "bias_ptr",
                  "out_features", "scheme", "kernel")
 
     def __init__(self, packed_weights, packed_scales, bias, scheme, out_features):
-        self.weights, self.scales, self.bias_source = packed_weights, packed_scales, bias
-        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.device.type != "cpu"):
-            bias = bias.to("cpu", torch.float32).contiguous()
+        self.weights, self.scales = packed_weights, packed_scales
+        self.bias_source = _address(bias)
+        if bias is not None:
+            bias = bias.detach()
+            if bias.dtype != torch.float32 or not bias.is_contiguous() or bias.device.type != "cpu":
+                bias = bias.to("cpu", torch.float32).contiguous()
         self.bias = bias
         self.weights_ptr, self.scales_ptr = packed_weights.data_ptr(), packed_scales.data_ptr()
         self.bias_ptr = 0 if bias is None else bias.data_ptr()
@@ -208,6 +214,10 @@ class _KernelCall:
         if not flat:
             y = y.view(*x.shape[:-1], self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _address(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def _quant_linear(x, q, scales, packed_weights, packed_scales, bias, scheme):
@@ -287,9 +297,9 @@ class QuantLinear(torch.nn.Module):
         if torch.compiler.is_compiling():
             return torch.ops.hpclm.quant_linear(x, self.qweight, self.scales, weights, scales, self.bias, self.scheme)
         # eager: the op's own body, without torch.library's dispatch (tens of microseconds a call), and with the
-        # kernel's arguments prepared once (rebuilt when the bias is replaced, as .to() does)
+        # kernel's arguments prepared once (again when the bias's memory is replaced)
         call = self._call
-        if call is None or call.weights is not weights or call.bias_source is not self.bias:
+        if call is None or call.weights is not weights or call.bias_source != _address(self.bias):
             call = self._call = _KernelCall(weights, scales, self.bias, self.scheme, self.out_features)
         if x.numel() and _unavailable_reason(x) is None:
             return call(x)
