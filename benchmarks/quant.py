@@ -64,16 +64,6 @@ def model_bytes(model) -> int:
     return buf.getbuffer().nbytes
 
 
-def best_s(call, repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def decode_timer(model, batch: int, steps: int, prompt: list[int]):
     """A function that times `steps` decoding steps of `batch` sequences (seconds), from a fresh prefill."""
     dec = make_decoder(model, batch)

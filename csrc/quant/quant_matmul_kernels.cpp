@@ -430,7 +430,6 @@ inline void tile_rows(int r, const QuantMatmulArgs& a, const int8_t* xq, const f
 template <QuantScheme S>
 void run(const QuantMatmulArgs& a, int threads) {
   const int64_t blocks = (a.K + kQuantBlock - 1) / kQuantBlock;
-  const int64_t panels = (a.N + kQuantPanel - 1) / kQuantPanel;
   if (2 * a.M * a.N * a.K < kParallelMinFlops) threads = 1;
 #if defined(__AVX512VNNI__)
   const int rows_together = vnni_tile_rows(a.M);
@@ -448,6 +447,7 @@ void run(const QuantMatmulArgs& a, int threads) {
 #if defined(__AVX512VNNI__)
   run_vnni<S>(a, xq, xs, xcomp, blocks, threads);
 #else
+  const int64_t panels = (a.N + kQuantPanel - 1) / kQuantPanel;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t p = 0; p < panels; ++p) {
     int64_t m = 0;
