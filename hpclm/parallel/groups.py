@@ -3,9 +3,11 @@ and the collectives inside one TP group, through hpclm's C++ over MPI or through
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import socket
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +176,17 @@ class MPIGroup(TensorGroup):
         return list(out.unbind(0))
 
 
+_torch_groups: "weakref.WeakSet[TorchGroup]" = weakref.WeakSet()
+
+
+def _release_torch_groups(td) -> None:
+    for group in list(_torch_groups):
+        group.group = None
+    if td.is_initialized():
+        td.destroy_process_group()
+    gc.collect()
+
+
 class TorchGroup(TensorGroup):
     """torch.distributed (gloo for CPU tensors, NCCL for CUDA ones), rendezvous at rank 0's address."""
     name = "torch"
@@ -194,8 +207,9 @@ class TorchGroup(TensorGroup):
             address = world.bcast(address, root=0)
             backend = "nccl" if device.type == "cuda" else "gloo"
             td.init_process_group(backend, init_method=address, rank=layout.rank, world_size=layout.world)
-            # gloo's worker threads must stop before the interpreter finalizes (else they abort the process)
-            atexit.register(lambda: td.is_initialized() and td.destroy_process_group())
+            # gloo's worker threads must stop before the interpreter finalizes (else they abort the process):
+            # destroy every group, and let go of the ones TorchGroups hold, while Python still runs
+            atexit.register(_release_torch_groups, td)
         # every rank creates every TP group, in the same order (torch.distributed requires it)
         mine = None
         for d in range(layout.data):
@@ -205,6 +219,7 @@ class TorchGroup(TensorGroup):
                 mine = group
         self.group = mine
         self.size, self.rank = layout.tensor, layout.tp_rank
+        _torch_groups.add(self)
 
     def _allreduce(self, tensor, op, out):
         out = tensor.clone() if out is None else out
