@@ -7,9 +7,12 @@ thread each) and T=1 (1 rank, 2 threads), for the 6x384 GPT (block 256) and a 12
 Parameter + gradient + AdamW bytes per rank come from the shard shapes hpclm.parallel gives each rank
 (fp32: 16 bytes a parameter); peak RSS per rank from each rank's own getrusage at exit.
 
-Latency cells (`mpirun -np 2`, one process per implementation so no background thread skews another):
-hpclm's TP allreduce (hpclm.parallel.groups.MPIGroup), mpi4py's Allreduce, torch.distributed gloo and a
-Horovod allreduce on the process set of both ranks, on an activation [8, 256, 384] and a decoding step's [1, 1, 768], fp32.
+Latency cells (`mpirun -np 2`): hpclm's TP allreduce (hpclm.parallel.groups.MPIGroup: the group's shared
+memory where its ranks share a node, as here), the same with shared memory off (`hpclm-mpi`: doubling or
+the ring over MPI, what a group across nodes gets) and mpi4py's Allreduce, interleaved in one process;
+torch.distributed gloo and a Horovod allreduce on the process set of both ranks, one process each (their
+background threads would skew the others); on an activation [8, 256, 384] and a decoding step's
+[1, 1, 768], fp32.
 
 Goals: T=2 bytes per rank <= 0.55 x T=1; hpclm's allreduce at least as fast as mpi4py's and gloo at every
 size, and >= 10x faster than Horovod's below 1 MiB.
@@ -43,7 +46,7 @@ MODELS = {
 QUICK_MODELS = {"gpt-2x64": {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64, "batch_size": 4}}
 LAYOUTS = {"T=2": (2, 1, 2), "D=2": (2, 1, 1), "T=1": (1, 2, 1)}  # ranks, threads per rank, parallel.tensor
 SHAPES = {"activation [8,256,384]": (8, 256, 384), "decode [1,1,768]": (1, 1, 768)}
-IMPLS = ("hpclm", "mpi4py", "gloo", "horovod")
+IMPLS = ("hpclm", "hpclm-mpi", "mpi4py", "gloo", "horovod")  # hpclm-mpi: shared memory off (a group across nodes)
 # each rank of a training cell writes its peak RSS here at exit (RSS_DIR/rank<r>.txt)
 RSS_HOOK = ("import atexit, os, resource, runpy, sys\n"
             "def _rss():\n"
@@ -128,57 +131,71 @@ def train_cell(name: str, model: dict, layout: str, args, data_dir: Path, work: 
 
 # --- latency: one process per implementation under mpirun -np 2 ------------------------------------
 
-def latency_worker(impl: str, out: str, iters: int) -> None:
+def latency_worker(impls: list[str], out: str, iters: int) -> None:
+    """Time one allreduce per shape for each of `impls` in this process, in interleaved rounds (the best
+    round of each), so the machine's drift falls on all of them alike."""
     import numpy as np
     import torch
     torch.set_num_threads(1)
     from mpi4py import MPI
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
-    results = {}
-    if impl == "horovod":
+    from hpclm.parallel.groups import Layout, MPIGroup, TorchGroup
+    layout = Layout(world.Get_size(), world.Get_size(), rank)
+    makers = {"hpclm": lambda: MPIGroup(layout), "hpclm-mpi": lambda: MPIGroup(layout, shm_bytes=0),
+              "gloo": lambda: TorchGroup(layout, torch.device("cpu"))}
+    groups = {impl: makers[impl]() for impl in impls if impl in makers}
+    if "horovod" in impls:
         import horovod.torch as hvd
         hvd.init()
         ps = hvd.global_process_set  # the set of both ranks (Horovod refuses a second set equal to it)
-    if impl in ("hpclm", "gloo"):
-        from hpclm.parallel.groups import Layout, MPIGroup, TorchGroup
-        layout = Layout(world.Get_size(), world.Get_size(), rank)
-        group = MPIGroup(layout) if impl == "hpclm" else TorchGroup(layout, torch.device("cpu"))
+    results = {impl: {} for impl in impls}
     for label, shape in SHAPES.items():
         x = torch.randn(shape)
         flat = x.numpy().reshape(-1)
         recv = np.empty_like(flat)
-        if impl in ("hpclm", "gloo"):  # in place, as the autograd mappings call it (zeros: the values stay finite)
-            x.zero_()
-            call = lambda: group.allreduce(x, inplace=True)  # noqa: E731
-        elif impl == "mpi4py":
-            call = lambda: world.Allreduce(flat, recv, op=MPI.SUM)  # noqa: E731
-        else:
-            call = lambda: hvd.allreduce(x, op=hvd.Sum, process_set=ps)  # noqa: E731
+        calls = {}
+        for impl in impls:
+            if impl in groups:  # in place, as the autograd mappings call it (zeros: the values stay finite)
+                zeros, group = torch.zeros(shape), groups[impl]
+                calls[impl] = lambda z=zeros, g=group: g.allreduce(z, inplace=True)
+            elif impl == "mpi4py":
+                calls[impl] = lambda: world.Allreduce(flat, recv, op=MPI.SUM)
+            else:
+                calls[impl] = lambda: hvd.allreduce(x, op=hvd.Sum, process_set=ps)
         n = iters if x.numel() < 100_000 else max(10, iters // 20)
-        for _ in range(min(20, n)):
-            call()
-        best = float("inf")
-        for _ in range(3):  # the best of three rounds of n calls
-            world.Barrier()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                call()
-            best = min(best, (time.perf_counter() - t0) / n)
-        results[label] = world.allreduce(best, op=MPI.MAX)  # the slower rank's time
+        best = dict.fromkeys(impls, float("inf"))
+        for round_ in range(6):  # a warm-up round, then the best of five
+            for impl, call in calls.items():
+                world.Barrier()
+                t0 = time.perf_counter()
+                for _ in range(n if round_ else min(20, n)):
+                    call()
+                if round_:
+                    best[impl] = min(best[impl], (time.perf_counter() - t0) / n)
+        for impl in impls:
+            results[impl][label] = world.allreduce(best[impl], op=MPI.MAX)  # the slower rank's time
     if rank == 0:
-        Path(out).write_text(json.dumps(results))
+        Path(out).write_text(json.dumps({"latency_s": results,
+                                         "transport": {impl: g.transport for impl, g in groups.items()}}))
 
 
 def latency_cells(args, work: Path) -> list[dict]:
+    """hpclm's paths and mpi4py (no background threads) share one process; gloo and Horovod, whose
+    threads would run beside the others' loops, get one each."""
+    together = [i for i in args.impls if i in ("hpclm", "hpclm-mpi", "mpi4py")]
+    batches = ([together] if together else []) + [[i] for i in args.impls if i not in together]
     rows = []
-    for impl in args.impls:
-        out = work / f"latency-{impl}.json"
-        cmd = [*mpirun_prefix(2), sys.executable, str(Path(__file__).resolve()), "--latency-worker", impl,
-               "--worker-out", str(out), "--latency-iters", str(args.latency_iters)]
-        run(cmd, child_env(1), work / f"latency-{impl}.log", args.timeout, f"latency {impl}")
-        for label, seconds in json.loads(out.read_text()).items():
-            rows.append({"impl": impl, "shape": label, "bytes": 4 * _numel(SHAPES[label]), "latency_s": seconds})
+    for impls in batches:
+        out = work / f"latency-{'+'.join(impls)}.json"
+        cmd = [*mpirun_prefix(2), sys.executable, str(Path(__file__).resolve()), "--latency-worker",
+               ",".join(impls), "--worker-out", str(out), "--latency-iters", str(args.latency_iters)]
+        run(cmd, child_env(1), work / f"latency-{'+'.join(impls)}.log", args.timeout, f"latency {'+'.join(impls)}")
+        doc = json.loads(out.read_text())
+        for impl, shapes in doc["latency_s"].items():
+            for label, seconds in shapes.items():
+                rows.append({"impl": impl, "shape": label, "bytes": 4 * _numel(SHAPES[label]), "latency_s": seconds,
+                             "transport": doc["transport"].get(impl, impl)})
     return rows
 
 
@@ -234,8 +251,8 @@ def plot(doc: dict, path: str) -> None:
     for i, impl in enumerate(impls):
         vals = [next((r["latency_s"] * 1e6 for r in doc["latency"] if r["impl"] == impl and r["shape"] == s), 0)
                 for s in SHAPES]
-        b.bar([j + i * 0.2 for j in range(len(SHAPES))], vals, width=0.2, label=impl)
-    b.set_xticks([j + 0.3 for j in range(len(SHAPES))], list(SHAPES))
+        b.bar([j + i * 0.16 for j in range(len(SHAPES))], vals, width=0.16, label=impl)
+    b.set_xticks([j + 0.32 for j in range(len(SHAPES))], list(SHAPES))
     b.set_yscale("log")
     b.set_ylabel("microseconds per allreduce (2 ranks)")
     b.set_title("one TP allreduce")
@@ -259,7 +276,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.latency_worker:
-        latency_worker(args.latency_worker, args.worker_out, args.latency_iters)
+        latency_worker(args.latency_worker.split(","), args.worker_out, args.latency_iters)
         return 0
     try:
         harness.check_writable(args.json, "--json")
@@ -294,7 +311,8 @@ def main(argv=None) -> int:
                       flush=True)
         latency_rows = latency_cells(args, work)
         for r in latency_rows:
-            print(f"allreduce {r['shape']:22s} {r['impl']:8s} {r['latency_s'] * 1e6:10.1f} us", flush=True)
+            print(f"allreduce {r['shape']:22s} {r['impl']:9s} {r['latency_s'] * 1e6:10.1f} us  ({r['transport']})",
+                  flush=True)
         goals = judge(train_rows, latency_rows, memory)
         doc = {"host": harness.host_info(ranks=2), "memory": memory, "train": train_rows, "latency": latency_rows,
                "goals": GOALS, "result": goals, "pass": goals["pass"]}

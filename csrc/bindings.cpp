@@ -175,6 +175,11 @@ SoftmaxBackward softmax_backward_args(uintptr_t y, uintptr_t dy, uintptr_t dx, c
 namespace {
 
 #ifdef HPCLM_WITH_MPI
+// TpComm.allreduce takes small integer codes (a string argument costs more than the exchange at decode size)
+constexpr int kTpOps = 3;
+constexpr const char* kTpOpNames[kTpOps] = {"sum", "max", "avg"};
+const AllreduceOp kTpOpTable[kTpOps] = {{ReduceOp::sum, false}, {ReduceOp::max, false}, {ReduceOp::sum, true}};
+
 void bind_comm(py::module_& m) {
   RingOptions defaults;
   m.def(
@@ -214,20 +219,33 @@ void bind_comm(py::module_& m) {
       },
       py::arg("send"), py::arg("recv"), py::arg("bytes"), py::arg("comm"),
       "MPI_Sendrecv of `bytes` to rank+1 from rank-1 (one ring link's traffic).");
-  m.def(
-      "tp_allreduce",
-      [](uintptr_t send, uintptr_t recv, size_t count, const std::string& dtype, const std::string& op, long long comm,
-         size_t small_bytes) {
-        DType t = parse_dtype(dtype);
-        AllreduceOp o = parse_allreduce_op(op);
-        py::gil_scoped_release release;
-        tp_allreduce(reinterpret_cast<const void*>(send), reinterpret_cast<void*>(recv), count, t, o,
-                     mpi::from_fortran(comm, "tp_allreduce"), small_bytes);
-      },
-      py::arg("send"), py::arg("recv"), py::arg("count"), py::arg("dtype"), py::arg("op"), py::arg("comm"),
-      py::arg("small_bytes"),
-      "Tensor-parallel allreduce: recursive doubling up to small_bytes on a power-of-two group, else the ring. "
-      "Unchecked: every rank passes the same count, dtype and op (hpclm.parallel.groups does).");
+  py::class_<TpComm>(m, "TpComm",
+                     "One tensor-parallel group's allreduce (collective constructor over the communicator with "
+                     "Fortran handle `comm`): shared memory up to shm_bytes, in pieces of slot_bytes, when all ranks "
+                     "share a node (shm_bytes = 0: never), else recursive doubling up to small_bytes, else the ring.")
+      .def(py::init([](long long comm, size_t small_bytes, size_t shm_bytes, size_t slot_bytes) {
+             return std::make_unique<TpComm>(mpi::from_fortran(comm, "TpComm"), small_bytes, shm_bytes, slot_bytes);
+           }),
+           py::arg("comm"), py::arg("small_bytes"), py::arg("shm_bytes"), py::arg("slot_bytes"))
+      .def(
+          "allreduce",
+          [](TpComm& c, uintptr_t send, uintptr_t recv, size_t count, int dtype, int op) {
+            if (dtype < 0 || dtype > static_cast<int>(DType::bf16) || op < 0 || op >= kTpOps)
+              throw std::invalid_argument("TpComm.allreduce: dtype or op code out of range (see TP_DTYPES, TP_OPS)");
+            py::gil_scoped_release release;
+            c.allreduce(reinterpret_cast<const void*>(send), reinterpret_cast<void*>(recv), count,
+                        static_cast<DType>(dtype), kTpOpTable[op]);
+          },
+          "allreduce(send, recv, count, dtype_code, op_code): raw addresses (send == recv: in place), codes "
+          "from TP_DTYPES / TP_OPS. Unchecked: every rank passes the same count, dtype and op.")
+      .def_property_readonly("transport", &TpComm::transport)
+      .def_property_readonly("calls", &TpComm::calls)
+      .def("take_seconds", &TpComm::take_seconds, "Seconds inside allreduce since the last call.");
+  py::dict dtypes, ops;
+  for (DType t : {DType::f32, DType::f64, DType::f16, DType::bf16}) dtypes[dtype_name(t)] = static_cast<int>(t);
+  for (int i = 0; i < kTpOps; ++i) ops[kTpOpNames[i]] = i;
+  m.attr("TP_DTYPES") = dtypes;
+  m.attr("TP_OPS") = ops;
   m.def(
       "allgather_bytes",
       [](uintptr_t send, uintptr_t recv, size_t bytes, long long comm) {

@@ -238,7 +238,9 @@ def test_tensor_parallel_benchmark_measures_every_layout_and_peer(tmp_path):
     run = tmp_path / "work" / "gpt-2x64-T2" / "run"
     assert records(run, "train")[-1]["ranks"] == 2  # the T=2 cell really ran on 2 ranks
     lat = {(r["impl"], r["shape"]): r["latency_s"] for r in doc["latency"]}
-    assert len(lat) == 8 and all(v > 0 for v in lat.values())
+    assert len(lat) == 10 and all(v > 0 for v in lat.values())
+    transport = {r["impl"]: r["transport"] for r in doc["latency"]}
+    assert transport["hpclm"] == "shared memory" and transport["hpclm-mpi"].startswith("MPI")
     ratios = doc["result"]["peer_over_ours"]
     assert ratios["mpi4py / hpclm, decode [1,1,768]"] == pytest.approx(lat[("mpi4py", "decode [1,1,768]")] /
                                                                       lat[("hpclm", "decode [1,1,768]")])

@@ -94,6 +94,28 @@ def test_tensor_parallel_groups_stay_within_a_node(cluster, shakespeare_dir, tmp
     assert proc.returncode == 0, proc.stdout + proc.stderr
     n1, n2 = cluster.nodes
     assert f"TP groups [0,1] on {n1}, [2,3] on {n2}" in proc.stdout and "span hosts" not in proc.stdout
+    assert "TP collectives over mpi (shared memory)" in proc.stdout  # each group's own segment on its node
+
+
+TP_ACROSS = textwrap.dedent("""
+    import json, torch
+    from mpi4py import MPI
+    from hpclm.parallel.groups import Layout, MPIGroup
+    rank = MPI.COMM_WORLD.Get_rank()
+    group = MPIGroup(Layout(2, 2, rank))
+    x = torch.full((768,), rank + 1.0)
+    group.allreduce(x, inplace=True)
+    print("TP " + json.dumps({"rank": rank, "transport": group.transport, "sum": sorted(set(x.tolist()))}))
+""")
+
+
+def test_a_tp_group_across_nodes_reduces_over_mpi(cluster):
+    proc = cluster_mpirun(cluster, ["-c", TP_ACROSS], per_node=1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [json.loads(m) for m in re.findall(r"TP (\{[^{}]*\})", proc.stdout)]
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    assert all(r["transport"] == "MPI (the group's ranks are not all on one node)" and r["sum"] == [3.0]
+               for r in rows), rows
 
 
 def _probe(cluster, tmp_path, *args):

@@ -45,6 +45,9 @@ def test_every_check_passes_on_every_rank(tp_run):
         assert r["checked"] >= 200
         assert r["group"] == [backend, tensor, r["rank"] % tensor]
         assert r["collective_calls"] > 100  # the TP model really communicated
+        if backend == "mpi":  # one node: the group's own shared memory; the other paths were checked too
+            assert r["transport"] == "shared memory", r["transport"]
+            assert r["transport_without_shm"] == "MPI (shared memory turned off)"
 
 
 def test_data_replicas_see_the_same_numbers(tp_run):

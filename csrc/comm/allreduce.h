@@ -1,6 +1,8 @@
 // Allreduce over MPI: our pipelined ring, and the MPI library's own collectives as baselines.
 #pragma once
 #include <cstddef>
+#include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -57,12 +59,34 @@ char* thread_scratch(size_t bytes);
 // buffer, identical bits on every rank. The latency path for small tensor-parallel activations.
 void doubling_allreduce(const void* send, void* recv, size_t count, DType dtype, AllreduceOp op, MPI_Comm comm);
 
-// Tensor-parallel allreduce: doubling_allreduce up to `small_bytes` on a power-of-two group, else the ring.
-void tp_allreduce(const void* send, void* recv, size_t count, DType dtype, AllreduceOp op, MPI_Comm comm,
-                  size_t small_bytes);
-
 // MPI_Allgather of `bytes` from every rank into recv (n * bytes, in rank order).
 void allgather_bytes(const void* send, void* recv, size_t bytes, MPI_Comm comm);
+
+class ShmAllreduce;
+
+// One tensor-parallel group's allreduce, set up once (collectively) and called per activation:
+// through the group's shared-memory segment (pieces of `slot_bytes`) for messages up to `shm_bytes`
+// when every rank is on one node, else recursive doubling up to `small_bytes` on a power-of-two
+// group, else the ring. Counts its calls and the seconds spent in them.
+class TpComm {
+ public:
+  TpComm(MPI_Comm comm, size_t small_bytes, size_t shm_bytes, size_t slot_bytes);
+  ~TpComm();
+  void allreduce(const void* send, void* recv, size_t count, DType dtype, AllreduceOp op);
+  // "shared memory" or "MPI (<why not shared memory>)"
+  std::string transport() const;
+  double take_seconds();
+  uint64_t calls() const { return calls_; }
+
+ private:
+  MPI_Comm comm_;
+  int size_ = 1;
+  size_t small_bytes_, shm_bytes_;
+  std::unique_ptr<ShmAllreduce> shm_;
+  std::string no_shm_;
+  double seconds_ = 0;
+  uint64_t calls_ = 0;
+};
 
 }  // namespace hpclm
 #endif

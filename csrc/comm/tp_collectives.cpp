@@ -2,8 +2,11 @@
 //
 // doubling_allreduce: recursive doubling, log2(n) rounds of one MPI_Sendrecv of the whole buffer with
 // rank ^ mask and one reduction; each round combines two values every member of the pair already
-// holds alike, so every rank ends with the same bits. tp_allreduce picks it for messages up to
-// `small_bytes` on a power-of-two group, the pipelined ring above that.
+// holds alike, so every rank ends with the same bits. TpComm picks, per message, the group's
+// shared-memory segment (ranks on one node), else doubling up to `small_bytes` on a power-of-two
+// group, else the pipelined ring.
+#include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -12,6 +15,7 @@
 
 #include "comm/allreduce.h"
 #include "comm/mpi_util.h"
+#include "comm/shm_allreduce.h"
 
 namespace hpclm {
 namespace {
@@ -52,14 +56,37 @@ void doubling_allreduce(const void* send, void* recv, size_t count, DType dtype,
   if (op.average) divide_by(recv, count, dtype, static_cast<double>(n), 1);
 }
 
-void tp_allreduce(const void* send, void* recv, size_t count, DType dtype, AllreduceOp op, MPI_Comm comm,
-                  size_t small_bytes) {
-  int n = 1;
-  MPI_Comm_size(comm, &n);
-  if (power_of_two(n) && count * dtype_size(dtype) <= small_bytes)
-    doubling_allreduce(send, recv, count, dtype, op, comm);
+TpComm::TpComm(MPI_Comm comm, size_t small_bytes, size_t shm_bytes, size_t slot_bytes)
+    : comm_(comm), small_bytes_(small_bytes), shm_bytes_(shm_bytes) {
+  mpi::require_initialized("TpComm");
+  MPI_Comm_size(comm, &size_);
+  if (shm_bytes == 0)
+    no_shm_ = "shared memory turned off";
   else
-    ring_allreduce(send, recv, count, dtype, op, comm);
+    shm_ = ShmAllreduce::create(comm, std::min(slot_bytes, shm_bytes), &no_shm_);
+}
+
+TpComm::~TpComm() = default;
+
+void TpComm::allreduce(const void* send, void* recv, size_t count, DType dtype, AllreduceOp op) {
+  const auto start = std::chrono::steady_clock::now();
+  const size_t bytes = count * dtype_size(dtype);
+  if (shm_ && bytes <= shm_bytes_)
+    shm_->allreduce(send, recv, count, dtype, op);
+  else if (power_of_two(size_) && bytes <= small_bytes_)
+    doubling_allreduce(send, recv, count, dtype, op, comm_);
+  else
+    ring_allreduce(send, recv, count, dtype, op, comm_);
+  seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ++calls_;
+}
+
+std::string TpComm::transport() const { return shm_ ? "shared memory" : "MPI (" + no_shm_ + ")"; }
+
+double TpComm::take_seconds() {
+  double s = seconds_;
+  seconds_ = 0;
+  return s;
 }
 
 void allgather_bytes(const void* send, void* recv, size_t bytes, MPI_Comm comm) {

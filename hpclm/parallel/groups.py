@@ -15,8 +15,11 @@ import torch
 from hpclm.errors import HpclmError
 
 BACKENDS = ("auto", "mpi", "torch")
-# Messages up to this size take recursive doubling (one exchange per doubling round) on a power-of-two group,
-# larger ones the pipelined ring, which overlaps reduction and transfer (README: Tensor parallel has both).
+# MPIGroup's allreduce: messages up to SHM_BYTES go through the group's shared-memory segment when its
+# ranks share a node; otherwise recursive doubling (one exchange per doubling round, power-of-two
+# groups) up to SMALL_BYTES, the pipelined ring above (README: Tensor parallel measures the three).
+SHM_BYTES = 512 << 10
+SLOT_BYTES = 256 << 10  # the segment holds 2 slots per rank; longer messages go through it in pieces
 SMALL_BYTES = 16 << 10
 
 
@@ -74,7 +77,13 @@ class TensorGroup:
 
     def __init__(self):
         self.seconds = 0.0  # wall time inside collectives since the last take_seconds()
-        self.calls = 0
+        self._calls = 0
+        self.transport = self.name
+
+    @property
+    def calls(self) -> int:
+        """Collectives run so far."""
+        return self._calls
 
     def take_seconds(self) -> float:
         s, self.seconds = self.seconds, 0.0
@@ -89,7 +98,7 @@ class TensorGroup:
         source = tensor.contiguous()
         out = self._allreduce(source, op, source if inplace else None)
         self.seconds += time.perf_counter() - start
-        self.calls += 1
+        self._calls += 1
         return out
 
     def allgather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -103,7 +112,7 @@ class TensorGroup:
         start = time.perf_counter()
         parts = self._allgather(tensor.contiguous())
         self.seconds += time.perf_counter() - start
-        self.calls += 1
+        self._calls += 1
         return parts
 
     def _allreduce(self, tensor, op, out):
@@ -118,55 +127,60 @@ class SingleRank(TensorGroup):
     name = "none"
 
 
-_clock = time.perf_counter
-_MPI_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
-               torch.bfloat16: "bfloat16"}
-
-
 class MPIGroup(TensorGroup):
-    """hpclm's C++ collectives (csrc/comm/tp_collectives.cpp) on an MPI sub-communicator of the TP group."""
+    """hpclm's C++ collectives (csrc/comm/tp_collectives.cpp) on an MPI sub-communicator of the TP group:
+    allreduce through one C++ TpComm, which counts its own calls and seconds."""
     name = "mpi"
 
-    def __init__(self, layout: Layout, small_bytes: int = SMALL_BYTES):
+    def __init__(self, layout: Layout, small_bytes: int = SMALL_BYTES, shm_bytes: int = SHM_BYTES,
+                 slot_bytes: int = SLOT_BYTES):
         super().__init__()
         from hpclm.comm.ring import extension, mpi
         MPI = mpi()
         self.ext = extension()
-        if not hasattr(self.ext, "tp_allreduce"):
-            raise HpclmError("hpclm._C lacks tp_allreduce (built from older sources): rebuild with `make build`")
+        if not hasattr(self.ext, "TpComm"):
+            raise HpclmError("hpclm._C lacks TpComm (built from older sources): rebuild with `make build`")
         self.comm = MPI.COMM_WORLD.Split(color=layout.dp_rank, key=layout.tp_rank)
         self.size, self.rank = self.comm.Get_size(), self.comm.Get_rank()
         self.fortran = self.comm.py2f()
-        self.small_bytes = small_bytes
+        self.native = self.ext.TpComm(self.fortran, small_bytes, shm_bytes, slot_bytes)
+        self.transport = self.native.transport
+        names = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                 torch.bfloat16: "bfloat16"}
+        self._dtypes = {t: self.ext.TP_DTYPES[n] for t, n in names.items()}
+        self._ops = dict(self.ext.TP_OPS)
+        self._reduce = self.native.allreduce
 
     def allreduce(self, tensor: torch.Tensor, op: str = "sum", inplace: bool = False) -> torch.Tensor:
-        # the mappings' call (in place, contiguous) in as few Python steps as the C++ call allows: at a
-        # decoding step's size the Python around the call costs as much as the exchange itself
-        if not inplace or self.size == 1 or not tensor.is_contiguous():
-            return super().allreduce(tensor, op, inplace)
-        start = _clock()
-        dtype = _MPI_DTYPES.get(tensor.dtype)
-        if dtype is None or not tensor.is_cpu:
-            self._dtype(tensor)
-        ptr = tensor.data_ptr()
-        self.ext.tp_allreduce(ptr, ptr, tensor.numel(), dtype, op, self.fortran, self.small_bytes)
-        self.seconds += _clock() - start
-        self.calls += 1
-        return tensor
+        # the mappings' call (in place, contiguous) in as few Python steps as possible: at a decoding
+        # step's size the Python around the call costs as much as the exchange itself
+        if inplace and tensor.is_contiguous() and tensor.is_cpu:
+            dtype, code = self._dtypes.get(tensor.dtype), self._ops.get(op)
+            if dtype is not None and code is not None:
+                ptr = tensor.data_ptr()
+                self._reduce(ptr, ptr, tensor.numel(), dtype, code)
+                return tensor
+        source = tensor.contiguous()
+        dtype = self._dtype(source)
+        if op not in self._ops:
+            raise HpclmError(f"TP allreduce op must be one of {', '.join(self._ops)}, got {op!r}")
+        out = source if inplace else torch.empty_like(source)
+        self._reduce(source.data_ptr(), out.data_ptr(), source.numel(), dtype, self._ops[op])
+        return out
 
-    def _dtype(self, tensor) -> str:
-        dtype = _MPI_DTYPES.get(tensor.dtype)
+    def take_seconds(self) -> float:
+        return super().take_seconds() + self.native.take_seconds()
+
+    @property
+    def calls(self) -> int:
+        return self._calls + self.native.calls  # allgathers counted here, allreduces in C++
+
+    def _dtype(self, tensor) -> int:
+        dtype = self._dtypes.get(tensor.dtype)
         if dtype is None or not tensor.is_cpu:
             raise HpclmError(f"parallel.backend = 'mpi' reduces CPU float tensors, got a {tensor.dtype} tensor on "
                              f"{tensor.device}: use parallel.backend = 'torch' (NCCL) for CUDA tensors")
         return dtype
-
-    def _allreduce(self, tensor, op, out):
-        dtype = self._dtype(tensor)
-        out = torch.empty_like(tensor) if out is None else out
-        self.ext.tp_allreduce(tensor.data_ptr(), out.data_ptr(), tensor.numel(), dtype, op, self.fortran,
-                              self.small_bytes)
-        return out
 
     def _allgather(self, tensor):
         self._dtype(tensor)

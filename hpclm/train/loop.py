@@ -463,7 +463,7 @@ def train(cfg: Config, out: str | Path, *, resume: str | None = None, force: boo
     if tp is not None:
         hosts = dist.allgather_object(socket.gethostname())
         say(f"hpclm train: layout {tp.layout.describe(hosts)}; TP collectives "
-            f"over {tp.name}")
+            f"over {tp.name}" + (f" ({tp.transport})" if tp.transport != tp.name else ""))
     say(f"hpclm train: {cfg.model.arch} {parameters / 1e6:.2f}M parameters, {dist.size()} rank(s) "
         f"({dist.backend()}), {run.device}, {cfg.precision.dtype}; data {cfg.data.path} ({run.data.meta['tokenizer']}, "
         f"vocabulary {run.data.vocab_size}); global batch {run.global_batch} = {t.batch_size} per replica x "

@@ -14,7 +14,7 @@ from mpi4py import MPI
 
 from hpclm.models.gpt import GPT
 from hpclm.parallel.gpt import TensorParallelGPT, shard_spec, shard_tensor, unshard_tensor
-from hpclm.parallel.groups import Layout, make_group
+from hpclm.parallel.groups import Layout, MPIGroup, make_group
 
 out_dir, tensor, backend = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 world = MPI.COMM_WORLD
@@ -36,7 +36,9 @@ def worst(a, b):
 def collectives(group):
     tp = MPI.COMM_WORLD.Split(color=layout.dp_rank, key=layout.tp_rank)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        for count in (1, 768, 300_000):  # doubling below the switch, the ring above it (mpi backend)
+        # mpi backend: 1 and 768 through one piece of shared memory (or doubling), 100_000 float32 in two
+        # pieces (bfloat16 one, float64 the ring), 300_000 the ring
+        for count in (1, 768, 100_000, 300_000):
             gen = torch.Generator().manual_seed(1000 * rank + count)
             x = torch.randn(count, generator=gen, dtype=torch.float64).to(dtype)
             for op in ("sum", "max"):
@@ -134,7 +136,12 @@ try:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     group = make_group(layout, backend)
     result["group"] = [group.name, group.size, group.rank]
+    result["transport"] = group.transport
     collectives(group)
+    if backend == "mpi":  # the MPI paths (doubling, ring) where shared memory is not to be had
+        without_shm = MPIGroup(layout, shm_bytes=0)
+        result["transport_without_shm"] = without_shm.transport
+        collectives(without_shm)
     for bias, vocab in ((True, 65), (False, 64), (False, 3 * 7)):
         models(group, bias, vocab)
     training(group)
