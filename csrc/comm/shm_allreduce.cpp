@@ -3,7 +3,6 @@
 
 #include <fcntl.h>
 #include <sched.h>
-#include <signal.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -120,15 +119,11 @@ std::unique_ptr<ShmAllreduce> ShmAllreduce::create(MPI_Comm user, size_t slot_by
     *why = error.empty() ? std::string("another rank could not map ") + a.name : error;
     return nullptr;
   }
-  std::vector<pid_t> pids(n);
-  pid_t self = getpid();
-  static_assert(sizeof(pid_t) == sizeof(int), "pid_t travels as MPI_INT");
-  mpi::check(MPI_Allgather(&self, 1, MPI_INT, pids.data(), 1, MPI_INT, comm), "MPI_Allgather");
-  return std::unique_ptr<ShmAllreduce>(new ShmAllreduce(base, bytes, n, rank, slot_bytes, std::move(pids)));
+  return std::unique_ptr<ShmAllreduce>(new ShmAllreduce(base, bytes, n, rank, slot_bytes));
 }
 
-ShmAllreduce::ShmAllreduce(char* base, size_t mapped, int ranks, int rank, size_t slot_bytes, std::vector<pid_t> pids)
-    : base_(base), mapped_(mapped), ranks_(ranks), rank_(rank), slot_bytes_(slot_bytes), pids_(std::move(pids)) {}
+ShmAllreduce::ShmAllreduce(char* base, size_t mapped, int ranks, int rank, size_t slot_bytes)
+    : base_(base), mapped_(mapped), ranks_(ranks), rank_(rank), slot_bytes_(slot_bytes) {}
 
 ShmAllreduce::~ShmAllreduce() { munmap(base_, mapped_); }
 
@@ -141,12 +136,12 @@ char* ShmAllreduce::slot(int r, uint64_t seq) const {
 }
 
 // Spin briefly (the peer is usually microseconds behind), then yield the core (oversubscribed
-// ranks), then sleep in short naps, checking now and then that the peer still lives.
+// ranks), then sleep in short naps. A peer that dies takes this rank with it: the launcher (mpirun,
+// srun with PMIx) ends the job, as it does for ranks blocked in MPI.
 void ShmAllreduce::wait_for(int r, uint64_t seq) const {
   using clock = std::chrono::steady_clock;
   const std::atomic<uint64_t>& f = flag(r);
   const auto start = clock::now();
-  auto next_check = start + std::chrono::milliseconds(100);
   for (;;) {
     for (int i = 0; i < 64; ++i) {
       if (f.load(std::memory_order_acquire) >= seq) return;
@@ -157,12 +152,6 @@ void ShmAllreduce::wait_for(int r, uint64_t seq) const {
     if (now - start < std::chrono::milliseconds(1)) {
       sched_yield();
       continue;
-    }
-    if (now >= next_check) {
-      if (kill(pids_[r], 0) != 0 && errno == ESRCH)
-        throw std::runtime_error("shared-memory allreduce: rank " + std::to_string(r) + " (pid " +
-                                 std::to_string(pids_[r]) + ") of the group exited while this rank waited for it");
-      next_check = now + std::chrono::milliseconds(10);
     }
     timespec nap{0, 20000};
     nanosleep(&nap, nullptr);

@@ -3,13 +3,11 @@
 #pragma once
 #ifdef HPCLM_WITH_MPI
 #include <mpi.h>
-#include <sys/types.h>
 
 #include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
-#include <vector>
 
 #include "comm/allreduce.h"
 
@@ -35,7 +33,7 @@ class ShmAllreduce {
   size_t slot_bytes() const { return slot_bytes_; }
 
  private:
-  ShmAllreduce(char* base, size_t mapped, int ranks, int rank, size_t slot_bytes, std::vector<pid_t> pids);
+  ShmAllreduce(char* base, size_t mapped, int ranks, int rank, size_t slot_bytes);
   std::atomic<uint64_t>& flag(int r) const;
   char* slot(int r, uint64_t seq) const;
   void wait_for(int r, uint64_t seq) const;
@@ -44,7 +42,6 @@ class ShmAllreduce {
   size_t mapped_;
   int ranks_, rank_;
   size_t slot_bytes_;
-  std::vector<pid_t> pids_;  // every rank's process, to notice a peer that died while this one waits
   uint64_t seq_ = 0;
 };
 
