@@ -46,6 +46,7 @@ MODELS = {
 QUICK_MODELS = {"gpt-2x64": {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64, "batch_size": 4}}
 LAYOUTS = {"T=2": (2, 1, 2), "D=2": (2, 1, 1), "T=1": (1, 2, 1)}  # ranks, threads per rank, parallel.tensor
 SHAPES = {"activation [8,256,384]": (8, 256, 384), "decode [1,1,768]": (1, 1, 768)}
+ROUNDS = 15  # timed rounds per implementation and message
 IMPLS = ("hpclm", "hpclm-mpi", "mpi4py", "gloo", "horovod")  # hpclm-mpi: shared memory off (a group across nodes)
 # each rank of a training cell writes its peak RSS here at exit (RSS_DIR/rank<r>.txt)
 RSS_HOOK = ("import atexit, os, resource, runpy, sys\n"
@@ -165,7 +166,8 @@ def latency_worker(impls: list[str], out: str, iters: int) -> None:
                 calls[impl] = lambda: hvd.allreduce(x, op=hvd.Sum, process_set=ps)
         n = iters if x.numel() < 100_000 else max(10, iters // 20)
         best = dict.fromkeys(impls, float("inf"))
-        for round_ in range(6):  # a warm-up round, then the best of five
+        for round_ in range(ROUNDS + 1):  # a warm-up round, then the best of many short ones (the machine's
+            # slow spells, seconds long here, fall on every implementation alike and spare some rounds)
             for impl, call in calls.items():
                 world.Barrier()
                 t0 = time.perf_counter()
@@ -268,7 +270,7 @@ def main(argv=None) -> int:
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated latency implementations")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--latency-iters", type=int, default=2000)
+    p.add_argument("--latency-iters", type=int, default=1000, help="allreduces per timed round (default 1000)")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--json", default=str(ROOT / "build" / "tensor_parallel.json"))
     p.add_argument("--plot", default=str(ROOT / "build" / "tensor_parallel.png"))
