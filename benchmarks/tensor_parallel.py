@@ -12,7 +12,9 @@ memory where its ranks share a node, as here), the same with shared memory off (
 the ring over MPI, what a group across nodes gets) and mpi4py's Allreduce, interleaved in one process;
 torch.distributed gloo and a Horovod allreduce on the process set of both ranks, one process each (their
 background threads would skew the others); on an activation [8, 256, 384] and a decoding step's
-[1, 1, 768], fp32.
+[1, 1, 768], fp32. Each figure is the best of 15 rounds of --latency-iters calls; in the shared process
+the rounds are --latency-pause seconds apart, so a slow spell of the machine (seconds long on the VM
+this was built on, every path slower in it) cannot take all of them.
 
 Goals: T=2 bytes per rank <= 0.55 x T=1; hpclm's allreduce at least as fast as mpi4py's and gloo at every
 size, and >= 10x faster than Horovod's below 1 MiB.
@@ -132,9 +134,9 @@ def train_cell(name: str, model: dict, layout: str, args, data_dir: Path, work: 
 
 # --- latency: one process per implementation under mpirun -np 2 ------------------------------------
 
-def latency_worker(impls: list[str], out: str, iters: int) -> None:
-    """Time one allreduce per shape for each of `impls` in this process, in interleaved rounds (the best
-    round of each), so the machine's drift falls on all of them alike."""
+def latency_worker(impls: list[str], out: str, iters: int, pause: float) -> None:
+    """Time one allreduce per shape for each of `impls` in this process, in interleaved rounds `pause`
+    seconds apart (the best round of each), so the machine's drift falls on all of them alike."""
     import numpy as np
     import torch
     torch.set_num_threads(1)
@@ -166,8 +168,11 @@ def latency_worker(impls: list[str], out: str, iters: int) -> None:
                 calls[impl] = lambda: hvd.allreduce(x, op=hvd.Sum, process_set=ps)
         n = iters if x.numel() < 100_000 else max(10, iters // 20)
         best = dict.fromkeys(impls, float("inf"))
-        for round_ in range(ROUNDS + 1):  # a warm-up round, then the best of many short ones (the machine's
-            # slow spells, seconds long here, fall on every implementation alike and spare some rounds)
+        for round_ in range(ROUNDS + 1):  # a warm-up round, then the best of many short ones spread over
+            # ROUNDS x pause seconds: slow spells of the machine (seconds long here, all paths slower) spare some
+            if round_ > 1:
+                world.Barrier()
+                time.sleep(pause)
             for impl, call in calls.items():
                 world.Barrier()
                 t0 = time.perf_counter()
@@ -191,7 +196,8 @@ def latency_cells(args, work: Path) -> list[dict]:
     for impls in batches:
         out = work / f"latency-{'+'.join(impls)}.json"
         cmd = [*mpirun_prefix(2), sys.executable, str(Path(__file__).resolve()), "--latency-worker",
-               ",".join(impls), "--worker-out", str(out), "--latency-iters", str(args.latency_iters)]
+               ",".join(impls), "--worker-out", str(out), "--latency-iters", str(args.latency_iters),
+               "--latency-pause", str(args.latency_pause if impls is together else 0.0)]  # spread only the close race
         run(cmd, child_env(1), work / f"latency-{'+'.join(impls)}.log", args.timeout, f"latency {'+'.join(impls)}")
         doc = json.loads(out.read_text())
         for impl, shapes in doc["latency_s"].items():
@@ -271,6 +277,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--latency-iters", type=int, default=1000, help="allreduces per timed round (default 1000)")
+    p.add_argument("--latency-pause", type=float, default=1.0, help="seconds between timed rounds (default 1)")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--json", default=str(ROOT / "build" / "tensor_parallel.json"))
     p.add_argument("--plot", default=str(ROOT / "build" / "tensor_parallel.png"))
@@ -278,7 +285,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.latency_worker:
-        latency_worker(args.latency_worker.split(","), args.worker_out, args.latency_iters)
+        latency_worker(args.latency_worker.split(","), args.worker_out, args.latency_iters, args.latency_pause)
         return 0
     try:
         harness.check_writable(args.json, "--json")
@@ -296,6 +303,7 @@ def main(argv=None) -> int:
         args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 4)
         if args.quick:
             args.latency_iters = min(args.latency_iters, 200)
+            args.latency_pause = 0.0
         work = Path(args.work)
         data_dir = shakespeare_data.prepare(args)
         vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
