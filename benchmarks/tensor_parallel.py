@@ -13,8 +13,9 @@ the ring over MPI, what a group across nodes gets) and mpi4py's Allreduce, inter
 torch.distributed gloo and a Horovod allreduce on the process set of both ranks, one process each (their
 background threads would skew the others); on an activation [8, 256, 384] and a decoding step's
 [1, 1, 768], fp32. Each figure is the best of 15 rounds of --latency-iters calls; in the shared process
-the rounds are --latency-pause seconds apart, so a slow spell of the machine (seconds long on the VM
-this was built on, every path slower in it) cannot take all of them.
+the rounds are --latency-pause seconds apart, and that process runs twice, before the training cells and
+after them, so a slow spell of the machine (every path slower in it; seconds to minutes long on the VM this
+was built on) cannot take all of them.
 
 Goals: T=2 bytes per rank <= 0.55 x T=1; hpclm's allreduce at least as fast as mpi4py's and gloo at every
 size, and >= 10x faster than Horovod's below 1 MiB.
@@ -187,18 +188,22 @@ def latency_worker(impls: list[str], out: str, iters: int, pause: float) -> None
                                          "transport": {impl: g.transport for impl, g in groups.items()}}))
 
 
-def latency_cells(args, work: Path) -> list[dict]:
+TOGETHER = ("hpclm", "hpclm-mpi", "mpi4py")
+
+
+def latency_cells(args, work: Path, impls: list[str], tag: str) -> list[dict]:
     """hpclm's paths and mpi4py (no background threads) share one process; gloo and Horovod, whose
     threads would run beside the others' loops, get one each."""
-    together = [i for i in args.impls if i in ("hpclm", "hpclm-mpi", "mpi4py")]
-    batches = ([together] if together else []) + [[i] for i in args.impls if i not in together]
+    together = [i for i in impls if i in TOGETHER]
+    batches = ([together] if together else []) + [[i] for i in impls if i not in together]
     rows = []
-    for impls in batches:
-        out = work / f"latency-{'+'.join(impls)}.json"
+    for batch in batches:
+        out = work / f"latency-{tag}-{'+'.join(batch)}.json"
         cmd = [*mpirun_prefix(2), sys.executable, str(Path(__file__).resolve()), "--latency-worker",
-               ",".join(impls), "--worker-out", str(out), "--latency-iters", str(args.latency_iters),
-               "--latency-pause", str(args.latency_pause if impls is together else 0.0)]  # spread only the close race
-        run(cmd, child_env(1), work / f"latency-{'+'.join(impls)}.log", args.timeout, f"latency {'+'.join(impls)}")
+               ",".join(batch), "--worker-out", str(out), "--latency-iters", str(args.latency_iters),
+               "--latency-pause", str(args.latency_pause if batch is together else 0.0)]  # spread only the close race
+        run(cmd, child_env(1), work / f"latency-{tag}-{'+'.join(batch)}.log", args.timeout,
+            f"latency {'+'.join(batch)}")
         doc = json.loads(out.read_text())
         for impl, shapes in doc["latency_s"].items():
             for label, seconds in shapes.items():
@@ -212,6 +217,18 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def best_of_passes(passes: list[list[dict]]) -> list[dict]:
+    """One row per (impl, shape): the fastest pass's, with every pass's seconds beside it."""
+    best = {}
+    for rows in passes:
+        for r in rows:
+            key = (r["impl"], r["shape"])
+            seen = best.setdefault(key, {**r, "passes_s": []})
+            seen["passes_s"].append(r["latency_s"])
+            seen["latency_s"] = min(seen["passes_s"])
+    return list(best.values())
 
 
 def judge(train_rows: list[dict], latency_rows: list[dict], memory: dict) -> dict:
@@ -307,6 +324,9 @@ def main(argv=None) -> int:
         work = Path(args.work)
         data_dir = shakespeare_data.prepare(args)
         vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+        # the close race (our paths against mpi4py) is timed before the training cells and again after them:
+        # the VM this was built on sometimes ran every path 2x slower at small sizes after them, for minutes
+        first = latency_cells(args, work, [i for i in args.impls if i in TOGETHER], "before")
         memory, train_rows = {}, []
         for name, model in models.items():
             one, two = bytes_per_rank(model, vocab, 1), bytes_per_rank(model, vocab, 2)
@@ -319,10 +339,10 @@ def main(argv=None) -> int:
                       + (f"  TP collectives {row['tp_collective_s_per_step'] * 1e3:.1f} ms/step "
                          f"({row['tp_collective_share']:.0%})" if "tp_collective_s_per_step" in row else ""),
                       flush=True)
-        latency_rows = latency_cells(args, work)
+        latency_rows = best_of_passes([first, latency_cells(args, work, args.impls, "after")])
         for r in latency_rows:
-            print(f"allreduce {r['shape']:22s} {r['impl']:9s} {r['latency_s'] * 1e6:10.1f} us  ({r['transport']})",
-                  flush=True)
+            print(f"allreduce {r['shape']:22s} {r['impl']:9s} {r['latency_s'] * 1e6:10.1f} us  ({r['transport']}; "
+                  f"passes {', '.join(f'{x * 1e6:.1f}' for x in r['passes_s'])})", flush=True)
         goals = judge(train_rows, latency_rows, memory)
         doc = {"host": harness.host_info(ranks=2), "memory": memory, "train": train_rows, "latency": latency_rows,
                "goals": GOALS, "result": goals, "pass": goals["pass"]}

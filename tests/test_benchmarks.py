@@ -239,6 +239,9 @@ def test_tensor_parallel_benchmark_measures_every_layout_and_peer(tmp_path):
     assert records(run, "train")[-1]["ranks"] == 2  # the T=2 cell really ran on 2 ranks
     lat = {(r["impl"], r["shape"]): r["latency_s"] for r in doc["latency"]}
     assert len(lat) == 10 and all(v > 0 for v in lat.values())
+    passes = {r["impl"]: r["passes_s"] for r in doc["latency"]}
+    assert all(len(passes[i]) == 2 for i in ("hpclm", "hpclm-mpi", "mpi4py")) and len(passes["gloo"]) == 1
+    assert all(r["latency_s"] == min(r["passes_s"]) for r in doc["latency"])
     transport = {r["impl"]: r["transport"] for r in doc["latency"]}
     assert transport["hpclm"] == "shared memory" and transport["hpclm-mpi"].startswith("MPI")
     ratios = doc["result"]["peer_over_ours"]
