@@ -279,9 +279,11 @@ def plot(doc: dict, path: str) -> None:
         b.bar([j + i * 0.16 for j in range(len(SHAPES))], vals, width=0.16, label=impl)
     b.set_xticks([j + 0.32 for j in range(len(SHAPES))], list(SHAPES))
     b.set_yscale("log")
+    top = max(r["latency_s"] for r in doc["latency"]) * 1e6
+    b.set_ylim(top=top * 300)  # room above the bars for the legend
     b.set_ylabel("microseconds per allreduce (2 ranks)")
     b.set_title("one TP allreduce")
-    b.legend()
+    b.legend(ncol=3, fontsize=8, loc="upper center")
     harness.save_figure(fig, path)
 
 
