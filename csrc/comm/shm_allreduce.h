@@ -30,7 +30,6 @@ class ShmAllreduce {
   ShmAllreduce& operator=(const ShmAllreduce&) = delete;
 
   void allreduce(const void* send, void* recv, size_t count, DType dtype, AllreduceOp op);
-  size_t slot_bytes() const { return slot_bytes_; }
 
  private:
   ShmAllreduce(char* base, size_t mapped, int ranks, int rank, size_t slot_bytes);

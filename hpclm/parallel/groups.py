@@ -145,9 +145,7 @@ class MPIGroup(TensorGroup):
         self.fortran = self.comm.py2f()
         self.native = self.ext.TpComm(self.fortran, small_bytes, shm_bytes, slot_bytes)
         self.transport = self.native.transport
-        names = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
-                 torch.bfloat16: "bfloat16"}
-        self._dtypes = {t: self.ext.TP_DTYPES[n] for t, n in names.items()}
+        self._dtypes = {getattr(torch, name): code for name, code in self.ext.TP_DTYPES.items()}
         self._ops = dict(self.ext.TP_OPS)
         self._reduce = self.native.allreduce
 
