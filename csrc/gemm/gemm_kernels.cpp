@@ -18,8 +18,10 @@ using simd::vf;
 typedef float vf_unaligned __attribute__((vector_size(simd::kVecBytes), aligned(4)));
 constexpr int kLanes = simd::kLanesF;
 constexpr int kVecs = kGemmPanel / kLanes;  // vectors per panel row: 1 (AVX-512), 2 (AVX2), 4 (SSE)
-// rows per tile: 12 accumulators (AVX2, SSE: of 16 registers), 14 of AVX-512's 32
-constexpr int kRows = kVecs == 1 ? 14 : 12 / kVecs;
+// rows per tile: 12 accumulators (AVX2, SSE: of 16 registers); 16 of AVX-512's 32, so a batch of 16
+// sequences reads each panel once
+constexpr int kRows = kVecs == 1 ? 16 : 12 / kVecs;
+constexpr int64_t kPrefetchRows = 128;  // panel rows ahead (8 KiB): past DRAM latency even at one row of x
 constexpr int64_t kParallelMinFlops = int64_t(1) << 18;  // below this, threads cost more than they save
 
 template <int R>
@@ -29,7 +31,7 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t K, con
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < kVecs; ++j) acc[i][j] = vf{};
   for (int64_t k = 0; k < K; ++k) {
-    __builtin_prefetch(panel + (k + 16) * kGemmPanel);  // the panel row 16 ahead (past its end: harmless)
+    __builtin_prefetch(panel + (k + kPrefetchRows) * kGemmPanel);  // past the end: the next panel's start
     vf w[kVecs];
     for (int j = 0; j < kVecs; ++j) w[j] = *reinterpret_cast<const vf_unaligned*>(panel + k * kGemmPanel + j * kLanes);
     for (int i = 0; i < R; ++i) {
