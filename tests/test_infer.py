@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hpclm.generate import sample
-from hpclm.infer import SamplingParams, generate_ids, make_decoder, next_token
+from hpclm.infer import SamplingParams, generate_ids, make_decoder, next_token, next_tokens
 from hpclm.models import GPT, GRULM, HMMLM, NgramLM
 from hpclm.serve.scheduler import TextStream
 
@@ -60,6 +60,19 @@ def test_a_sequence_longer_than_the_window_is_refused_by_the_cache():
     dec.prefill(0, list(range(16)))
     with pytest.raises(Exception, match="does not fit the model's context window of 16"):
         dec.decode([0], [1])
+
+
+def test_a_batch_of_rows_gets_the_tokens_each_row_gets_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 40)
+    logits[4, [3, 9]] = 100.0  # a tie: the first index, alone and batched
+    params = [SamplingParams(0.0), SamplingParams(0.9, 5), SamplingParams(0.0), SamplingParams(1.3, 0, 0.7),
+              SamplingParams(0.0), SamplingParams(0.5)]
+    alone = [next_token(row, p, torch.Generator().manual_seed(i)) for i, (row, p) in enumerate(zip(logits, params))]
+    batched = next_tokens(logits, params, [torch.Generator().manual_seed(i) for i in range(6)])
+    assert batched == alone and batched[4] == 3
+    greedy = [SamplingParams(0.0)] * 6
+    assert next_tokens(logits, greedy, [None] * 6) == logits.argmax(dim=-1).tolist() != [0] * 6
 
 
 def test_greedy_top_k_and_top_p():

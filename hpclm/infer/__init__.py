@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from hpclm.infer.decoders import Decoder, make_decoder, recompute_logits
-from hpclm.infer.sampling import SamplingParams, next_token
+from hpclm.infer.sampling import SamplingParams, next_token, next_tokens
 
 
 @torch.no_grad()
@@ -35,4 +35,4 @@ def generate_ids(model, ids: list[int], max_new_tokens: int, params: SamplingPar
     return out
 
 
-__all__ = ["Decoder", "SamplingParams", "generate_ids", "make_decoder", "next_token", "recompute_logits"]
+__all__ = ["Decoder", "SamplingParams", "generate_ids", "make_decoder", "next_token", "next_tokens", "recompute_logits"]

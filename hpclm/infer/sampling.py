@@ -45,3 +45,18 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         drop = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, before >= params.top_p)
         probs = probs.masked_fill(drop, 0.0)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def next_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
+    """One token per row of logits [B, V], row i by params[i] and generators[i]: each token is the one
+    next_token would choose for that row alone; the greedy rows share one argmax over the batch."""
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    out = [0] * len(params)
+    if greedy:
+        rows = logits if len(greedy) == len(params) else logits[greedy]
+        for i, token in zip(greedy, rows.float().argmax(dim=-1).tolist()):
+            out[i] = token
+    for i, p in enumerate(params):
+        if p.temperature != 0:
+            out[i] = next_token(logits[i], p, generators[i])
+    return out

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from hpclm.infer import SamplingParams, make_decoder, next_token
+from hpclm.infer import SamplingParams, make_decoder, next_token, next_tokens
 
 log = logging.getLogger("hpclm.serve")
 
@@ -243,9 +243,10 @@ class Scheduler:
         decoding = sorted((c for c in running if c.pending is not None), key=lambda c: c.slot)
         if decoding:
             logits = self.decoder.decode([c.slot for c in decoding], [c.pending for c in decoding])
-            for c, row in zip(decoding, logits):
+            tokens = next_tokens(logits, [c.params for c in decoding], [c.generator for c in decoding])
+            for c, token in zip(decoding, tokens):
                 c.pending = None
-                self._take(c, next_token(row, c.params, c.generator))
+                self._take(c, token)
         budget = self.cfg.max_prefill_tokens
         for c in running:
             if budget == 0:
