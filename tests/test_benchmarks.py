@@ -161,6 +161,7 @@ def test_baselines_benchmark_scores_its_rows_like_hpclm_eval(tmp_path):
 @requires_shakespeare
 def test_serve_benchmark_measures_both_servers_and_generate(tmp_path):
     pytest.importorskip("fastapi", reason="FastAPI is not installed (pip install -e .[serve])")
+    pytest.importorskip("aiohttp", reason="aiohttp (the benchmark's client) is not installed (pip install -e .[dev])")
     out = tmp_path / "serve.json"
     proc = run_python([str(REPO / "benchmarks" / "serve.py"), "--from", str(SHAKESPEARE), "--work", str(tmp_path / "w"),
                        "--rates", "inf", "--requests", "4", "--concurrency", "4", "--max-tokens", "12",
@@ -170,6 +171,7 @@ def test_serve_benchmark_measures_both_servers_and_generate(tmp_path):
     doc = json.loads(out.read_text())
     runs = {r["server"]: r for r in doc["runs"]}
     assert set(runs) == {"batched", "one_at_a_time"} and all(r["completed"] == 4 and not r["failed"] for r in runs.values())
+    assert all(0 < r["client_cpu_s"] < 2 * r["duration_s"] for r in runs.values())
     assert doc["throughput_ratio"] == pytest.approx(runs["batched"]["output_throughput"]
                                                     / runs["one_at_a_time"]["output_throughput"])
     assert doc["tpot_ratio"] == pytest.approx(runs["batched"]["tpot"]["p50_ms"] / doc["lone"]["tpot"]["p50_ms"])
