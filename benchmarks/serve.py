@@ -5,7 +5,9 @@ A fixed prompt set from Tiny Shakespeare's val split, each request asking for --
 (streamed, greedy), sent at Poisson arrival rates (requests/s; "inf": all at once) with at most
 --concurrency requests in flight. Per rate and server: request and output-token throughput; TTFT, TPOT
 ((e2e - ttft) / (tokens - 1)), ITL (every gap between streamed tokens) and E2E, each mean / p50 / p99; goodput
-(requests/s meeting the TTFT and TPOT SLOs). A lone request's TPOT is measured first; then
+(requests/s meeting the TTFT and TPOT SLOs). Both servers run at once and take turns, --passes times per rate,
+each keeping its best pass (the machine's speed drifts; every pass's throughput is recorded). A lone
+request's TPOT (best of --passes) is measured first; then
 `hpclm generate`'s incremental decoding against the full-recompute loop (tokens/s, same tokens).
 Exit code 1 if a request failed or the two decodings differ.
 Goal: at rate inf (--concurrency in flight), output tokens/s >= 6x the one-at-a-time server's, with TPOT p50
@@ -187,6 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=50.0)
     ap.add_argument("--servers", default="batched,one_at_a_time", help="which servers to run (default both)")
+    ap.add_argument("--passes", type=int, default=2,
+                    help="passes per rate, the servers taking turns; each server's best kept (default 2)")
     ap.add_argument("--json")
     ap.add_argument("--plot")
     args = ap.parse_args(argv)
@@ -205,28 +209,41 @@ def main(argv=None) -> int:
                "one_at_a_time": ["serve.max_running=1", f"serve.max_queued={args.requests}"]}
     print(f"serve benchmark: GPT {args.n_layer}x{args.n_embd} (context {block}), {args.requests} requests x "
           f"{args.max_tokens} tokens per rate, concurrency {args.concurrency}, server threads {args.threads}")
-    rows, results, lone = [], {}, None
-    for name, sets in servers.items():
-        if name not in args.servers.split(","):
-            continue
-        server = Server(ckpt, args.threads, *sets)
-        try:
-            if lone is None:  # a lone request's TPOT: the batched server with nothing else running
-                asyncio.run(run_load(server.url, prompts[:2], args.max_tokens, math.inf, 1, 0))
-                lone = summarise(asyncio.run(run_load(server.url, prompts[:5], args.max_tokens, math.inf, 1, 0)),
-                                 args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
-                print(f"  lone request: TPOT p50 {lone['tpot']['p50_ms']:.2f} ms, TTFT p50 {lone['ttft']['p50_ms']:.1f} ms")
-            for rate in rates:
-                s = summarise(asyncio.run(run_load(server.url, prompts, args.max_tokens, rate, args.concurrency, 1)),
-                              args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
-                results[(name, rate)] = s
+    rows, results, lone, failures = [], {}, None, 0
+    chosen = [name for name in servers if name in args.servers.split(",")]
+    slo = (args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+    running = {}
+    try:  # both servers up at once (the idle one only waits), so their passes can take turns
+        for name in chosen:
+            running[name] = Server(ckpt, args.threads, *servers[name])
+        first = running[chosen[0]]
+        asyncio.run(run_load(first.url, prompts[:2], args.max_tokens, math.inf, 1, 0))
+        for _ in range(args.passes):  # a lone request's TPOT: the first server with nothing else running
+            s = summarise(asyncio.run(run_load(first.url, prompts[:5], args.max_tokens, math.inf, 1, 0)), *slo)
+            if lone is None or s["tpot"]["p50_ms"] < lone["tpot"]["p50_ms"]:
+                lone = s
+        print(f"  lone request: TPOT p50 {lone['tpot']['p50_ms']:.2f} ms, TTFT p50 {lone['ttft']['p50_ms']:.1f} ms")
+        for rate in rates:
+            for _ in range(args.passes):  # the servers take turns; each keeps its best pass
+                for name in chosen:
+                    s = summarise(asyncio.run(run_load(running[name].url, prompts, args.max_tokens, rate,
+                                                       args.concurrency, 1)), *slo)
+                    failures += s["failed"]  # of every pass, kept or not
+                    kept = results.get((name, rate))
+                    passes = (kept["passes_output_throughput"] if kept else []) + [s["output_throughput"]]
+                    results[(name, rate)] = {**(s if not kept or s["output_throughput"] > kept["output_throughput"]
+                                                else kept), "passes_output_throughput": passes}
+            for name in chosen:
+                s = results[(name, rate)]
                 rows.append([name, rate, s["completed"], s["request_throughput"], s["output_throughput"],
                              s["ttft"]["p50_ms"], s["ttft"]["p99_ms"], s["tpot"]["mean_ms"], s["tpot"]["p50_ms"],
                              s["tpot"]["p99_ms"], s["itl"]["p50_ms"], s["itl"]["p99_ms"], s["e2e"]["p50_ms"],
                              s["e2e"]["p99_ms"], s["goodput"]])
-                print(f"  {name} rate {rate}: {s['output_throughput']:.0f} tok/s, TPOT p50 {s['tpot']['p50_ms']:.1f} ms "
-                      f"(client CPU {s['client_cpu_s'] / s['duration_s']:.0%} of a core)")
-        finally:
+                print(f"  {name} rate {rate}: {s['output_throughput']:.0f} tok/s (passes: "
+                      + ", ".join(f"{x:.0f}" for x in s["passes_output_throughput"])
+                      + f"), TPOT p50 {s['tpot']['p50_ms']:.1f} ms (client CPU {s['client_cpu_s'] / s['duration_s']:.0%} of a core)")
+    finally:
+        for server in running.values():
             server.close()
     gen = generate_speed(ckpt, prompts[0], args.max_tokens, args.threads)
     steps = decode_step_ms(ckpt, [1, args.concurrency], args.prompt_chars + args.max_tokens // 2,
@@ -246,14 +263,14 @@ def main(argv=None) -> int:
     ratio = results[("batched", top)]["output_throughput"] / results[("one_at_a_time", top)]["output_throughput"]
     tpot_ratio = results[("batched", top)]["tpot"]["p50_ms"] / lone["tpot"]["p50_ms"]
     met = ratio >= GOAL_THROUGHPUT_RATIO and tpot_ratio <= GOAL_TPOT_RATIO
-    failed = sum(s["failed"] for s in results.values()) + (not gen["same_tokens"])
+    failed = failures + (not gen["same_tokens"])
     print(f"at rate {top} ({args.concurrency} in flight): output tokens/s {ratio:.2f}x one-at-a-time (goal >= "
           f"{GOAL_THROUGHPUT_RATIO}), TPOT p50 {tpot_ratio:.2f}x a lone request's (goal <= {GOAL_TPOT_RATIO}): "
           f"{'met' if met else 'MISSED'}")
     if args.json:
         harness.write_json(args.json, {
             "benchmark": "serve", "host": harness.host_info(threads=args.threads),
-            "settings": {k: getattr(args, k) for k in ("requests", "concurrency", "max_tokens", "prompt_chars",
+            "settings": {k: getattr(args, k) for k in ("requests", "passes", "concurrency", "max_tokens", "prompt_chars",
                                                         "n_layer", "n_embd", "threads", "slo_ttft_ms", "slo_tpot_ms")},
             "lone": lone, "generate": gen, "decode_step_ms": steps, "runs": [{"server": n, "rate": r, **s} for (n, r), s in results.items()],
             "throughput_ratio": ratio, "tpot_ratio": tpot_ratio,

@@ -172,6 +172,9 @@ def test_serve_benchmark_measures_both_servers_and_generate(tmp_path):
     runs = {r["server"]: r for r in doc["runs"]}
     assert set(runs) == {"batched", "one_at_a_time"} and all(r["completed"] == 4 and not r["failed"] for r in runs.values())
     assert all(0 < r["client_cpu_s"] < 2 * r["duration_s"] for r in runs.values())
+    # two passes each, the servers taking turns; the table keeps each server's faster one
+    assert all(len(r["passes_output_throughput"]) == 2 and r["output_throughput"] == max(r["passes_output_throughput"])
+               for r in runs.values()) and doc["settings"]["passes"] == 2
     assert doc["throughput_ratio"] == pytest.approx(runs["batched"]["output_throughput"]
                                                     / runs["one_at_a_time"]["output_throughput"])
     assert doc["tpot_ratio"] == pytest.approx(runs["batched"]["tpot"]["p50_ms"] / doc["lone"]["tpot"]["p50_ms"])
