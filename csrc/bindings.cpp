@@ -303,6 +303,7 @@ PYBIND11_MODULE(_C, m) {
   // --- weight-quantized matmul (csrc/quant/quant_matmul.h) ---
   m.attr("QUANT_PANEL") = kQuantPanel;
   m.attr("QUANT_BLOCK") = kQuantBlock;
+  m.attr("QUANT_CHANNEL_MAX_K") = kQuantChannelMaxK;
   m.def(
       "quant_matmul",
       [](uintptr_t x, const std::string& x_dtype, uintptr_t weights, uintptr_t scales, uintptr_t bias, uintptr_t y,
@@ -320,6 +321,10 @@ PYBIND11_MODULE(_C, m) {
         const DType xt = parse_dtype(x_dtype);
         if (xt != DType::f32 && xt != DType::bf16)
           throw std::invalid_argument("quant_matmul takes float32 or bfloat16 activations, not " + x_dtype);
+        if (s == QuantScheme::int8_channel && K > kQuantChannelMaxK)
+          throw std::invalid_argument("int8-channel sums a row's products in int32: K up to " +
+                                      std::to_string(kQuantChannelMaxK) + ", not " + std::to_string(K) +
+                                      " (use a block scheme)");
         QuantMatmulArgs a{reinterpret_cast<const void*>(x), xt == DType::bf16, reinterpret_cast<const uint8_t*>(weights),
                           reinterpret_cast<const void*>(scales), reinterpret_cast<const float*>(bias),
                           reinterpret_cast<float*>(y), M, N, K, ldx, ldy, s};

@@ -1,6 +1,6 @@
 """Weight quantization: hpclm._C.quant_matmul on every CPU path against a float64 reference of
-dequantize-then-matmul (of the weights and of the activations' per-block int8 form), the quantizers' rounding, and `hpclm quantize` -> eval / generate / serve on Tiny
-Shakespeare (val loss against the float checkpoint's, file size, one-line errors)."""
+dequantize-then-matmul (of the weights and of the activations' int8 form: per block of 32, or per row for
+int8-channel), the quantizers' rounding, and `hpclm quantize` -> eval / generate / serve on Tiny Shakespeare (val loss against the float checkpoint's, file size, one-line errors)."""
 from __future__ import annotations
 
 import copy
@@ -13,6 +13,7 @@ from conftest import run_python
 from helpers.lm_fixtures import shakespeare_dir, tiny_config  # noqa: F401
 
 pytest.importorskip("hpclm._C", reason="hpclm._C is not built (pip install -e .)")
+from hpclm import native  # noqa: E402
 from hpclm.kernels import quant  # noqa: E402
 from hpclm.kernels.quant import (SCHEMES, QuantLinear, dequantize_activations, dequantize_weight,  # noqa: E402
                                  quantize_activations, quantize_weight)
@@ -39,7 +40,7 @@ def test_every_path_matches_float64_dequantize_then_matmul(cpu_path, scheme, dty
         q = QuantLinear.from_linear(lin, scheme)
         wide = torch.randn(M, K + 3).to(dtype)  # rows with a stride longer than K
         x = wide[:, 1:K + 1]
-        ref = dequantize_activations(x).double() @ q.dequantized_weight().double().t() + lin.bias.double()
+        ref = dequantize_activations(x, scheme).double() @ q.dequantized_weight().double().t() + lin.bias.double()
         got = q(x)
         assert got.shape == (M, N) and got.dtype == dtype
         # fp32: float32 summation over K; bf16: the result is rounded to bfloat16 (8 bits)
@@ -52,7 +53,7 @@ def test_without_bias_and_empty_inputs(cpu_path, scheme):
     torch.manual_seed(1)
     lin = torch.nn.Linear(45, 20, bias=False)
     q, x = QuantLinear.from_linear(lin, scheme), torch.randn(3, 45)
-    ref = dequantize_activations(x).double() @ q.dequantized_weight().double().t()
+    ref = dequantize_activations(x, scheme).double() @ q.dequantized_weight().double().t()
     assert torch.allclose(q(x).double(), ref, rtol=1e-5, atol=1e-5)
     assert q(torch.randn(0, 45)).shape == (0, 20)
 
@@ -119,14 +120,33 @@ def test_every_weight_is_within_half_a_step_of_its_value(scheme):
     assert ((deq - w).abs() <= bound * (1 + 1e-3) + 1e-12).all()
 
 
-def test_activations_are_int8_per_block_of_32_within_half_a_step():
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_activations_are_int8_per_block_of_32_or_per_row_within_half_a_step(scheme):
     torch.manual_seed(6)
     x = torch.randn(5, 70) * torch.logspace(-4, 2, 70)  # blocks of very different magnitudes
-    q, scales = quantize_activations(x)
-    assert scales.shape == (5, 3) and q.abs().max() == 127 and torch.equal(q, q.round())
-    step = scales.repeat_interleave(32, dim=1)[:, :70]
-    assert ((dequantize_activations(x) - x).abs() <= step / 2 * (1 + 1e-5)).all()
-    assert torch.equal(dequantize_activations(torch.zeros(2, 40)), torch.zeros(2, 40))
+    q, scales = quantize_activations(x, scheme)
+    per_row = scheme == "int8-channel"
+    assert scales.shape == ((5, 1) if per_row else (5, 3)) and torch.equal(q, q.round())
+    assert (q.abs().amax(dim=1) == 127).all() if per_row else (q[:, :64].view(5, 2, 32).abs().amax(dim=2) == 127).all()
+    step = scales if per_row else scales.repeat_interleave(32, dim=1)[:, :70]
+    assert ((dequantize_activations(x, scheme) - x).abs() <= step / 2 * (1 + 1e-5)).all()
+    assert torch.equal(dequantize_activations(torch.zeros(2, 40), scheme), torch.zeros(2, 40))
+
+
+def test_int8_channel_rows_longer_than_int32_sums_allow_take_the_torch_path(caplog):
+    torch.manual_seed(8)
+    k = quant.CHANNEL_MAX_K + 1
+    q = QuantLinear.from_linear(torch.nn.Linear(k, 2), "int8-channel")
+    x = torch.randn(1, k)
+    ref = dequantize_activations(x, "int8-channel").double() @ q.dequantized_weight().double().t() + q.bias.double()
+    with caplog.at_level("WARNING", logger="hpclm.ops"):
+        got = torch.ops.hpclm.quant_linear(x, q.qweight, q.scales, *q.packed(), q.bias, "int8-channel")
+    assert torch.allclose(q(x).double(), ref, rtol=1e-4, atol=1e-4) and torch.allclose(got, q(x))
+    assert "int32" in caplog.text
+    weights, scales = q.packed()
+    with pytest.raises(ValueError, match="int8-channel"):
+        native.extension().quant_matmul(x.data_ptr(), "float32", weights.data_ptr(), scales.data_ptr(), 0,
+                                        torch.empty(1, 2).data_ptr(), 1, 2, k, k, 2, "int8-channel")
 
 
 def test_int4_packs_two_weights_a_byte():

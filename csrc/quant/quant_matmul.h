@@ -1,11 +1,12 @@
 // Weight-quantized matrix multiply for inference: y[M, N] = x[M, K] @ dequant(Wq)[N, K]^T (+ bias[N]),
 // x float32 or bfloat16, W in int8 (one scale per output channel or per block of 32 along K) or int4 (one
 // scale per block of 32; w = (q - 8) * scale, q in 0..15), packed once into panels of kQuantPanel output columns.
-// As llama.cpp does, each row of x is quantized to int8 per block of 32 (scale = max |x| / 127, round to
-// nearest even), and a block's products are summed exactly in int32; weights are never widened to float32.
-// y[m][n] = sum over blocks b in order of float(dot_b) * (sw[n][b] * sx[m][b]) in float32 (int8-channel:
-// sum of float(dot_b) * sx[m][b], times sw[n]), then + bias[n]: no row's result depends on M or on the other
-// rows, so batching sequences cannot change any of them.
+// x is quantized to int8 too (scale = max |x| / 127, round to nearest even) and products are summed exactly in
+// int32; weights are never widened to float32. Block schemes, as llama.cpp does: each row of x per block of 32,
+// y[m][n] = sum over blocks b in order of float(dot_b) * (sw[n][b] * sx[m][b]) in float32, then + bias[n].
+// int8-channel, as torch.ao's dynamic quantization (one scale a row here, one a tensor there): one scale per row,
+// the row's whole dot in int32 (exact for K <= kQuantChannelMaxK), y[m][n] = float(dot) * sx[m] * sw[n] + bias[n].
+// No row's result depends on M or on the other rows, so batching sequences cannot change any of them.
 #pragma once
 #include <cstdint>
 
@@ -15,6 +16,8 @@ namespace hpclm {
 
 constexpr int kQuantPanel = 16;  // output columns per panel
 constexpr int kQuantBlock = 32;  // K elements per scale in the block schemes
+// int8-channel: the longest row whose dot of int8 values (|q| <= 127) cannot leave int32 (127^2 K < 2^31)
+constexpr int64_t kQuantChannelMaxK = int64_t(1) << 17;
 
 enum class QuantScheme { int8_channel = 0, int8_block32 = 1, int4_block32 = 2 };
 

@@ -48,8 +48,9 @@ inline const uint16_t* block_scales(const QuantMatmulArgs& a) { return static_ca
 inline float x_at(const float* p) { return *p; }
 inline float x_at(const uint16_t* p) { return bf16_to_float(*p); }
 
-// One block of 32 (n <= 32 values, the rest zero) of a row: its int8 values (scale = max |x| / 127, round to
-// nearest even, as nearbyint does in the default MXCSR mode), their sum and the scale.
+// One block of 32 (n <= 32 values, the rest zero) of a row: its int8 values (scale = amax / 127, amax the
+// block's max |x|, or `row_amax` where that is >= 0 (int8-channel: one scale per row); round to nearest even, as
+// nearbyint does in the default MXCSR mode), their sum and the scale.
 #if defined(__AVX512F__)
 inline __m512 load16(const float* x, __mmask16 keep) { return _mm512_maskz_loadu_ps(keep, x); }
 inline __m512 load16(const uint16_t* x, __mmask16 keep) {
@@ -64,11 +65,12 @@ inline __m256 load8(const uint16_t* x) {
 #endif
 
 template <typename XT>
-inline float quantize_block(const XT* x, int n, int8_t* q, int32_t* sum) {
+inline float quantize_block(const XT* x, int n, int8_t* q, int32_t* sum, float row_amax) {
 #if defined(__AVX512F__)
   const __m512 v[2] = {load16(x, __mmask16(n >= 16 ? 0xffff : (1u << n) - 1)),
                        load16(x + 16, __mmask16(n >= 32 ? 0xffff : n <= 16 ? 0 : (1u << (n - 16)) - 1))};
-  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+  const float amax = row_amax >= 0.0f ? row_amax
+                                      : _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
   const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
   const __m512 vinv = _mm512_set1_ps(inv), lim = _mm512_set1_ps(127.0f), neg = _mm512_set1_ps(-127.0f);
   __m512i r[2];
@@ -92,7 +94,7 @@ inline float quantize_block(const XT* x, int n, int8_t* q, int32_t* sum) {
   __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
   m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-  const float amax = _mm_cvtss_f32(m4);
+  const float amax = row_amax >= 0.0f ? row_amax : _mm_cvtss_f32(m4);
   const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
   const __m256 vinv = _mm256_set1_ps(inv), lim = _mm256_set1_ps(127.0f), neg = _mm256_set1_ps(-127.0f);
   __m256i r[4];
@@ -111,6 +113,7 @@ inline float quantize_block(const XT* x, int n, int8_t* q, int32_t* sum) {
   for (int i = 0; i < n; ++i) v[i] = x_at(x + i);
   float amax = 0.0f;
   for (int i = 0; i < kQuantBlock; ++i) amax = std::max(amax, std::fabs(v[i]));
+  if (row_amax >= 0.0f) amax = row_amax;
   const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
   *sum = 0;
   for (int i = 0; i < kQuantBlock; ++i) {
@@ -121,25 +124,56 @@ inline float quantize_block(const XT* x, int n, int8_t* q, int32_t* sum) {
   return amax / 127.0f;
 }
 
+// max |x| of a row of K values.
+template <typename XT>
+inline float row_max_abs(const XT* x, int64_t K) {
+#if defined(__AVX512F__)
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const int n = int(std::min<int64_t>(16, K - k));
+    m = _mm512_max_ps(m, _mm512_abs_ps(load16(x + k, __mmask16(n == 16 ? 0xffff : (1u << n) - 1))));
+  }
+  return _mm512_reduce_max_ps(m);
+#else
+  float m = 0.0f;
+  for (int64_t k = 0; k < K; ++k) m = std::max(m, std::fabs(x_at(x + k)));
+  return m;
+#endif
+}
+
 // Every row's blocks: int8 values into xq, their scales into xs and -offset * their sums into xcomp, in tiles of
 // `rows_together` rows (the last one shorter): tile m0's block b of its row i at xq + m0 * K padded +
-// (b * rows + i) * 32 and xs, xcomp + m0 * blocks + b * rows + i. rows_together 1 is plain [M][K padded] and
-// [M][blocks]; more let one pointer reach a tile's rows.
+// (b * rows + i) * 32. Block schemes: block b's scale and -offset * sum at xs, xcomp + m0 * blocks + b * rows + i
+// (rows_together 1: plain [M][blocks]); int8-channel (one scale per row): the row's at xs, xcomp + m. Tiles let
+// one pointer reach a tile's rows.
 template <typename XT>
 void quantize_rows(const QuantMatmulArgs& a, int64_t blocks, int rows_together, int32_t offset, int8_t* xq, float* xs,
                    int32_t* xcomp, int threads) {
   const XT* x = static_cast<const XT*>(a.x);
   const int64_t kpad = blocks * kQuantBlock;
+  const bool per_row = a.scheme == QuantScheme::int8_channel;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t m = 0; m < a.M; ++m) {
     const int64_t m0 = m - m % rows_together, rows = std::min<int64_t>(rows_together, a.M - m0), i = m - m0;
+    const XT* row = x + m * a.ldx;
+    const float row_amax = per_row ? row_max_abs(row, a.K) : -1.0f;
     int8_t* tile = xq + m0 * kpad + i * kQuantBlock;
+    int32_t row_sum = 0;
     for (int64_t b = 0; b < blocks; ++b) {
       const int n = int(std::min<int64_t>(kQuantBlock, a.K - b * kQuantBlock));
       int32_t sum;
-      const int64_t at = m0 * blocks + b * rows + i;
-      xs[at] = quantize_block(x + m * a.ldx + b * kQuantBlock, n, tile + b * rows * kQuantBlock, &sum);
-      xcomp[at] = -offset * sum;
+      const float scale = quantize_block(row + b * kQuantBlock, n, tile + b * rows * kQuantBlock, &sum, row_amax);
+      if (per_row) {
+        row_sum += sum;
+      } else {
+        const int64_t at = m0 * blocks + b * rows + i;
+        xs[at] = scale;
+        xcomp[at] = -offset * sum;
+      }
+    }
+    if (per_row) {
+      xs[m] = row_amax / 127.0f;
+      xcomp[m] = int32_t(uint32_t(-offset) * uint32_t(row_sum));  // the product wraps as the kernel's int32 sums do
     }
   }
 }
@@ -209,64 +243,88 @@ inline __m512i broadcast4(const int8_t* p) {
   return _mm512_set1_epi32(four);
 }
 
+// A small tile sums even and odd groups apart: one chain of dependent vpdpbusd would bound its speed.
+template <int R, int P>
+constexpr int vnni_chains() {
+  return R * P == 1 ? 4 : R * P < 4 ? 2 : 1;
+}
+
+// One block's 8 groups of R rows x P panels into the int32 accumulators (chain g % C for group g): the weights
+// at wb (panel j at wb + j * panel_bytes), the rows' int8 x at xb (row i's block at xb + i * 32).
+template <QuantScheme S, int R, int P, bool U, int C>
+inline void block_products_vnni(__m512i (&iacc)[C][R][P], const uint8_t* wb, const int8_t* xb, int64_t panel_bytes) {
+  constexpr int64_t gbytes = U ? 64 : group_bytes<S>();
+#pragma GCC unroll 8  // (a rolled loop gets a register copy per accumulator and group)
+  for (int g = 0; g < kGroupsPerBlock; ++g) {
+    __m512i w[P];
+    for (int j = 0; j < P; ++j) {
+      const uint8_t* wg = wb + j * panel_bytes + g * gbytes;
+      if constexpr (U) {
+        w[j] = _mm512_loadu_si512(wg);
+      } else {
+        if (g % (64 / gbytes) == 0)  // each cache line of weights, kPrefetchBytes ahead
+          _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchBytes), _MM_HINT_T0);
+        w[j] = load_group_u8<S>(wg);
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      const __m512i xv = broadcast4(xb + i * kQuantBlock + g * kGroup);
+      for (int j = 0; j < P; ++j) iacc[g % C][i][j] = _mm512_dpbusd_epi32(iacc[g % C][i][j], w[j], xv);
+    }
+  }
+}
+
 // y rows m .. m + R - 1, panels p .. p + P - 1. This tile's int8 x (quantize_rows' tiles): block b of its row i
-// at xq + (b * R + i) * 32, its scale at xs[b * R + i], -weight_offset * its sum at xcomp[b * R + i]. The weights:
-// the packed panels p.. of a.weights, or with U (Unsigned) the same P panels as load_group_u8 gives them, 64
-// bytes a group, at `converted`.
+// at xq + (b * R + i) * 32; block schemes: its scale at xs[b * R + i], -weight_offset * its sum at xcomp[b * R + i];
+// int8-channel: row i's at xs[i], xcomp[i]. The weights: the packed panels p.. of a.weights, or with U (Unsigned)
+// the same P panels as load_group_u8 gives them, 64 bytes a group, at `converted`.
 template <QuantScheme S, int R, int P, bool U>
 void tile_vnni(const QuantMatmulArgs& a, const uint8_t* converted, const int8_t* xq, const float* xs,
                const int32_t* xcomp, int64_t blocks, int64_t m, int64_t p) {
   constexpr bool blocked = S != QuantScheme::int8_channel;
   constexpr int64_t gbytes = U ? 64 : group_bytes<S>();
+  constexpr int C = vnni_chains<R, P>();
   const int64_t panel_bytes = blocks * kGroupsPerBlock * gbytes;
   const uint8_t* w0 = U ? converted : a.weights + p * panel_bytes;
   __m512 facc[R][P];
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < P; ++j) facc[i][j] = _mm512_setzero_ps();
-  // A small tile sums even and odd groups apart: one chain of dependent vpdpbusd would bound its speed.
-  constexpr int C = R * P == 1 ? 4 : R * P < 4 ? 2 : 1;
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m512i iacc[C][R][P];
-    for (int i = 0; i < R; ++i) {
-      const __m512i start = _mm512_set1_epi32(xcomp[b * R + i]);
-      for (int j = 0; j < P; ++j) {
-        iacc[0][i][j] = start;
-        for (int c = 1; c < C; ++c) iacc[c][i][j] = _mm512_setzero_si512();
-      }
-    }
-    const uint8_t* wb = w0 + b * kGroupsPerBlock * gbytes;
-    const int8_t* xb = xq + b * R * kQuantBlock;
-#pragma GCC unroll 8  // (a rolled loop gets a register copy per accumulator and group)
-    for (int g = 0; g < kGroupsPerBlock; ++g) {
-      __m512i w[P];
-      for (int j = 0; j < P; ++j) {
-        const uint8_t* wg = wb + j * panel_bytes + g * gbytes;
-        if constexpr (U) {
-          w[j] = _mm512_loadu_si512(wg);
-        } else {
-          if (g % (64 / gbytes) == 0)  // each cache line of weights, kPrefetchBytes ahead
-            _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchBytes), _MM_HINT_T0);
-          w[j] = load_group_u8<S>(wg);
+  __m512i iacc[C][R][P];
+  if constexpr (blocked) {  // each block's int32 sum, scaled, into float32
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < P; ++j) facc[i][j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int i = 0; i < R; ++i) {
+        const __m512i start = _mm512_set1_epi32(xcomp[b * R + i]);
+        for (int j = 0; j < P; ++j) {
+          iacc[0][i][j] = start;
+          for (int c = 1; c < C; ++c) iacc[c][i][j] = _mm512_setzero_si512();
         }
       }
-      for (int i = 0; i < R; ++i) {
-        const __m512i xv = broadcast4(xb + i * kQuantBlock + g * kGroup);
-        for (int j = 0; j < P; ++j) iacc[g % C][i][j] = _mm512_dpbusd_epi32(iacc[g % C][i][j], w[j], xv);
+      block_products_vnni<S, R, P, U, C>(iacc, w0 + b * kGroupsPerBlock * gbytes, xq + b * R * kQuantBlock,
+                                         panel_bytes);
+      for (int c = 1; c < C; ++c)
+        for (int i = 0; i < R; ++i)
+          for (int j = 0; j < P; ++j) iacc[0][i][j] = _mm512_add_epi32(iacc[0][i][j], iacc[c][i][j]);
+      for (int j = 0; j < P; ++j) {
+        const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(block_scales(a) + ((p + j) * blocks + b) * kQuantPanel)));
+        for (int i = 0; i < R; ++i) {
+          const __m512 scale = _mm512_mul_ps(sw, _mm512_set1_ps(xs[b * R + i]));
+          facc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[0][i][j]), scale, facc[i][j]);
+        }
       }
     }
-    for (int c = 1; c < C; ++c)
-      for (int i = 0; i < R; ++i)
-        for (int j = 0; j < P; ++j) iacc[0][i][j] = _mm512_add_epi32(iacc[0][i][j], iacc[c][i][j]);
-    for (int j = 0; j < P; ++j) {
-      const __m512 sw = blocked ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                                      block_scales(a) + ((p + j) * blocks + b) * kQuantPanel)))
-                                : _mm512_set1_ps(1.0f);
-      for (int i = 0; i < R; ++i) {
-        const __m512 sx = _mm512_set1_ps(xs[b * R + i]);
-        const __m512 scale = blocked ? _mm512_mul_ps(sw, sx) : sx;
-        facc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[0][i][j]), scale, facc[i][j]);
+  } else {  // one scale per row and per column: the whole row's products in int32 (exact, quant_matmul.h)
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < P; ++j)
+        for (int c = 0; c < C; ++c) iacc[c][i][j] = c ? _mm512_setzero_si512() : _mm512_set1_epi32(xcomp[i]);
+    for (int64_t b = 0; b < blocks; ++b)
+      block_products_vnni<S, R, P, U, C>(iacc, w0 + b * kGroupsPerBlock * gbytes, xq + b * R * kQuantBlock,
+                                         panel_bytes);
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < P; ++j) {
+        for (int c = 1; c < C; ++c) iacc[0][i][j] = _mm512_add_epi32(iacc[0][i][j], iacc[c][i][j]);
+        facc[i][j] = _mm512_mul_ps(_mm512_cvtepi32_ps(iacc[0][i][j]), _mm512_set1_ps(xs[i]));
       }
-    }
   }
   for (int j = 0; j < P; ++j) {
     const int64_t col0 = (p + j) * kQuantPanel;
@@ -302,6 +360,7 @@ void run_vnni(const QuantMatmulArgs& a, const int8_t* xq, const float* xs, const
               int threads) {
   const int64_t kpad = blocks * kQuantBlock, groups = kpad / kGroup;
   const int64_t panels = (a.N + kQuantPanel - 1) / kQuantPanel;
+  const int64_t scales_per_row = S == QuantScheme::int8_channel ? 1 : blocks;
   const int rows_per_tile = vnni_tile_rows(a.M);
   const bool convert = a.M >= kVnniWideFrom;
   const int per_tile = convert ? kVnniPanels : 1;
@@ -322,19 +381,19 @@ void run_vnni(const QuantMatmulArgs& a, const int8_t* xq, const float* xs, const
       }
       for (int64_t m0 = 0; m0 < a.M; m0 += rows_per_tile) {
         const int rows = int(std::min<int64_t>(rows_per_tile, a.M - m0));
+        const int64_t at = m0 * scales_per_row;
         if (convert)
-          tile_vnni_rows<S, true>(rows, np, a, converted, xq + m0 * kpad, xs + m0 * blocks, xcomp + m0 * blocks,
-                                  blocks, m0, p);
+          tile_vnni_rows<S, true>(rows, np, a, converted, xq + m0 * kpad, xs + at, xcomp + at, blocks, m0, p);
         else
-          tile_vnni_rows<S, false>(rows, np, a, nullptr, xq + m0 * kpad, xs + m0 * blocks, xcomp + m0 * blocks,
-                                   blocks, m0, p);
+          tile_vnni_rows<S, false>(rows, np, a, nullptr, xq + m0 * kpad, xs + at, xcomp + at, blocks, m0, p);
       }
     }
   }
 }
 #endif
 
-// y rows m .. m + R - 1 of panel p.
+// y rows m .. m + R - 1 of panel p. Block schemes: each block's int32 sum scaled by xs[row * blocks + b] into
+// float32; int8-channel: the whole row's products summed in int32 (exact, quant_matmul.h), scaled by xs[row].
 template <QuantScheme S, int R>
 void tile(const QuantMatmulArgs& a, const int8_t* xq, const float* xs, int64_t blocks, int64_t m, int64_t p) {
   constexpr bool blocked = S != QuantScheme::int8_channel;
@@ -344,10 +403,14 @@ void tile(const QuantMatmulArgs& a, const int8_t* xq, const float* xs, int64_t b
 #if defined(__AVX2__)
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 facc[R][2];
-  for (int i = 0; i < R; ++i) facc[i][0] = facc[i][1] = _mm256_setzero_ps();
+  __m256i iacc[R][2];
+  for (int i = 0; i < R; ++i) {
+    facc[i][0] = facc[i][1] = _mm256_setzero_ps();
+    iacc[i][0] = iacc[i][1] = _mm256_setzero_si256();
+  }
   for (int64_t b = 0; b < blocks; ++b) {
-    __m256i iacc[R][2];
-    for (int i = 0; i < R; ++i) iacc[i][0] = iacc[i][1] = _mm256_setzero_si256();
+    if constexpr (blocked)
+      for (int i = 0; i < R; ++i) iacc[i][0] = iacc[i][1] = _mm256_setzero_si256();
     const uint8_t* wb = w0 + b * kGroupsPerBlock * group_bytes<S>();
     for (int g = 0; g < kGroupsPerBlock; ++g) {
       if (g % (64 / group_bytes<S>()) == 0)  // each cache line of weights, kPrefetchBytes ahead
@@ -370,19 +433,23 @@ void tile(const QuantMatmulArgs& a, const int8_t* xq, const float* xs, int64_t b
     if constexpr (S == QuantScheme::int4_block32)
       for (int i = 0; i < R; ++i)
         for (int h = 0; h < 2; ++h) iacc[i][h] = _mm256_madd_epi16(iacc[i][h], ones);
-    for (int h = 0; h < 2; ++h) {
-      const __m256 sw = blocked ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
-                                      block_scales(a) + (p * blocks + b) * kQuantPanel + 8 * h)))
-                                : _mm256_set1_ps(1.0f);
-      for (int i = 0; i < R; ++i) {
-        const __m256 scale = _mm256_mul_ps(sw, _mm256_set1_ps(xs[(m + i) * blocks + b]));
-        facc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[i][h]), scale, facc[i][h]);
+    if constexpr (blocked)
+      for (int h = 0; h < 2; ++h) {
+        const __m256 sw = _mm256_cvtph_ps(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(block_scales(a) + (p * blocks + b) * kQuantPanel + 8 * h)));
+        for (int i = 0; i < R; ++i) {
+          const __m256 scale = _mm256_mul_ps(sw, _mm256_set1_ps(xs[(m + i) * blocks + b]));
+          facc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[i][h]), scale, facc[i][h]);
+        }
       }
-    }
   }
+  if constexpr (!blocked)
+    for (int i = 0; i < R; ++i)
+      for (int h = 0; h < 2; ++h) facc[i][h] = _mm256_mul_ps(_mm256_cvtepi32_ps(iacc[i][h]), _mm256_set1_ps(xs[m + i]));
   for (int i = 0; i < R; ++i)
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(acc[i] + 8 * h, facc[i][h]);
 #else
+  uint32_t row_iacc[R][kQuantPanel] = {};  // int8-channel: the row's sum, wrapping as the vector paths' int32 do
   for (int64_t b = 0; b < blocks; ++b) {
     int32_t iacc[R][kQuantPanel] = {};
     const uint8_t* wb = w0 + b * kGroupsPerBlock * group_bytes<S>();
@@ -402,10 +469,17 @@ void tile(const QuantMatmulArgs& a, const int8_t* xq, const float* xs, int64_t b
         }
     }
     for (int c = 0; c < kQuantPanel; ++c) {
-      const float sw = blocked ? f16_to_float(block_scales(a)[(p * blocks + b) * kQuantPanel + c]) : 1.0f;
-      for (int i = 0; i < R; ++i) acc[i][c] = std::fma(float(iacc[i][c]), sw * xs[(m + i) * blocks + b], acc[i][c]);
+      if constexpr (blocked) {
+        const float sw = f16_to_float(block_scales(a)[(p * blocks + b) * kQuantPanel + c]);
+        for (int i = 0; i < R; ++i) acc[i][c] = std::fma(float(iacc[i][c]), sw * xs[(m + i) * blocks + b], acc[i][c]);
+      } else {
+        for (int i = 0; i < R; ++i) row_iacc[i][c] += uint32_t(iacc[i][c]);
+      }
     }
   }
+  if constexpr (!blocked)
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < kQuantPanel; ++c) acc[i][c] = float(int32_t(row_iacc[i][c])) * xs[m + i];
 #endif
   const int64_t col0 = p * kQuantPanel;
   const int cols = int(std::min<int64_t>(kQuantPanel, a.N - col0));

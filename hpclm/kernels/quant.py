@@ -10,8 +10,9 @@ Schemes, all symmetric, one scale per group of weights (float32 per channel, flo
   int4-block32  q in 0..15,     w = (q - 8) * scale[n, k // 32] (Q4_0-like: the block's largest-magnitude
                 weight maps to -8 exactly; two weights a byte, k even in the low nibble)
 
-The input is quantized too, as llama.cpp does: each row's blocks of 32 to int8 (scale = max |x| / 127), so a
-block's products sum exactly in int32 (`quantize_activations` says how). `hpclm::quant_linear` is a torch
+The input is quantized too (scale = max |x| / 127), so products sum exactly in int32 (`quantize_activations`
+says how): for the block schemes each row's blocks of 32, as llama.cpp does; for int8-channel each row whole, as
+torch.ao's dynamic quantization does (one scale a tensor there), and the row's whole dot in int32. `hpclm::quant_linear` is a torch
 custom op (fake impl for torch.compile): on CPU float32/bfloat16 inputs it runs hpclm._C's quant_matmul
 (weights never widened to float32); elsewhere (no build, a CUDA or float16 tensor) it dequantizes both sides
 and calls F.linear, and says why once (`quant_available`).
@@ -30,6 +31,7 @@ log = logging.getLogger("hpclm.ops")
 
 SCHEMES = ("int8-channel", "int8-block32", "int4-block32")
 BLOCK = 32  # K elements per scale in the block schemes (csrc/quant/quant_matmul.h: kQuantBlock)
+CHANNEL_MAX_K = 1 << 17  # int8-channel's longest row for the kernel: 127^2 K < 2^31 (kQuantChannelMaxK)
 PANEL = 16  # output columns per packed panel (kQuantPanel)
 _KERNEL_X_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
@@ -123,22 +125,24 @@ def pack(q: torch.Tensor, scales: torch.Tensor, scheme: str, in_features: int) -
 
 
 @torch.no_grad()
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What quant_matmul does to its input: each row's blocks of 32 in int8 (scale = max |x| / 127, round half
-    to even), as (q [..., K] float32 values, scales [..., ceil(K / 32)] float32)."""
+def quantize_activations(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What quant_matmul does to its input under `scheme`: in int8 (scale = max |x| / 127, round half to even)
+    each row's blocks of 32 (the block schemes) or each row whole (int8-channel), as (q [..., K] float32 values,
+    scales [..., ceil(K / 32)] or [..., 1] float32)."""
+    _check_scheme(scheme)
     x = x.to(torch.float32)
     k = x.shape[-1]
-    blocks = F.pad(x, (0, -k % BLOCK)).unflatten(-1, (-1, BLOCK))
-    amax = blocks.abs().amax(dim=-1)
+    groups = x.unsqueeze(-2) if scheme == "int8-channel" else F.pad(x, (0, -k % BLOCK)).unflatten(-1, (-1, BLOCK))
+    amax = groups.abs().amax(dim=-1)
     inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
-    q = torch.round((blocks * inv[..., None]).clamp(-127, 127))
+    q = torch.round((groups * inv[..., None]).clamp(-127, 127))
     return q.flatten(-2)[..., :k], amax / torch.tensor(127.0)
 
 
-def dequantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """x as quant_matmul sees it (float32): quantize_activations, then back."""
-    q, scales = quantize_activations(x)
-    return q * scales.repeat_interleave(BLOCK, dim=-1)[..., :x.shape[-1]]
+def dequantize_activations(x: torch.Tensor, scheme: str) -> torch.Tensor:
+    """x as quant_matmul sees it under `scheme` (float32): quantize_activations, then back."""
+    q, scales = quantize_activations(x, scheme)
+    return q * (scales if scheme == "int8-channel" else scales.repeat_interleave(BLOCK, dim=-1)[..., :x.shape[-1]])
 
 
 # ---- the gate ----------------------------------------------------------------------------------
@@ -171,9 +175,16 @@ def _log_fallback_once(reason: str) -> None:
         log.warning("quant_linear: %s; dequantizing and computing it with torch ops instead", reason)
 
 
+def _shape_reason(scheme: str, in_features: int) -> Optional[str]:
+    if scheme == "int8-channel" and in_features > CHANNEL_MAX_K:
+        return (f"int8-channel rows of {in_features} inputs could leave the kernel's int32 sums (up to "
+                f"{CHANNEL_MAX_K}; a block scheme has no limit)")
+    return None
+
+
 def _torch_quant_linear(x, q, scales, bias, scheme):
     w = dequantize_weight(q, scales, scheme, x.shape[-1]).to(x.device)
-    y = F.linear(dequantize_activations(x), w, None if bias is None else bias.to(torch.float32))
+    y = F.linear(dequantize_activations(x, scheme), w, None if bias is None else bias.to(torch.float32))
     return y.to(x.dtype)
 
 
@@ -183,10 +194,11 @@ class _KernelCall:
     float32 already, so changes made in place show) and the shape. `bias_source` is the address of the bias
     it was made from: a bias whose memory was replaced (`.data = `, `.to()`) needs a new one."""
     __slots__ = ("weights", "scales", "bias", "bias_source", "weights_ptr", "scales_ptr", "bias_ptr",
-                 "out_features", "scheme", "kernel")
+                 "out_features", "scheme", "kernel", "fits")
 
-    def __init__(self, packed_weights, packed_scales, bias, scheme, out_features):
+    def __init__(self, packed_weights, packed_scales, bias, scheme, out_features, in_features):
         self.weights, self.scales = packed_weights, packed_scales
+        self.fits = _shape_reason(scheme, in_features) is None  # else the kernel refuses: the torch path serves
         self.bias_source = _address(bias)
         if bias is not None:
             bias = bias.detach()
@@ -224,9 +236,9 @@ def _quant_linear(x, q, scales, packed_weights, packed_scales, bias, scheme):
     out_features = q.shape[0]
     if x.numel() == 0:
         return x.new_empty(*x.shape[:-1], out_features)
-    reason = _unavailable_reason(x)
+    reason = _unavailable_reason(x) or _shape_reason(scheme, x.shape[-1])
     if reason is None:
-        return _KernelCall(packed_weights, packed_scales, bias, scheme, out_features)(x)
+        return _KernelCall(packed_weights, packed_scales, bias, scheme, out_features, x.shape[-1])(x)
     _log_fallback_once(reason)
     return _torch_quant_linear(x, q, scales, bias, scheme)
 
@@ -300,8 +312,9 @@ class QuantLinear(torch.nn.Module):
         # kernel's arguments prepared once (again when the bias's memory is replaced)
         call = self._call
         if call is None or call.weights is not weights or call.bias_source != _address(self.bias):
-            call = self._call = _KernelCall(weights, scales, self.bias, self.scheme, self.out_features)
-        if x.numel() and _unavailable_reason(x) is None:
+            call = self._call = _KernelCall(weights, scales, self.bias, self.scheme, self.out_features,
+                                            self.in_features)
+        if x.numel() and call.fits and _unavailable_reason(x) is None:
             return call(x)
         return _quant_linear(x, self.qweight, self.scales, weights, scales, self.bias, self.scheme)
 
