@@ -175,8 +175,11 @@ def test_each_rank_gets_its_share_of_the_cores_unless_told():
 def test_open_mpi_defaults_follow_the_launchers_node_count(env, spans):
     from hpclm.comm import mca
     assert mca.spans_nodes(env) is spans
-    assert mca.defaults(env) == {"btl_tcp_links": "2", **({"mpi_yield_when_idle": "1"} if spans else {})}
-    mine = {**env, "OMPI_MCA_btl_tcp_links": "4", "OMPI_MCA_mpi_yield_when_idle": "0"}  # the user's values win
+    assert mca.defaults(env) == {"btl_tcp_links": "2", "btl_tcp_eager_limit": str(1 << 20),
+                                 **({"mpi_yield_when_idle": "1"} if spans else {})}
+    mine = {**env, "OMPI_MCA_btl_tcp_links": "4", "OMPI_MCA_mpi_yield_when_idle": "0",  # the user's values win
+            "OMPI_MCA_btl_tcp_eager_limit": "65536"}
     assert mca.apply(mine) == {} and mine["OMPI_MCA_btl_tcp_links"] == "4" and mine["OMPI_MCA_mpi_yield_when_idle"] == "0"
+    assert mine["OMPI_MCA_btl_tcp_eager_limit"] == "65536"
     fresh = dict(env)
     assert mca.apply(fresh) == mca.defaults(env) and fresh["OMPI_MCA_btl_tcp_links"] == "2"

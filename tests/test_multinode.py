@@ -140,6 +140,9 @@ def test_probe_measures_a_shaped_link(shaped, tmp_path):
         results.append(_probe(shaped, tmp_path, "-b", "1M", "-e", "16M", "-f", "4", "--impl", "ring,tcp"))
     result = min(results, key=lambda r: abs(r["summary"]["model"]["link_GBps"] - 0.125))
     assert result["mpi"]["nodes"] == 2 and {l["via"] for l in result["mpi"]["ring_links"]} == {"network"}
+    # hpclm's TCP settings (hpclm.comm.mca) are the ones Open MPI runs with on both nodes
+    says = result["mpi"]["says"]
+    assert (says.get("btl_tcp_links"), says.get("btl_tcp_eager_limit")) == ("2", str(1 << 20)), says
     assert result["summary"]["model"]["link_GBps"] == pytest.approx(0.125, rel=0.10), result["summary"]["model"]
     tcp = {r["size"]: r["busbw"] for r in result["rows"] if r["impl"] == "tcp"}
     assert tcp[16 << 20] == pytest.approx(0.125, rel=0.10)  # the raw stream sees the link's rate too

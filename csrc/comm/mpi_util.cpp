@@ -146,7 +146,7 @@ std::vector<std::pair<std::string, std::string>> transport_report() {
   if (MPI_T_init_thread(level, &provided) != MPI_SUCCESS) return out;
   // Open MPI's selection knobs and shared-memory single-copy mechanism; MPICH's netmod/shm choices.
   for (const char* name : {"pml", "btl", "mtl", "btl_vader_single_copy_mechanism", "btl_sm_single_copy_mechanism",
-                           "mpi_yield_when_idle", "btl_tcp_links",
+                           "mpi_yield_when_idle", "btl_tcp_links", "btl_tcp_eager_limit",
                            "MPIR_CVAR_CH4_NETMOD", "MPIR_CVAR_CH4_SHM", "MPIR_CVAR_NEMESIS_NETMOD"}) {
     std::string value = read_cvar(name);
     if (!value.empty()) out.emplace_back(name, value);
