@@ -68,6 +68,17 @@ def test_a_row_is_the_same_alone_and_in_any_batch(cpu_path, scheme):
         assert torch.equal(q(x[rows]), batched[rows]), (cpu_path, scheme, rows)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_inputs_of_any_rank_and_layout_give_the_rows_results(scheme):
+    torch.manual_seed(9)
+    q, x = QuantLinear.from_linear(torch.nn.Linear(40, 24), scheme), torch.randn(6, 40)
+    flat = q(x)
+    assert torch.equal(q(x.view(2, 3, 40)), flat.view(2, 3, 24))                       # contiguous, 3-D
+    assert torch.equal(q(x.view(3, 2, 40).transpose(0, 1)), flat.view(3, 2, 24).transpose(0, 1))  # strided, 3-D
+    assert torch.equal(q(x[4]), flat[4]) and q(x[4]).shape == (24,)                     # one row, 1-D
+    assert torch.equal(q(x.view(1, 6, 1, 40)), flat.view(1, 6, 1, 24))
+
+
 def test_a_changed_or_replaced_bias_is_used():
     torch.manual_seed(7)
     q, x = QuantLinear.from_linear(torch.nn.Linear(40, 20), "int8-channel"), torch.randn(3, 40)

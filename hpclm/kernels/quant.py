@@ -148,6 +148,8 @@ def dequantize_activations(x: torch.Tensor, scheme: str) -> torch.Tensor:
 # ---- the gate ----------------------------------------------------------------------------------
 
 def _unavailable_reason(x: torch.Tensor) -> Optional[str]:
+    if x.is_cpu and x.dtype in _KERNEL_X_DTYPES and _kernel_built():  # the common case first: every call asks
+        return None
     ext = native.extension()
     if ext is None:
         return native.load_error() or "hpclm._C is not built"
@@ -158,6 +160,18 @@ def _unavailable_reason(x: torch.Tensor) -> Optional[str]:
     if x.dtype not in _KERNEL_X_DTYPES:
         return f"quant_matmul takes float32 or bfloat16 inputs, not {x.dtype}"
     return None
+
+
+def _kernel_built() -> bool:
+    """Whether hpclm._C has quant_matmul (the rest of the gate is about the input)."""
+    global _BUILT
+    if _BUILT is None:
+        ext = native.extension()
+        _BUILT = ext is not None and hasattr(ext, "quant_matmul")
+    return _BUILT
+
+
+_BUILT: Optional[bool] = None
 
 
 def quant_available(x: torch.Tensor) -> tuple[bool, str]:
@@ -212,20 +226,21 @@ class _KernelCall:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """y for an input the gate (_unavailable_reason) let through."""
-        in_features, flat = x.shape[-1], x.dim() == 2
-        rows = x if flat else x.reshape(-1, in_features)
-        m, ldx = rows.shape[0], rows.stride(0)
-        if rows.stride(-1) != 1 or (m > 1 and ldx < in_features):
-            rows = rows.contiguous()
-            ldx = in_features
-        y = torch.empty(m, self.out_features)
-        self.kernel(
-            rows.data_ptr(), _KERNEL_X_DTYPES[x.dtype], self.weights_ptr, self.scales_ptr, self.bias_ptr,
-            y.data_ptr(), m, self.out_features, in_features, max(ldx, 1), self.out_features, self.scheme,
-            torch.get_num_threads())
-        if not flat:
-            y = y.view(*x.shape[:-1], self.out_features)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        shape, dtype = x.shape, x.dtype
+        k, n = shape[-1], self.out_features
+        if len(shape) == 2:  # rows may have a longer stride than K
+            m, ldx = shape[0], x.stride(0)
+            if x.stride(1) != 1 or (m > 1 and ldx < k):
+                x, ldx = x.contiguous(), k
+            y = torch.empty(m, n)
+        else:  # any other rank, as one [rows, K] block (no reshape and view: they cost more than small matrices)
+            if not x.is_contiguous():
+                x = x.contiguous()
+            m, ldx = x.numel() // k, k
+            y = torch.empty(*shape[:-1], n)
+        self.kernel(x.data_ptr(), _KERNEL_X_DTYPES[dtype], self.weights_ptr, self.scales_ptr, self.bias_ptr,
+                    y.data_ptr(), m, n, k, max(ldx, 1), n, self.scheme, torch.get_num_threads())
+        return y if dtype is torch.float32 else y.to(dtype)
 
 
 def _address(t: Optional[torch.Tensor]) -> int:
@@ -305,18 +320,17 @@ class QuantLinear(torch.nn.Module):
         return dequantize_weight(self.qweight, self.scales, self.scheme, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, scales = self.packed()
         if torch.compiler.is_compiling():
-            return torch.ops.hpclm.quant_linear(x, self.qweight, self.scales, weights, scales, self.bias, self.scheme)
+            return torch.ops.hpclm.quant_linear(x, self.qweight, self.scales, *self.packed(), self.bias, self.scheme)
         # eager: the op's own body, without torch.library's dispatch (tens of microseconds a call), and with the
-        # kernel's arguments prepared once (again when the bias's memory is replaced)
-        call = self._call
-        if call is None or call.weights is not weights or call.bias_source != _address(self.bias):
-            call = self._call = _KernelCall(weights, scales, self.bias, self.scheme, self.out_features,
-                                            self.in_features)
-        if x.numel() and call.fits and _unavailable_reason(x) is None:
+        # kernel's arguments prepared once (again when the weights are set or loaded, or the bias's memory is
+        # replaced); a decoding step makes one call per matrix, so this path reads no module attribute twice
+        call, bias = self._call, self._parameters.get("bias")
+        if call is None or call.bias_source != (0 if bias is None else bias.data_ptr()):
+            call = self._call = _KernelCall(*self.packed(), bias, self.scheme, self.out_features, self.in_features)
+        if call.fits and x.numel() and _unavailable_reason(x) is None:
             return call(x)
-        return _quant_linear(x, self.qweight, self.scales, weights, scales, self.bias, self.scheme)
+        return _quant_linear(x, self.qweight, self.scales, *self.packed(), bias, self.scheme)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
