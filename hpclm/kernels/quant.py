@@ -11,11 +11,11 @@ Schemes, all symmetric, one scale per group of weights (float32 per channel, flo
                 weight maps to -8 exactly; two weights a byte, k even in the low nibble)
 
 The input is quantized too (scale = max |x| / 127), so products sum exactly in int32 (`quantize_activations`
-says how): for the block schemes each row's blocks of 32, as llama.cpp does; for int8-channel each row whole, as
-torch.ao's dynamic quantization does (one scale a tensor there), and the row's whole dot in int32. `hpclm::quant_linear` is a torch
-custom op (fake impl for torch.compile): on CPU float32/bfloat16 inputs it runs hpclm._C's quant_matmul
-(weights never widened to float32); elsewhere (no build, a CUDA or float16 tensor) it dequantizes both sides
-and calls F.linear, and says why once (`quant_available`).
+says how): for the block schemes each row's blocks of 32, as llama.cpp does; for int8-channel each row whole,
+as torch.ao's dynamic quantization does (one scale a tensor there), and the row's whole dot in int32.
+`hpclm::quant_linear` is a torch custom op (fake impl for torch.compile): on CPU float32/bfloat16 inputs it
+runs hpclm._C's quant_matmul (weights never widened to float32); elsewhere (no build, a CUDA or float16
+tensor) it dequantizes both sides and calls F.linear, and says why once (`quant_available`).
 """
 from __future__ import annotations
 
