@@ -8,9 +8,8 @@ wins. README "Across nodes" has the measurements behind each.
 - btl_tcp_eager_limit = 1 MiB (Open MPI's default: 64 KiB): a message up to that size goes to a rank on another
   node at once, without the rendezvous handshake, which waits for the receiver's MPI progress. Horovod reduces
   the first gradients while backward still runs, when that progress is slow (Horovod's thread shares the
-  rank's core with backward): on 2 one-core nodes at 1 Gbit/s, shakespeare-char's step went from 86-88 ms to
-  69-70 ms (the wait after backward from 35 ms to 17 ms); 256 KiB was not enough; unshaped and at 10 Gbit/s
-  no change. Within a node (shared memory) it changes nothing.
+  rank's core with backward); the wait after backward on a 1 Gbit/s link about halved, 256 KiB was not
+  enough, and unshaped or 10 Gbit/s links did not change. Within a node (shared memory) it changes nothing.
 - mpi_yield_when_idle = 1 when the job spans nodes: a rank busy-polling MPI on the core that also runs
   the kernel's TCP work for it held small messages up for milliseconds (1 KiB: 8 ms, not 60 us). Within
   one node polling is faster (about 2 us less per small allreduce), so it stays off there unless set

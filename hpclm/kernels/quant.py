@@ -326,7 +326,7 @@ class QuantLinear(torch.nn.Module):
         # kernel's arguments prepared once (again when the weights are set or loaded, or the bias's memory is
         # replaced); a decoding step makes one call per matrix, so this path reads no module attribute twice
         call, bias = self._call, self._parameters.get("bias")
-        if call is None or call.bias_source != (0 if bias is None else bias.data_ptr()):
+        if call is None or call.bias_source != _address(bias):
             call = self._call = _KernelCall(*self.packed(), bias, self.scheme, self.out_features, self.in_features)
         if call.fits and x.numel() and _unavailable_reason(x) is None:
             return call(x)
